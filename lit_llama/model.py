@@ -1,0 +1,287 @@
+"""The LLaMA model, whole, in one file.
+
+Config, RMSNorm, rotary embeddings, attention (grouped-query, SDPA, KV cache), SwiGLU MLP and the
+trainable rows of special tokens. Parameter names follow lit-llama (`transformer.wte`,
+`transformer.h.{i}.attn.c_attn`, ...); `scripts/convert_hf_checkpoint.py` maps the Hugging Face names
+onto them. Queries and keys use the Hugging Face rotary layout (rotate-half), so HF weights load as
+they are and logits match `LlamaForCausalLM`.
+"""
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def find_multiple(n: int, k: int) -> int:
+    return n if n % k == 0 else n + k - n % k
+
+
+@dataclass
+class LLaMAConfig:
+    block_size: int = 2048  # longest sequence the rotary cache covers
+    vocab_size: int = 32000  # ids the tokenizer can produce (special tokens included)
+    padded_vocab_size: Optional[int] = None  # rows of wte/lm_head: vocab_size rounded up to 64
+    n_layer: int = 32
+    n_head: int = 32
+    n_embd: int = 4096
+    n_query_groups: Optional[int] = None  # key/value heads: n_head is MHA, 1 is MQA, between is GQA
+    intermediate_size: Optional[int] = None  # SwiGLU hidden size
+    norm_eps: float = 1e-5
+    rope_base: float = 10000.0
+
+    def __post_init__(self) -> None:
+        if self.padded_vocab_size is None:
+            self.padded_vocab_size = find_multiple(self.vocab_size, 64)
+        if self.n_query_groups is None:
+            self.n_query_groups = self.n_head
+        if self.intermediate_size is None:
+            # LLaMA's rule: 2/3 of 4 * n_embd, rounded up to a multiple of 256
+            self.intermediate_size = find_multiple(int(2 * 4 * self.n_embd / 3), 256)
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        if self.n_head % self.n_query_groups:
+            raise ValueError(f"n_head={self.n_head} is not divisible by n_query_groups={self.n_query_groups}")
+        if self.padded_vocab_size < self.vocab_size:
+            raise ValueError(f"padded_vocab_size={self.padded_vocab_size} < vocab_size={self.vocab_size}")
+
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head
+
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> "LLaMAConfig":
+        if name not in configs:
+            raise ValueError(f"unknown model config {name!r}; known: {', '.join(configs)}")
+        return cls(**{**configs[name], **overrides})
+
+    @classmethod
+    def from_json(cls, path: Path) -> "LLaMAConfig":
+        return cls(**json.loads(Path(path).read_text()))
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+
+configs = {
+    # tiny shapes for tests and the embedded demo (vocab_size is set from the tokenizer)
+    "tiny": dict(block_size=512, vocab_size=1024, n_layer=4, n_head=4, n_embd=128, n_query_groups=2,
+                 intermediate_size=384, norm_eps=1e-5),
+    # LLaMA 1 (rms eps as in the released params)
+    "7B": dict(n_layer=32, n_head=32, n_embd=4096, intermediate_size=11008, norm_eps=1e-6),
+    "13B": dict(n_layer=40, n_head=40, n_embd=5120, intermediate_size=13824, norm_eps=1e-6),
+    "30B": dict(n_layer=60, n_head=52, n_embd=6656, intermediate_size=17920, norm_eps=1e-6),
+    "65B": dict(n_layer=80, n_head=64, n_embd=8192, intermediate_size=22016, norm_eps=1e-5),
+    # Llama 2
+    "Llama-2-7b": dict(block_size=4096, n_layer=32, n_head=32, n_embd=4096, intermediate_size=11008),
+    "Llama-2-13b": dict(block_size=4096, n_layer=40, n_head=40, n_embd=5120, intermediate_size=13824),
+    "Llama-2-70b": dict(block_size=4096, n_layer=80, n_head=64, n_embd=8192, n_query_groups=8,
+                        intermediate_size=28672),
+    "CodeLlama-7b": dict(block_size=16384, vocab_size=32016, n_layer=32, n_head=32, n_embd=4096,
+                         intermediate_size=11008, rope_base=1e6),
+    # Mistral's 4096-token sliding window is the whole context at block_size 4096
+    "Mistral-7B-v0.1": dict(block_size=4096, n_layer=32, n_head=32, n_embd=4096, n_query_groups=8,
+                            intermediate_size=14336),
+    "TinyLlama-1.1B": dict(block_size=2048, n_layer=22, n_head=32, n_embd=2048, n_query_groups=4,
+                           intermediate_size=5632),
+}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # normalise in fp32 as the reference does, then scale in the input dtype
+        x_fp32 = x.float()
+        normed = x_fp32 * torch.rsqrt(x_fp32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+def build_rope_cache(seq_len: int, head_size: int, base: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / base ** (torch.arange(0, head_size, 2, device=device, dtype=torch.float32) / head_size)
+    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)  # (T, hs/2)
+    angles = torch.cat((angles, angles), dim=-1)  # (T, hs): rotate-half layout
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: (B, nh, T, hs); cos, sin: (T, hs)
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+class KVCache(nn.Module):
+    """Keys and values of every position decoded so far, preallocated to a fixed length."""
+
+    def __init__(self, batch_size: int, max_seq_length: int, n_query_groups: int, head_size: int,
+                 device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> None:
+        super().__init__()
+        shape = (batch_size, n_query_groups, max_seq_length, head_size)
+        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # k, v: (B, G, T, hs) written at positions input_pos (T,)
+        self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
+        self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
+        return self.k, self.v
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: LLaMAConfig) -> None:
+        super().__init__()
+        self.n_head = config.n_head
+        self.n_query_groups = config.n_query_groups
+        self.head_size = config.head_size
+        # q, k and v in one matmul; the output is [q (n_head heads) | k (G heads) | v (G heads)]
+        qkv_size = (config.n_head + 2 * config.n_query_groups) * config.head_size
+        self.c_attn = nn.Linear(config.n_embd, qkv_size, bias=False)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.kv_cache: Optional[KVCache] = None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: Optional[torch.Tensor] = None, input_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+        B, T, C = x.shape
+        q_size, kv_size = self.n_head * self.head_size, self.n_query_groups * self.head_size
+        q, k, v = self.c_attn(x).split((q_size, kv_size, kv_size), dim=-1)
+        q = q.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_query_groups, self.head_size).transpose(1, 2)  # (B, G, T, hs)
+        v = v.view(B, T, self.n_query_groups, self.head_size).transpose(1, 2)  # (B, G, T, hs)
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
+
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)  # (B, G, max_seq_length, hs)
+        gqa = self.n_query_groups != self.n_head  # SDPA shares each k/v head across its query group
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, nh * hs)
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    """SwiGLU: c_proj(silu(c_fc1(x)) * c_fc2(x))."""
+
+    def __init__(self, config: LLaMAConfig) -> None:
+        super().__init__()
+        self.c_fc1 = nn.Linear(config.n_embd, config.intermediate_size, bias=False)  # HF gate_proj
+        self.c_fc2 = nn.Linear(config.n_embd, config.intermediate_size, bias=False)  # HF up_proj
+        self.c_proj = nn.Linear(config.intermediate_size, config.n_embd, bias=False)  # HF down_proj
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(F.silu(self.c_fc1(x)) * self.c_fc2(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: LLaMAConfig) -> None:
+        super().__init__()
+        self.rms_1 = RMSNorm(config.n_embd, config.norm_eps)
+        self.attn = CausalSelfAttention(config)
+        self.rms_2 = RMSNorm(config.n_embd, config.norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: Optional[torch.Tensor] = None, input_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = x + self.attn(self.rms_1(x), cos, sin, mask, input_pos)
+        return x + self.mlp(self.rms_2(x))
+
+
+class TokenRows(nn.Module):
+    """Trainable embedding and head rows for a few token ids (the special tokens) of a frozen vocabulary.
+
+    Training k rows this way costs O(k * n_embd) in gradients, optimizer state and checkpoint size,
+    where unfreezing `wte` and `lm_head` would cost O(vocab_size * n_embd).
+    """
+
+    def __init__(self, ids: torch.Tensor, wte_rows: torch.Tensor, head_rows: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("ids", ids)  # (k,)
+        self.wte = nn.Parameter(wte_rows)  # (k, n_embd)
+        self.lm_head = nn.Parameter(head_rows)  # (k, n_embd)
+
+    def embed(self, idx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        # idx: (B, T); x: (B, T, C) looked up in the frozen table
+        match = idx.unsqueeze(-1) == self.ids  # (B, T, k)
+        rows = match.to(x.dtype) @ self.wte.to(x.dtype)  # (B, T, C), zero where no id matched
+        return torch.where(match.any(-1, keepdim=True), rows, x)
+
+    def head_(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        # x: (B, T, C); logits: (B, T, padded_vocab_size), overwritten in place at our ids
+        logits[..., self.ids] = F.linear(x, self.lm_head.to(x.dtype)).to(logits.dtype)
+        return logits
+
+
+class LLaMA(nn.Module):
+    def __init__(self, config: LLaMAConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
+            h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
+            ln_f=RMSNorm(config.n_embd, config.norm_eps),
+        ))
+        self.token_rows: Optional[TokenRows] = None  # set by lit_llama.vocab for LoRA/adapter training
+        self.rope_cache: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # built on first use, on the right device
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # only used when training from scratch (the tiny demo base); real weights are loaded over it
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def rope(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.rope_cache is None or self.rope_cache[0].device != device:
+            self.rope_cache = build_rope_cache(self.config.block_size, self.config.head_size, self.config.rope_base, device)
+        return self.rope_cache
+
+    def set_kv_cache(self, batch_size: int, max_seq_length: Optional[int] = None,
+                     device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> None:
+        max_seq_length = max_seq_length or self.config.block_size
+        if max_seq_length > self.config.block_size:
+            raise ValueError(f"max_seq_length={max_seq_length} exceeds the model's block_size={self.config.block_size}")
+        weight = self.lm_head.weight
+        for block in self.transformer.h:
+            block.attn.kv_cache = KVCache(batch_size, max_seq_length, self.config.n_query_groups, self.config.head_size,
+                                          device=device or weight.device, dtype=dtype or weight.dtype)
+
+    def clear_kv_cache(self) -> None:
+        for block in self.transformer.h:
+            block.attn.kv_cache = None
+
+    def forward(self, idx: torch.Tensor, input_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """idx: (B, T) token ids. Without a KV cache, positions are 0..T-1 and attention is causal.
+        With one (`set_kv_cache`), `input_pos` (T,) says where these tokens sit in the sequence.
+        Returns logits (B, T, vocab_size): the padding rows of the head are never scored."""
+        B, T = idx.shape
+        cos, sin = self.rope(idx.device)
+        if input_pos is None:
+            if T > self.config.block_size:
+                raise ValueError(f"sequence of length {T} exceeds block_size={self.config.block_size}")
+            cos, sin, mask = cos[:T], sin[:T], None
+        else:
+            cos, sin = cos[input_pos], sin[input_pos]
+            max_seq_length = self.transformer.h[0].attn.kv_cache.k.shape[2]
+            # (T, max_seq_length): each new token sees the cached positions up to its own
+            mask = torch.arange(max_seq_length, device=idx.device) <= input_pos.unsqueeze(-1)
+
+        x = self.transformer.wte(idx)  # (B, T, C)
+        if self.token_rows is not None:
+            x = self.token_rows.embed(idx, x)
+        for block in self.transformer.h:
+            x = block(x, cos, sin, mask, input_pos)
+        x = self.transformer.ln_f(x)
+        logits = self.lm_head(x)  # (B, T, padded_vocab_size)
+        if self.token_rows is not None:
+            logits = self.token_rows.head_(x, logits)
+        return logits[..., : self.config.vocab_size]

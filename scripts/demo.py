@@ -1,0 +1,48 @@
+"""The whole path on the embedded tiny model, through the same scripts a user runs:
+
+    1. scripts/prepare_tiny.py   tokenizer + tiny base model pretrained on shipped text (knows EOS, not EOT)
+    2. scripts/prepare_lima.py   shipped LIMA-format sample -> EOT-terminated train/val data
+    3. finetune/lora.py          LoRA + the EOT rows
+    4. generate/lora.py          a reply that ends when the model emits EOT
+
+    python scripts/demo.py
+"""
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def step(title: str, script: str, *args: str) -> None:
+    print(f"\n== {title}\n$ python {script} {' '.join(args)}", flush=True)
+    start = time.perf_counter()
+    subprocess.run([sys.executable, str(REPO / script), *args], check=True)
+    print(f"({time.perf_counter() - start:.0f}s)", flush=True)
+
+
+def main(work_dir: Path = Path("out/demo")) -> None:
+    """Run the four steps, writing everything under `work_dir`.
+
+    Args:
+        work_dir: where the checkpoint, data and fine-tune go
+    """
+    start = time.perf_counter()
+    base, data, lora = work_dir / "checkpoints" / "tiny", work_dir / "data" / "lima", work_dir / "lora"
+    step("1/4 build the tiny base model", "scripts/prepare_tiny.py", "--out_dir", str(base))
+    step("2/4 prepare the LIMA-format sample with an end-of-turn token", "scripts/prepare_lima.py",
+         "--data_path", str(REPO / "data" / "lima_sample.jsonl"), "--checkpoint_dir", str(base), "--destination_path", str(data))
+    step("3/4 fine-tune with LoRA", "finetune/lora.py", "--data_dir", str(data), "--checkpoint_dir", str(base),
+         "--out_dir", str(lora), "--train.learning_rate", "3e-3", "--train.max_iters", "150", "--train.eval_interval", "50")
+    step("4/4 generate until the end-of-turn token", "generate/lora.py", "--lora_path", str(lora),
+         "--prompt", "How often should I water a cactus?", "--temperature", "0")
+    print(f"\ndemo finished in {time.perf_counter() - start:.0f}s")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
+    from lit_llama.cli import run
+
+    run(main)

@@ -1,0 +1,20 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="lit-llama-lima",
+    version="0.1.0",
+    description="Fine-tune LLaMA-family models LIMA-style: every turn ends with a dedicated end-of-turn token",
+    packages=find_packages(include=["lit_llama", "lit_llama.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.5",  # SDPA with enable_gqa
+        "lightning>=2.2",
+        "sentencepiece>=0.2",
+        "protobuf",  # sentencepiece's model file, edited to append special tokens
+        "jsonargparse[signatures]>=4.27",
+        "tqdm",
+    ],
+    extras_require={
+        "test": ["pytest", "transformers>=4.40"],
+    },
+)

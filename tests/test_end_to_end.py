@@ -1,0 +1,97 @@
+"""The user's path on the tiny model: prepare_tiny -> prepare_lima -> finetune/lora.py -> generate/lora.py."""
+
+import csv
+import json
+import subprocess
+import sys
+
+import torch
+
+from conftest import REPO, load_script
+from lit_llama.checkpoint import load_lora_model, load_model
+from lit_llama.data import TokenDataset, collate, load_prepared
+from lit_llama.lora import LoRAConfig
+from lit_llama.tokenizer import Tokenizer
+from lit_llama.training import TrainArgs, loss_sum, n_targets
+from lit_llama.vocab import add_special_tokens
+
+
+@torch.no_grad()
+def mean_loss(model, data) -> float:
+    total, count = 0.0, 0
+    for start in range(0, len(data), 8):
+        input_ids, labels = collate([data[i] for i in range(start, min(start + 8, len(data)))])
+        total += loss_sum(model(input_ids), labels).item()
+        count += n_targets(labels)
+    return total / count
+
+
+def test_tiny_checkpoint_dir(tiny_checkpoint):
+    assert {p.name for p in tiny_checkpoint.iterdir()} == {"lit_model.pth", "model_config.json", "tokenizer.model"}
+    config = json.loads((tiny_checkpoint / "model_config.json").read_text())
+    assert config["vocab_size"] == 1024 and config["padded_vocab_size"] == 1024
+
+
+def test_prepare_lima_cli(tiny_checkpoint, tmp_path):
+    out = subprocess.run([sys.executable, "scripts/prepare_lima.py", "--data_path", "data/lima_sample.jsonl",
+                          "--checkpoint_dir", str(tiny_checkpoint), "--destination_path", str(tmp_path)],
+                         cwd=REPO, capture_output=True, text=True, check=True)
+    assert "read 97, kept 97" in out.stdout
+    tokenizer = Tokenizer.from_dir(tmp_path)
+    assert tokenizer.eot_id == 1024
+    train, val = TokenDataset.load(tmp_path / "train.pt"), TokenDataset.load(tmp_path / "val.pt")
+    assert len(train) + len(val) == 97 and len(val) == 10
+    # every sample: bos first, ends with a trained EOT; user turns masked
+    rows = [json.loads(line)["conversations"] for line in (REPO / "data" / "lima_sample.jsonl").open()]
+    by_first_turn = {tokenizer.decode(tokenizer.encode(r[0])): r for r in rows}
+    for i in range(len(train)):
+        ids, mask = train[i]
+        assert ids[0] == tokenizer.bos_id and ids[-1] == tokenizer.eot_id and mask[-1]
+        first_eot = ids.tolist().index(tokenizer.eot_id)
+        assert not mask[: first_eot + 1].any()
+        # decoded back, the sample is its source text plus the special tokens
+        turns = by_first_turn[tokenizer.decode(ids[1:first_eot].tolist())]
+        assert tokenizer.decode(ids.tolist(), skip_special=False) == "<|eot|>".join(turns) + "<|eot|>"
+
+
+def test_cli_user_errors_are_one_line(tiny_checkpoint, tmp_path):
+    out = subprocess.run([sys.executable, "scripts/prepare_lima.py", "--data_path", str(tmp_path / "missing.jsonl"),
+                          "--checkpoint_dir", str(tiny_checkpoint)], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 2
+    assert out.stderr.strip() == f"error: --data_path {tmp_path / 'missing.jsonl'} not found"
+
+
+def test_lora_finetune_then_generate(tiny_checkpoint, lima_data, tmp_path, capsys):
+    out_dir = tmp_path / "lora"
+    train = TrainArgs(learning_rate=3e-3, max_iters=24, warmup_iters=2, global_batch_size=8, micro_batch_size=4,
+                      eval_interval=12, eval_iters=2)
+    load_script("finetune/lora.py").setup(data_dir=lima_data, checkpoint_dir=tiny_checkpoint, out_dir=out_dir, train=train)
+
+    with open(out_dir / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["step"] for r in rows] == [str(i) for i in range(1, 25)]
+    assert [r["step"] for r in rows if r["val_loss"]] == ["12", "24"]
+
+    # the model rebuilt from the out dir fits the training data better than the base did
+    tokenizer, train_data, _ = load_prepared(lima_data, tiny_checkpoint)
+    base = load_model(tiny_checkpoint)
+    add_special_tokens(base, tokenizer)
+    tuned, _ = load_lora_model(out_dir)
+    assert mean_loss(tuned, train_data) < mean_loss(base, train_data) - 0.05
+
+    assert {p.name for p in out_dir.iterdir()} == {"lit_model_lora.pth", "hyperparameters.json", "model_config.json",
+                                                   "tokenizer.model", "special_tokens.json", "metrics.csv"}
+    hparams = json.loads((out_dir / "hyperparameters.json").read_text())
+    assert hparams["checkpoint_dir"] == str(tiny_checkpoint.resolve()) and hparams["lora"] == vars(LoRAConfig())
+    assert json.loads((out_dir / "model_config.json").read_text())["vocab_size"] == 1025
+    # only LoRA matrices and the EOT rows are saved: small
+    trained = torch.load(out_dir / "lit_model_lora.pth", weights_only=True)
+    assert {k for k in trained if not k.endswith(("lora_A", "lora_B"))} == {"token_rows.ids", "token_rows.wte", "token_rows.lm_head"}
+    assert trained["token_rows.ids"].tolist() == [1024] and trained["token_rows.wte"].shape == (1, 128)
+
+    capsys.readouterr()
+    load_script("generate/lora.py").main(prompt="How often should I water a cactus?", lora_path=out_dir,
+                                         max_new_tokens=20, temperature=0)
+    captured = capsys.readouterr()
+    assert captured.err.startswith("stop reason: ") and "tokens/s" in captured.err
+    assert "<|eot|>" not in captured.out

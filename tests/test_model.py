@@ -1,0 +1,68 @@
+import pytest
+import torch
+
+from lit_llama.model import LLaMA, LLaMAConfig
+
+
+def small_config(**overrides) -> LLaMAConfig:
+    return LLaMAConfig.from_name("tiny", **{"block_size": 64, "vocab_size": 100, "n_layer": 2, **overrides})
+
+
+def test_config_defaults_and_named_configs():
+    config = small_config()
+    assert config.padded_vocab_size == 128  # rounded up to a multiple of 64
+    assert config.head_size == 32
+    assert LLaMAConfig.from_name("Llama-2-70b").n_query_groups == 8
+    assert LLaMAConfig.from_name("7B").intermediate_size == 11008
+    assert LLaMAConfig(n_embd=4096).intermediate_size == 11008  # LLaMA's 2/3 * 4 rule
+    with pytest.raises(ValueError, match="unknown model config 'nope'; known: tiny, 7B"):
+        LLaMAConfig.from_name("nope")
+
+
+def test_config_json_round_trip(tmp_path):
+    config = small_config(rope_base=5e5)
+    config.save(tmp_path / "model_config.json")
+    assert LLaMAConfig.from_json(tmp_path / "model_config.json") == config
+
+
+@pytest.mark.parametrize("n_query_groups", [4, 2, 1])  # MHA, GQA, MQA
+def test_forward_shapes_and_padding_rows_never_scored(n_query_groups):
+    torch.manual_seed(0)
+    model = LLaMA(small_config(n_query_groups=n_query_groups))
+    assert model.lm_head.weight.shape == (128, 128)
+    assert model.transformer.h[0].attn.c_attn.weight.shape == ((4 + 2 * n_query_groups) * 32, 128)
+    idx = torch.randint(0, 100, (2, 10))
+    logits = model(idx)
+    assert logits.shape == (2, 10, 100)  # vocab_size, not padded_vocab_size
+
+
+def test_causal(n_query_groups=2):
+    torch.manual_seed(0)
+    model = LLaMA(small_config(n_query_groups=n_query_groups))
+    idx = torch.randint(0, 100, (1, 12))
+    changed = idx.clone()
+    changed[0, 8:] = (changed[0, 8:] + 1) % 100
+    torch.testing.assert_close(model(idx)[:, :8], model(changed)[:, :8])
+
+
+@pytest.mark.parametrize("n_query_groups", [4, 2])
+def test_kv_cache_decoding_equals_full_forward(n_query_groups):
+    torch.manual_seed(0)
+    model = LLaMA(small_config(n_query_groups=n_query_groups)).eval()
+    idx = torch.randint(0, 100, (2, 20))
+    with torch.no_grad():
+        full = model(idx)
+        model.set_kv_cache(batch_size=2, max_seq_length=32)
+        prefill = model(idx[:, :12], torch.arange(12))
+        steps = [model(idx[:, t : t + 1], torch.tensor([t])) for t in range(12, 20)]
+        model.clear_kv_cache()
+    cached = torch.cat([prefill, *steps], dim=1)
+    torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-5)
+
+
+def test_sequence_longer_than_block_size_is_refused():
+    model = LLaMA(small_config(block_size=16))
+    with pytest.raises(ValueError, match="exceeds block_size=16"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+    with pytest.raises(ValueError, match="exceeds the model's block_size=16"):
+        model.set_kv_cache(1, 17)

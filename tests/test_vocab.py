@@ -1,0 +1,66 @@
+import torch
+
+from lit_llama.model import LLaMA, LLaMAConfig
+from lit_llama.vocab import add_special_tokens, attach_token_rows, grow_vocab, merge_token_rows
+
+
+def make_model(vocab_size: int = 1024) -> LLaMA:
+    torch.manual_seed(0)
+    return LLaMA(LLaMAConfig.from_name("tiny", block_size=32, vocab_size=vocab_size, n_layer=2))
+
+
+def test_grow_keeps_every_row_and_repads_to_64():
+    model = make_model()
+    wte, head = model.transformer.wte.weight.clone(), model.lm_head.weight.clone()
+    grow_vocab(model, 1025)
+    assert model.config.vocab_size == 1025 and model.config.padded_vocab_size == 1088
+    assert model.transformer.wte.weight.shape == (1088, 128) and model.lm_head.weight.shape == (1088, 128)
+    assert torch.equal(model.transformer.wte.weight[:1024], wte) and torch.equal(model.lm_head.weight[:1024], head)
+    assert model(torch.tensor([[1, 1024]])).shape == (1, 2, 1025)
+
+
+def test_grow_reuses_padding_capacity():
+    model = make_model(vocab_size=1000)  # padded to 1024
+    grow_vocab(model, 1001)
+    assert model.config.padded_vocab_size == 1024 and model.lm_head.weight.shape == (1024, 128)
+
+
+def test_append_with_mean_init_keeps_original_logits(tokenizer):
+    model = make_model()
+    idx = torch.randint(0, 1024, (2, 16))
+    before = model(idx)
+    ids = add_special_tokens(model, tokenizer)
+    assert ids == [1024]
+    for weight in (model.transformer.wte.weight, model.lm_head.weight):
+        torch.testing.assert_close(weight[1024], weight[:1024].mean(0))  # each from its own matrix
+    after = model(idx)
+    assert torch.equal(after[..., :1024], before)  # the original vocabulary's logits are untouched
+    # a mean head row scores EOT at the mean logit: an ordinary, not a dominant, token
+    torch.testing.assert_close(after[..., 1024], before.mean(-1), atol=1e-5, rtol=1e-5)
+
+
+def test_token_rows_train_alone_and_merge_back(tokenizer):
+    model = make_model()
+    ids = add_special_tokens(model, tokenizer)
+    base_wte, base_head = model.transformer.wte.weight.clone(), model.lm_head.weight.clone()
+    attach_token_rows(model, ids)
+    for p in model.parameters():
+        p.requires_grad = False
+    model.token_rows.wte.requires_grad = model.token_rows.lm_head.requires_grad = True
+    optimizer = torch.optim.SGD([model.token_rows.wte, model.token_rows.lm_head], lr=1.0)
+    idx = torch.tensor([[1, 50, 1024, 60, 1024]])
+    for _ in range(3):
+        logits = model(idx)
+        # push EOT's probability up everywhere: both rows get gradient
+        loss = -torch.log_softmax(logits, -1)[..., 1024].mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    expected = model(idx)
+    merge_token_rows(model)
+    assert model.token_rows is None
+    torch.testing.assert_close(model(idx), expected)
+    wte, head = model.transformer.wte.weight, model.lm_head.weight
+    assert not torch.equal(wte[1024], base_wte[1024]) and not torch.equal(head[1024], base_head[1024])
+    others = torch.arange(1088) != 1024
+    assert torch.equal(wte[others], base_wte[others]) and torch.equal(head[others], base_head[others])
