@@ -13,6 +13,7 @@ setup(
         "protobuf",  # sentencepiece's model file, edited to append special tokens
         "jsonargparse[signatures]>=4.27",
         "tqdm",
+        "safetensors",  # Hugging Face checkpoints in and out
     ],
     extras_require={
         "test": ["pytest", "transformers>=4.40"],
