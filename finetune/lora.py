@@ -28,6 +28,7 @@ def setup(
     checkpoint_dir: Path = Path("checkpoints/tiny"),
     out_dir: Path = Path("out/lora"),
     precision: Optional[str] = None,
+    token_init: str = "mean",
     lora: LoRAConfig = LoRAConfig(),
     train: TrainArgs = TrainArgs(),
 ) -> None:
@@ -38,6 +39,8 @@ def setup(
         checkpoint_dir: the base model: lit_model.pth, model_config.json, tokenizer.model
         out_dir: where the trained LoRA weights and everything needed to load them are written
         precision: Fabric precision, e.g. bf16-true or 32-true (default: bf16-true on a GPU that has it, else 32-true)
+        token_init: how the special tokens' embedding and head rows start: mean, mean_noise, normal,
+            copy:<piece> or describe:<text> (see howto/special_tokens.md)
         lora: which layers get LoRA, and its rank
         train: optimisation settings
     """
@@ -47,7 +50,7 @@ def setup(
     out_dir.mkdir(parents=True, exist_ok=True)
 
     model = load_model(checkpoint_dir)
-    special_ids = add_special_tokens(model, tokenizer)
+    special_ids = add_special_tokens(model, tokenizer, token_init, seed=train.seed)
     attach_token_rows(model, special_ids)
     inject_lora(model, lora)
     mark_only_lora_as_trainable(model)
@@ -64,7 +67,7 @@ def setup(
         model.config.save(out_dir / CONFIG_FILE)
         tokenizer.save(out_dir)
         write_json({"method": "lora", "checkpoint_dir": checkpoint_dir.resolve(), "data_dir": Path(data_dir).resolve(),
-                    "precision": precision or default_precision(), "lora": asdict(lora), "train": asdict(train),
+                    "precision": precision or default_precision(), "token_init": token_init, "lora": asdict(lora), "train": asdict(train),
                     "final": losses}, out_dir / HPARAMS_FILE)
     fabric.print(f"final train loss {losses['train_loss']:.4f}, val loss {losses['val_loss']:.4f}; saved to {out_dir}")
 

@@ -142,6 +142,16 @@ def encode_conversations(conversations: list[list[str]], tokenizer: Tokenizer, m
     return samples
 
 
+def count_repurposed(conversations: list[list[str]], base: Tokenizer, tokenizer: Tokenizer) -> int:
+    """How often the base tokenizer encodes the data to a piece that `tokenizer` repurposed. Those
+    places now encode to other pieces (the text is kept), but the model saw that piece there in
+    pretraining, so a user should know."""
+    repurposed = {t.id for t in tokenizer.special if t.mode == "repurposed"}
+    if not repurposed:
+        return 0
+    return sum(i in repurposed for turns in conversations for text in turns for i in base.encode(text))
+
+
 def collate(samples: list[tuple[torch.Tensor, torch.Tensor]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad to the longest sample. Returns input ids and labels (B, T), labels aligned with the
     inputs (the loss shifts them) and IGNORE_INDEX wherever nothing is trained, padding included."""

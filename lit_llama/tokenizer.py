@@ -1,17 +1,22 @@
 """Sentencepiece tokenizer that can carry special tokens (the end-of-turn token above all).
 
-Special tokens are appended to the sentencepiece model as CONTROL pieces at the next free ids, so the
-saved `tokenizer.model` is a plain sentencepiece file that other tools read with the same ids. Text
-never encodes to a CONTROL piece: a literal "<|eot|>" typed by a user is ordinary characters. Special
-ids enter a sequence only where the formatting code (`lit_llama/prompts.py`) puts them, by id.
+A special token is either appended (a new CONTROL piece at the next free id) or repurposed (an
+existing piece of the base vocabulary, turned into a CONTROL piece and given the role). Either way
+the saved `tokenizer.model` is a plain sentencepiece file that other tools read with the same ids,
+and text never encodes to a special id: sentencepiece does not match CONTROL pieces in text, so a
+literal "<|eot|>" typed by a user is ordinary characters, and text that used to encode to a
+repurposed piece now encodes to other pieces, losslessly. Special ids enter a sequence only where
+the formatting code (`lit_llama/prompts.py`) puts them, by id.
 
-`special_tokens.json` next to `tokenizer.model` records what was added and on which base tokenizer.
+`special_tokens.json` next to `tokenizer.model` records each special token (content, id, mode), the
+end-of-turn id, the ids that stop generation, and which base tokenizer was extended.
 """
 
 import hashlib
 import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional, Union
 
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
@@ -19,10 +24,14 @@ from sentencepiece import sentencepiece_model_pb2
 DEFAULT_EOT = "<|eot|>"
 MODEL_FILE = "tokenizer.model"
 SPECIAL_TOKENS_FILE = "special_tokens.json"
+Piece = sentencepiece_model_pb2.ModelProto.SentencePiece
 
 
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+@dataclass(frozen=True)
+class SpecialToken:
+    content: str
+    id: int
+    mode: Literal["appended", "repurposed"]
 
 
 class Tokenizer:
@@ -33,11 +42,11 @@ class Tokenizer:
         self.bos_id = self.processor.bos_id()
         self.eos_id = self.processor.eos_id()
         special = special or {}
-        self.special_tokens: dict[str, int] = {t["content"]: t["id"] for t in special.get("tokens", [])}
+        self.special: list[SpecialToken] = [SpecialToken(**t) for t in special.get("tokens", [])]
         self.eot_id: Optional[int] = special.get("eot_id")
         # the tokenizer this one extends (itself when nothing was added)
         self.base_vocab_size: int = special.get("base_vocab_size", self.vocab_size)
-        self.base_sha256: str = special.get("base_sha256", _sha256(model_proto))
+        self.base_sha256: str = special.get("base_sha256", hashlib.sha256(model_proto).hexdigest())
 
     @classmethod
     def from_dir(cls, directory: Path) -> "Tokenizer":
@@ -50,46 +59,77 @@ class Tokenizer:
         return cls(model_path.read_bytes(), special)
 
     @property
+    def special_tokens(self) -> dict[str, int]:
+        return {t.content: t.id for t in self.special}
+
+    @property
     def stop_ids(self) -> list[int]:
         """Ids that end a generated turn: EOT when there is one, EOS as the fallback."""
         return [i for i in (self.eot_id, self.eos_id) if i is not None and i >= 0]
 
-    def with_special_tokens(self, tokens: list[str], eot: Optional[str] = None) -> "Tokenizer":
-        """A new tokenizer with `tokens` appended as CONTROL pieces; `eot` (one of them) ends turns."""
-        if self.special_tokens:
+    def piece_id(self, piece: Union[str, int]) -> int:
+        """The id of `piece`, given as its exact piece text (e.g. "▁zebra") or as an id."""
+        if isinstance(piece, int) or piece.isdigit():
+            i = int(piece)
+            if not 0 <= i < self.vocab_size:
+                raise ValueError(f"id {i} is outside the vocabulary (0..{self.vocab_size - 1})")
+            return i
+        i = self.processor.piece_to_id(piece)
+        if self.processor.id_to_piece(i) != piece:
+            raise ValueError(f"{piece!r} is not a piece of the tokenizer (pieces spell a leading space as '▁')")
+        return i
+
+    def with_special_tokens(self, append: list[str] = (), repurpose: list[Union[str, int]] = (),
+                            eot: Optional[Union[str, int]] = None) -> "Tokenizer":
+        """A new tokenizer with the `append` tokens added as CONTROL pieces at the next ids and the
+        `repurpose` pieces (text or id) made CONTROL pieces in place. `eot` names the one that ends
+        turns, by content (or, for a repurposed piece, as given in `repurpose`)."""
+        if self.special:
             raise ValueError("this tokenizer already has special tokens; extend the base tokenizer instead")
-        if eot is not None and eot not in tokens:
-            raise ValueError(f"eot token {eot!r} is not among the tokens to add {tokens}")
         proto = sentencepiece_model_pb2.ModelProto()
         proto.ParseFromString(self.model_proto)
+        special = []
+        names = {}  # how the caller may name each special token: its content, or a repurposed piece as given
+        for piece in repurpose:
+            i = self.piece_id(piece)
+            entry = proto.pieces[i]
+            if entry.type not in (Piece.NORMAL, Piece.USER_DEFINED, Piece.UNUSED):
+                kind = Piece.Type.Name(entry.type).lower()
+                raise ValueError(f"cannot repurpose {entry.piece!r} (id {i}): it is a {kind} piece"
+                                 + (" (bos/eos/unk/pad keep their roles)" if kind in ("control", "unknown") else
+                                    " that byte fallback needs to encode arbitrary text") + "; pick a rarely used ordinary piece")
+            entry.type = Piece.CONTROL  # from now on text never encodes to it
+            special.append(SpecialToken(entry.piece, i, "repurposed"))
+            names[str(piece)] = i
         existing = {p.piece for p in proto.pieces}
-        added = []
-        for content in tokens:
+        for content in append:
             if content in existing:
-                raise ValueError(f"{content!r} is already a piece of the tokenizer (id {self.processor.piece_to_id(content)})")
+                raise ValueError(f"{content!r} is already a piece of the tokenizer (id {self.processor.piece_to_id(content)}); "
+                                 f"repurpose it or append another text")
             existing.add(content)
-            piece = proto.pieces.add()
-            piece.piece, piece.score, piece.type = content, 0.0, sentencepiece_model_pb2.ModelProto.SentencePiece.CONTROL
-            added.append({"content": content, "id": len(proto.pieces) - 1, "mode": "appended"})
-        ids = {t["content"]: t["id"] for t in added}
-        special = {
+            proto.pieces.add(piece=content, score=0.0, type=Piece.CONTROL)
+            special.append(SpecialToken(content, len(proto.pieces) - 1, "appended"))
+
+        names.update((t.content, t.id) for t in special)
+        eot_id = None if eot is None else names.get(str(eot))
+        if eot is not None and eot_id is None:
+            raise ValueError(f"the end-of-turn token {eot!r} is not among the special tokens {[t.content for t in special]}")
+        return Tokenizer(proto.SerializeToString(), {
             "base_vocab_size": self.vocab_size,
             "base_sha256": self.base_sha256,
-            "tokens": added,
-            "eot_id": ids.get(eot),
-            "stop_ids": [i for i in (ids.get(eot), self.eos_id) if i is not None and i >= 0],
-        }
-        return Tokenizer(proto.SerializeToString(), special)
+            "tokens": [asdict(t) for t in special],
+            "eot_id": eot_id,
+        })
 
     def save(self, directory: Path) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         (directory / MODEL_FILE).write_bytes(self.model_proto)
-        if self.special_tokens:
+        if self.special:
             special = {
                 "base_vocab_size": self.base_vocab_size,
                 "base_sha256": self.base_sha256,
-                "tokens": [{"content": c, "id": i, "mode": "appended"} for c, i in self.special_tokens.items()],
+                "tokens": [asdict(t) for t in self.special],
                 "eot_id": self.eot_id,
                 "stop_ids": self.stop_ids,
             }
@@ -105,7 +145,7 @@ class Tokenizer:
         ids = [int(i) for i in ids]
         if skip_special:
             return self.processor.decode(ids)
-        names = {i: c for c, i in self.special_tokens.items()}
+        names = {t.id: t.content for t in self.special}
         text, run = [], []
         for i in ids:
             if i in names:
@@ -114,3 +154,12 @@ class Tokenizer:
             else:
                 run.append(i)
         return "".join(text + [self.processor.decode(run)])
+
+
+def extend_tokenizer(base: Tokenizer, eot_token: str = DEFAULT_EOT, repurpose_eot: Optional[str] = None,
+                     extra_special_tokens: list[str] = ()) -> Tokenizer:
+    """The base tokenizer with an end-of-turn token: `eot_token` appended as a new id, or, with
+    `repurpose_eot`, an existing piece given the role. `extra_special_tokens` are appended after it."""
+    if repurpose_eot is not None:
+        return base.with_special_tokens(append=list(extra_special_tokens), repurpose=[repurpose_eot], eot=repurpose_eot)
+    return base.with_special_tokens(append=[eot_token, *extra_special_tokens], eot=eot_token)

@@ -9,6 +9,8 @@ import torch.nn as nn
 from lit_llama.model import LLaMA, TokenRows, find_multiple
 from lit_llama.tokenizer import Tokenizer
 
+TOKEN_INITS = ("mean", "mean_noise", "normal", "copy:<piece>", "describe:<text>")
+
 
 def grow_vocab(model: LLaMA, vocab_size: int) -> None:
     """Make `wte` and `lm_head` cover `vocab_size` ids. Existing rows are kept bit for bit; new rows
@@ -28,18 +30,70 @@ def grow_vocab(model: LLaMA, vocab_size: int) -> None:
     model.config = replace(config, vocab_size=vocab_size, padded_vocab_size=padded)
 
 
-@torch.no_grad()
-def init_special_rows(model: LLaMA, ids: list[int], base_vocab_size: int) -> None:
-    """Re-initialise the rows of `ids` in `wte` and in `lm_head`, each from its own matrix: the mean
-    of the real rows (the base vocabulary, without the special ids), computed in fp32.
+def _row_stats(weight: torch.Tensor, n_rows: int, excluded: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 mean and per-dimension std of rows [0, n_rows) minus `excluded`, without an fp32 copy of the matrix."""
+    total = torch.zeros(weight.shape[1], dtype=torch.float32, device=weight.device)
+    squares = torch.zeros_like(total)
+    for chunk in weight[:n_rows].detach().split(4096):
+        chunk = chunk.float()
+        total += chunk.sum(0)
+        squares += chunk.pow(2).sum(0)
+    if excluded:
+        rows = weight[excluded].detach().float()
+        total -= rows.sum(0)
+        squares -= rows.pow(2).sum(0)
+    count = n_rows - len(excluded)
+    mean = total / count
+    return mean, (squares / count - mean.pow(2)).clamp(min=0).sqrt()
 
-    A mean head row scores the new token like an average token, so it starts neither dominant nor
-    unreachable, and the original vocabulary's logits do not change at all."""
-    real = torch.ones(base_vocab_size, dtype=torch.bool)
-    real[[i for i in ids if i < base_vocab_size]] = False
+
+@torch.no_grad()
+def init_special_rows(model: LLaMA, tokenizer: Tokenizer, method: str = "mean", seed: int = 0) -> None:
+    """Re-initialise the rows of every special token in `wte` and in `lm_head`, each matrix from its
+    own rows, in fp32, over the real rows only (the base vocabulary without the special ids):
+
+    - mean: the mean row. A mean head row scores the new token at the mean logit, an ordinary token,
+      and since the logits are linear in the head rows, the original vocabulary's logits don't move.
+    - mean_noise: the mean plus Gaussian noise of 1% of the rows' per-dimension spread, so several
+      new tokens start apart.
+    - normal: Gaussian with the mean and per-dimension spread of the real rows.
+    - copy:<piece>: the row of an existing piece (its exact text, e.g. "▁end", or its id).
+    - describe:<text>: the mean of the rows of the pieces `text` encodes to, e.g. "describe:end of turn".
+    """
+    ids = [t.id for t in tokenizer.special]
+    base = tokenizer.base_vocab_size
+    excluded = [i for i in ids if i < base]  # repurposed rows hold an old meaning, not a real row any more
+    kind, _, arg = method.partition(":")
+    if kind in ("copy", "describe"):
+        sources = [tokenizer.piece_id(arg)] if kind == "copy" else tokenizer.encode(arg)
+        if not sources or any(i in ids or i >= base for i in sources):
+            raise ValueError(f"--token_init {method!r}: needs pieces of the base vocabulary, got ids {sources}")
+    elif kind not in ("mean", "mean_noise", "normal") or arg:
+        raise ValueError(f"--token_init {method!r} is not one of {', '.join(TOKEN_INITS)}")
+    generator = torch.Generator().manual_seed(seed)
     for weight in (model.transformer.wte.weight, model.lm_head.weight):
-        mean = weight[:base_vocab_size][real.to(weight.device)].float().mean(0)
-        weight[ids] = mean.to(weight.dtype)
+        mean, std = _row_stats(weight, base, excluded)
+        noise = torch.randn(len(ids), weight.shape[1], generator=generator).to(weight.device)
+        if kind == "mean":
+            rows = mean.expand(len(ids), -1)
+        elif kind == "mean_noise":
+            rows = mean + 0.01 * std * noise
+        elif kind == "normal":
+            rows = mean + std * noise
+        else:
+            rows = weight[sources].float().mean(0).expand(len(ids), -1)
+        weight[ids] = rows.to(weight.dtype)
+
+
+def add_special_tokens(model: LLaMA, tokenizer: Tokenizer, method: str = "mean", seed: int = 0) -> list[int]:
+    """Fit a base model to `tokenizer`'s special tokens: room for appended ids, and fresh rows for
+    every special token, appended or repurposed. Returns the special ids."""
+    if model.config.vocab_size != tokenizer.base_vocab_size:
+        raise ValueError(f"the tokenizer extends a vocabulary of {tokenizer.base_vocab_size} ids but the model has "
+                         f"{model.config.vocab_size}: data and checkpoint do not belong together")
+    grow_vocab(model, tokenizer.vocab_size)
+    init_special_rows(model, tokenizer, method, seed)
+    return sorted(t.id for t in tokenizer.special)
 
 
 def attach_token_rows(model: LLaMA, ids: list[int]) -> None:
@@ -62,15 +116,3 @@ def merge_token_rows(model: LLaMA) -> None:
     model.transformer.wte.weight[rows.ids] = rows.wte.to(model.transformer.wte.weight.dtype)
     model.lm_head.weight[rows.ids] = rows.lm_head.to(model.lm_head.weight.dtype)
     model.token_rows = None
-
-
-def add_special_tokens(model: LLaMA, tokenizer: Tokenizer) -> list[int]:
-    """Fit a base model to `tokenizer`'s extended vocabulary: room for the appended ids and fresh
-    rows for every special token. Returns the special ids."""
-    if model.config.vocab_size != tokenizer.base_vocab_size:
-        raise ValueError(f"the tokenizer extends a vocabulary of {tokenizer.base_vocab_size} ids but the model has "
-                         f"{model.config.vocab_size}: data and checkpoint do not belong together")
-    ids = sorted(tokenizer.special_tokens.values())
-    grow_vocab(model, tokenizer.vocab_size)
-    init_special_rows(model, ids, tokenizer.base_vocab_size)
-    return ids

@@ -36,7 +36,7 @@ def tokenizer(base_tokenizer: Tokenizer) -> Tokenizer:
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny base checkpoint made by scripts/prepare_tiny.py, with a short pretraining."""
     out_dir = tmp_path_factory.mktemp("checkpoints") / "tiny"
-    load_script("scripts/prepare_tiny.py").main(out_dir=out_dir, steps=60)
+    load_script("scripts/prepare_tiny.py").main(out_dir=out_dir, steps=200)
     return out_dir
 
 

@@ -5,12 +5,15 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from conftest import REPO, load_script
 from lit_llama.checkpoint import load_lora_model, load_model
 from lit_llama.data import TokenDataset, collate, load_prepared
+from lit_llama.generate import generate, stop_reason
 from lit_llama.lora import LoRAConfig
+from lit_llama.prompts import encode_prompt
 from lit_llama.tokenizer import Tokenizer
 from lit_llama.training import TrainArgs, loss_sum, n_targets
 from lit_llama.vocab import add_special_tokens
@@ -95,3 +98,39 @@ def test_lora_finetune_then_generate(tiny_checkpoint, lima_data, tmp_path, capsy
     captured = capsys.readouterr()
     assert captured.err.startswith("stop reason: ") and "tokens/s" in captured.err
     assert "<|eot|>" not in captured.out
+
+
+def test_repurposed_piece_found_in_the_data_is_refused_unless_allowed(tiny_checkpoint, tmp_path, capsys):
+    prepare = load_script("scripts/prepare_lima.py").prepare
+    data_path = REPO / "data" / "lima_sample.jsonl"
+    with pytest.raises(ValueError, match="the repurposed piece 'ñ' occurs 3 times in the data"):
+        prepare(data_path=data_path, checkpoint_dir=tiny_checkpoint, destination_path=tmp_path, repurpose_eot="ñ")
+    prepare(data_path=data_path, checkpoint_dir=tiny_checkpoint, destination_path=tmp_path, repurpose_eot="ñ",
+            allow_repurposed_in_data=True)
+    assert "occurs 3 times in the data (encoded with other pieces)" in capsys.readouterr().out
+    tokenizer = Tokenizer.from_dir(tmp_path)
+    assert tokenizer.eot_id == 1023 and tokenizer.vocab_size == 1024
+    # "jalapeño" survives, spelled with other pieces, and id 1023 appears only as the EOT of each turn
+    samples = [d[i][0] for d in (TokenDataset.load(tmp_path / f"{n}.pt") for n in ("train", "val")) for i in range(len(d))]
+    assert sum(tokenizer.decode(ids.tolist()).count("ñ") for ids in samples) == 3
+    rows = [json.loads(line)["conversations"] for line in data_path.open()]
+    assert sum(int((ids == 1023).sum()) for ids in samples) == sum(len(turns) for turns in rows)
+
+
+@pytest.mark.parametrize("repurpose_eot", [None, "▁twenty"], ids=["append", "repurpose"])
+def test_both_modes_learn_to_halt_on_eot(tiny_checkpoint, tmp_path, repurpose_eot):
+    rows = [json.loads(line) for line in (REPO / "data" / "lima_sample.jsonl").open()]
+    short = [r for r in rows if len(r["conversations"]) == 2 and len(r["conversations"][1].split()) < 25][:8]
+    (tmp_path / "short.jsonl").write_text("\n".join(json.dumps(r) for r in short))
+    load_script("scripts/prepare_lima.py").prepare(data_path=tmp_path / "short.jsonl", checkpoint_dir=tiny_checkpoint,
+                                                   destination_path=tmp_path / "data", repurpose_eot=repurpose_eot)
+    train = TrainArgs(learning_rate=3e-3, max_iters=200, warmup_iters=10, global_batch_size=4, micro_batch_size=4,
+                      eval_interval=200, eval_iters=1)
+    load_script("finetune/lora.py").setup(data_dir=tmp_path / "data", checkpoint_dir=tiny_checkpoint, out_dir=tmp_path / "out",
+                                          lora=LoRAConfig(mlp=True, projection=True), train=train)
+    model, tokenizer = load_lora_model(tmp_path / "out")
+    assert tokenizer.eot_id == (1024 if repurpose_eot is None else 823)
+    results = [generate(model.eval(), encode_prompt(tokenizer, [r["conversations"][0]]), 100, stop_ids=tuple(tokenizer.stop_ids))
+               for r in short]
+    halted = [r for r in results if stop_reason(r, tokenizer) == "eot" and len(r.tokens) >= 3]
+    assert len(halted) >= 7, [(stop_reason(r, tokenizer), len(r.tokens)) for r in results]

@@ -64,3 +64,51 @@ def test_refuses_an_existing_piece_and_double_extension(base_tokenizer, tokenize
         base_tokenizer.with_special_tokens(["<s>"], eot="<s>")
     with pytest.raises(ValueError, match="already has special tokens"):
         tokenizer.with_special_tokens(["<|user|>"])
+
+
+TWENTY = 823  # "▁twenty": a piece the shipped LIMA sample never uses
+
+
+@pytest.mark.parametrize("piece", ["▁twenty", 823, "823"])
+def test_repurpose_an_existing_piece_by_text_or_id(base_tokenizer, tmp_path, piece):
+    tokenizer = base_tokenizer.with_special_tokens(repurpose=[piece], eot=piece)
+    assert tokenizer.eot_id == TWENTY and tokenizer.vocab_size == 1024  # the vocabulary does not grow
+    assert tokenizer.special_tokens == {"▁twenty": TWENTY} and tokenizer.special[0].mode == "repurposed"
+    tokenizer.save(tmp_path)
+    plain = spm.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model"))
+    assert plain.is_control(TWENTY) and plain.id_to_piece(TWENTY) == "▁twenty"
+    special = json.loads((tmp_path / "special_tokens.json").read_text())
+    assert special["tokens"] == [{"content": "▁twenty", "id": TWENTY, "mode": "repurposed"}]
+    assert special["stop_ids"] == [TWENTY, 2]
+
+
+def test_text_that_used_to_encode_to_the_repurposed_piece_now_avoids_it(base_tokenizer):
+    tokenizer = base_tokenizer.with_special_tokens(repurpose=["▁twenty"], eot="▁twenty")
+    text = "twenty-one is twenty plus one; twenty"
+    assert TWENTY in base_tokenizer.encode(text)
+    ids = tokenizer.encode(text)
+    assert TWENTY not in ids
+    assert tokenizer.decode(ids) == text  # encoded with other pieces, nothing lost
+    # the other pieces keep their ids
+    assert tokenizer.encode("the cat") == base_tokenizer.encode("the cat")
+
+
+@pytest.mark.parametrize("piece, reason", [
+    ("<s>", "control piece"), ("</s>", "control piece"), (0, "unknown piece"), ("<0x41>", "byte piece"),
+    ("▁nonexistent_piece", "not a piece"), (5000, "outside the vocabulary"),
+])
+def test_repurpose_refuses_special_byte_and_unknown_pieces(base_tokenizer, piece, reason):
+    with pytest.raises(ValueError, match=reason):
+        base_tokenizer.with_special_tokens(repurpose=[piece], eot=piece)
+
+
+def test_several_appended_tokens(base_tokenizer, tmp_path):
+    tokenizer = base_tokenizer.with_special_tokens(append=[DEFAULT_EOT, "<|user|>", "<|assistant|>"], eot=DEFAULT_EOT)
+    assert tokenizer.special_tokens == {DEFAULT_EOT: 1024, "<|user|>": 1025, "<|assistant|>": 1026}
+    assert tokenizer.eot_id == 1024 and tokenizer.stop_ids == [1024, 2]
+    for text in ("<|user|> hi <|assistant|>", "<|eot|><|user|>"):
+        assert not set(tokenizer.encode(text)) & {1024, 1025, 1026}
+    tokenizer.save(tmp_path)
+    assert Tokenizer.from_dir(tmp_path).special_tokens == tokenizer.special_tokens
+    with pytest.raises(ValueError, match="not among the special tokens"):
+        base_tokenizer.with_special_tokens(append=["<|user|>"], eot=DEFAULT_EOT)

@@ -1,3 +1,6 @@
+import re
+
+import pytest
 import torch
 
 from lit_llama.model import LLaMA, LLaMAConfig
@@ -64,3 +67,50 @@ def test_token_rows_train_alone_and_merge_back(tokenizer):
     assert not torch.equal(wte[1024], base_wte[1024]) and not torch.equal(head[1024], base_head[1024])
     others = torch.arange(1088) != 1024
     assert torch.equal(wte[others], base_wte[others]) and torch.equal(head[others], base_head[others])
+
+
+def init_rows(tokenizer, method: str, model: LLaMA = None) -> tuple[LLaMA, torch.Tensor, torch.Tensor]:
+    model = model or make_model()
+    wte, head = model.transformer.wte.weight.clone(), model.lm_head.weight.clone()
+    add_special_tokens(model, tokenizer, method, seed=3)
+    return model, wte, head
+
+
+def test_init_methods(base_tokenizer):
+    tokenizer = base_tokenizer.with_special_tokens(append=["<|eot|>", "<|user|>"], eot="<|eot|>")
+    model, wte, head = init_rows(tokenizer, "mean_noise")
+    for new, old in ((model.transformer.wte.weight, wte), (model.lm_head.weight, head)):
+        spread = old.std(0)
+        assert not torch.equal(new[1024], new[1025])  # two tokens start apart...
+        assert ((new[1024:1026] - old.mean(0)).abs() < 0.06 * spread).all()  # ...close to the mean
+
+    model, wte, head = init_rows(tokenizer, "normal")
+    for new, old in ((model.transformer.wte.weight, wte), (model.lm_head.weight, head)):
+        assert 0.5 < (new[1024:1026] - old.mean(0)).std() / old.std(0).mean() < 1.5  # the real rows' scale
+
+    model, wte, head = init_rows(tokenizer, "copy:▁twenty")
+    assert torch.equal(model.transformer.wte.weight[1024], wte[823]) and torch.equal(model.lm_head.weight[1025], head[823])
+
+    model, wte, head = init_rows(tokenizer, "describe:end of turn")
+    pieces = tokenizer.encode("end of turn")
+    torch.testing.assert_close(model.transformer.wte.weight[1024], wte[pieces].mean(0))
+    torch.testing.assert_close(model.lm_head.weight[1025], head[pieces].mean(0))
+
+
+@pytest.mark.parametrize("method, message", [
+    ("zeros", "'zeros' is not one of mean, mean_noise, normal"), ("mean:x", "'mean:x' is not one of"),
+    ("copy:▁nope", "'▁nope' is not a piece"), ("copy:<|eot|>", "'copy:<|eot|>': needs pieces of the base vocabulary"),
+])
+def test_bad_init_methods_are_named(tokenizer, method, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        init_rows(tokenizer, method)
+
+
+def test_repurposed_row_is_reinitialised_without_growing(base_tokenizer):
+    tokenizer = base_tokenizer.with_special_tokens(repurpose=["▁twenty"], eot="▁twenty")
+    model, wte, head = init_rows(tokenizer, "mean")
+    assert model.config.vocab_size == 1024 and model.lm_head.weight.shape == (1024, 128)
+    others = torch.arange(1024) != 823
+    for new, old in ((model.transformer.wte.weight, wte), (model.lm_head.weight, head)):
+        torch.testing.assert_close(new[823], old[others].mean(0))  # the mean of the other rows only
+        assert torch.equal(new[others], old[others])
