@@ -4,19 +4,15 @@
 """
 
 import sys
-import time
 from pathlib import Path
 from typing import Optional
 
 # run from a checkout without installing the package
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch
-
-from lit_llama.checkpoint import load_lora_model
+from lit_llama.checkpoint import load_finetuned
 from lit_llama.cli import run
-from lit_llama.generate import generate, inference_device_dtype, stop_reason
-from lit_llama.prompts import encode_prompt
+from lit_llama.generate import reply
 
 
 def main(
@@ -40,19 +36,8 @@ def main(
         top_k: sample among the k most likely tokens only
         seed: seed of the sampling
     """
-    device, dtype = inference_device_dtype()
-    model, tokenizer = load_lora_model(lora_path, checkpoint_dir)
-    model = model.to(device=device, dtype=dtype).eval()
-    prompt_ids = encode_prompt(tokenizer, [prompt])
-    generator = torch.Generator(device).manual_seed(seed)
-
-    start = time.perf_counter()
-    result = generate(model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k,
-                      stop_ids=tuple(tokenizer.stop_ids), generator=generator)
-    elapsed = time.perf_counter() - start
-    print(tokenizer.decode(result.tokens))
-    print(f"stop reason: {stop_reason(result, tokenizer)} after {len(result.tokens)} tokens "
-          f"({len(result.tokens) / elapsed:.1f} tokens/s)", file=sys.stderr)
+    model, tokenizer = load_finetuned(lora_path, checkpoint_dir)
+    reply(model, tokenizer, prompt, max_new_tokens, temperature, top_k, seed)
 
 
 if __name__ == "__main__":

@@ -1,24 +1,30 @@
 """Checkpoint dirs: what they hold, how to load them lean, how to write them safely.
 
 A base checkpoint dir:   lit_model.pth, model_config.json, tokenizer.model [, special_tokens.json]
-A LoRA out dir adds:     lit_model_lora.pth (LoRA matrices + special-token rows), hyperparameters.json
-                         (method, base checkpoint dir, LoRA settings, training settings), metrics.csv
+A fine-tune out dir:     model_config.json, tokenizer.model, special_tokens.json, hyperparameters.json
+                         (method, base checkpoint dir, method settings, training settings), metrics.csv,
+                         training_state.pth (for --resume), and the trained weights:
+                           lora     lit_model_lora.pth     LoRA matrices + special-token rows
+                           adapter  lit_model_adapter.pth  adapter prompts and gates + special-token rows
+                           full     lit_model.pth          everything: the out dir is a checkpoint dir
 """
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
-from lit_llama.lora import LoRAConfig, inject_lora, merge_lora
+from lit_llama.adapter import AdapterConfig, inject_adapter, is_adapter_name
+from lit_llama.lora import LoRAConfig, inject_lora, is_lora_name, merge_lora
 from lit_llama.model import LLaMA, LLaMAConfig
 from lit_llama.tokenizer import Tokenizer
 from lit_llama.vocab import attach_token_rows, grow_vocab, merge_token_rows
 
 MODEL_FILE = "lit_model.pth"
-LORA_FILE = "lit_model_lora.pth"
+WEIGHTS_FILES = {"lora": "lit_model_lora.pth", "adapter": "lit_model_adapter.pth", "full": MODEL_FILE}
 CONFIG_FILE = "model_config.json"
 HPARAMS_FILE = "hyperparameters.json"
 
@@ -70,25 +76,37 @@ def save_checkpoint_dir(model: LLaMA, tokenizer: Tokenizer, directory: Path) -> 
     tokenizer.save(directory)
 
 
-def load_lora_model(lora_path: Path, checkpoint_dir: Optional[Path] = None,
-                    dtype: Optional[torch.dtype] = None) -> tuple[LLaMA, Tokenizer]:
-    """Rebuild a LoRA fine-tune from its out dir alone: the base checkpoint it names (or
-    `checkpoint_dir`), the extended vocabulary, LoRA settings and trained weights, merged for inference."""
-    lora_path = Path(lora_path)
-    hparams = json.loads(require_file(lora_path / HPARAMS_FILE, "is this a finetune/lora.py out dir?").read_text())
-    checkpoint_dir = Path(checkpoint_dir or hparams["checkpoint_dir"])
-    model = load_model(checkpoint_dir, dtype)
-    tokenizer = Tokenizer.from_dir(lora_path)
+def load_finetuned(out_dir: Path, checkpoint_dir: Optional[Path] = None,
+                   dtype: Optional[torch.dtype] = None) -> tuple[LLaMA, Tokenizer]:
+    """Rebuild a fine-tune from its out dir alone: the base checkpoint it names (or `checkpoint_dir`),
+    the extended vocabulary, the method's settings and trained weights. LoRA updates and special-token
+    rows are merged into the weights, ready for inference."""
+    out_dir = Path(out_dir)
+    hparams = json.loads(require_file(out_dir / HPARAMS_FILE, "is this a finetune/*.py out dir?").read_text())
+    method = hparams["method"]
+    tokenizer = Tokenizer.from_dir(out_dir)
+    if method == "full":
+        return load_model(out_dir, dtype), tokenizer
+    base_dir = Path(checkpoint_dir or hparams["checkpoint_dir"])
+    model = load_model(base_dir, dtype)
+    expected = LLaMAConfig.from_json(out_dir / CONFIG_FILE)
+    if replace(model.config, vocab_size=expected.vocab_size, padded_vocab_size=expected.padded_vocab_size) != expected:
+        raise ValueError(f"{base_dir} is not the base model {out_dir} was trained from (model configs differ); "
+                         f"pass the right one with --checkpoint_dir")
     grow_vocab(model, tokenizer.vocab_size)
-    inject_lora(model, LoRAConfig(**hparams["lora"]))
-    trained = load_state_dict(require_file(lora_path / LORA_FILE, "the out dir has no trained weights"))
-    if any(name.startswith("token_rows.") for name in trained):
-        # the rows' shapes come from the file; their values are loaded just below
-        attach_token_rows(model, trained["token_rows.ids"].tolist())
+    if method == "lora":
+        inject_lora(model, LoRAConfig(**hparams["lora"]))
+        is_trained = is_lora_name
+    else:
+        inject_adapter(model, AdapterConfig(**hparams["adapter"]))
+        is_trained = is_adapter_name
+    weights_path = require_file(out_dir / WEIGHTS_FILES[method], "the out dir has no trained weights")
+    trained = load_state_dict(weights_path)
+    attach_token_rows(model, trained["token_rows.ids"].tolist())  # shapes from the file, values loaded next
     missing, unexpected = model.load_state_dict(trained, strict=False)
-    missing_trained = [k for k in missing if "lora_" in k or k.startswith("token_rows.")]
+    missing_trained = [k for k in missing if is_trained(k)]
     if missing_trained or unexpected:
-        raise ValueError(f"{lora_path / LORA_FILE} does not fit the model: missing {missing_trained}, unexpected {unexpected}")
+        raise ValueError(f"{weights_path} does not fit the model: missing {missing_trained}, unexpected {unexpected}")
     merge_lora(model)
     merge_token_rows(model)
     return model, tokenizer

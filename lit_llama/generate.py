@@ -1,12 +1,15 @@
 """Decoding with a KV cache: the prompt is read once (prefill), then one token per step until a stop
 id (the end-of-turn token, EOS as fallback) or `max_new_tokens`."""
 
+import sys
+import time
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from lit_llama.model import LLaMA
+from lit_llama.prompts import encode_prompt
 from lit_llama.tokenizer import Tokenizer
 
 
@@ -71,3 +74,19 @@ def inference_device_dtype() -> tuple[torch.device, torch.dtype]:
     if torch.cuda.is_available():
         return torch.device("cuda"), torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.device("cpu"), torch.float32
+
+
+def reply(model: LLaMA, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 256, temperature: float = 0.8,
+          top_k: Optional[int] = 200, seed: int = 1234) -> None:
+    """What a generate script does once its model is loaded: format `prompt` as one user turn exactly
+    as in training, decode until a stop id, print the reply on stdout and why it stopped on stderr."""
+    device, dtype = inference_device_dtype()
+    model = model.to(device=device, dtype=dtype).eval()
+    generator = torch.Generator(device).manual_seed(seed)
+    start = time.perf_counter()
+    result = generate(model, encode_prompt(tokenizer, [prompt]), max_new_tokens, temperature=temperature, top_k=top_k,
+                      stop_ids=tuple(tokenizer.stop_ids), generator=generator)
+    elapsed = time.perf_counter() - start
+    print(tokenizer.decode(result.tokens))
+    print(f"stop reason: {stop_reason(result, tokenizer)} after {len(result.tokens)} tokens "
+          f"({len(result.tokens) / elapsed:.1f} tokens/s)", file=sys.stderr)

@@ -114,18 +114,9 @@ def inject_lora(model: LLaMA, config: LoRAConfig) -> None:
         model.lm_head = _lora_linear(model.lm_head, config)
 
 
-def is_trainable_name(name: str) -> bool:
+def is_lora_name(name: str) -> bool:
     """LoRA matrices and the special-token rows: all that trains, and all that is saved."""
     return "lora_" in name or name.startswith("token_rows.")
-
-
-def mark_only_lora_as_trainable(model: nn.Module) -> None:
-    for name, param in model.named_parameters():
-        param.requires_grad = is_trainable_name(name)
-
-
-def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {name: t for name, t in model.state_dict().items() if is_trainable_name(name)}
 
 
 @torch.no_grad()

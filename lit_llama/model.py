@@ -147,24 +147,31 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.kv_cache: Optional[KVCache] = None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: Optional[torch.Tensor] = None, input_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
-        B, T, C = x.shape
+    def split_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, T, _ = x.shape
         q_size, kv_size = self.n_head * self.head_size, self.n_query_groups * self.head_size
         q, k, v = self.c_attn(x).split((q_size, kv_size, kv_size), dim=-1)
         q = q.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_query_groups, self.head_size).transpose(1, 2)  # (B, G, T, hs)
         v = v.view(B, T, self.n_query_groups, self.head_size).transpose(1, 2)  # (B, G, T, hs)
+        return q, k, v
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        # q: (B, nh, T, hs); k, v: (B, G, S, hs) -> (B, nh, T, hs). SDPA shares each k/v head across its query group
+        gqa = self.n_query_groups != self.n_head
+        if mask is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: Optional[torch.Tensor] = None, input_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.split_qkv(x)
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
-
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, G, max_seq_length, hs)
-        gqa = self.n_query_groups != self.n_head  # SDPA shares each k/v head across its query group
-        if mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        y = self.attend(q, k, v, mask)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, nh * hs)
         return self.c_proj(y)
 

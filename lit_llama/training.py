@@ -1,20 +1,37 @@
-"""The training loop every finetune script shares: Fabric, gradient accumulation, warmup + cosine
-learning rate, loss per supervised token, periodic validation, a progress bar and metrics.csv."""
+"""The fine-tuning every finetune script shares: Fabric setup, the model prepared for the method
+(LoRA, adapter or full), the training loop, checkpoints that resume exactly, and the out dir.
+
+The loop: gradient accumulation (no gradient sync until the last micro-batch), loss per supervised
+token of the whole step, linear warmup then cosine decay, periodic validation with one sample
+generation, a progress bar, metrics.csv and, at the end, a loss plot.
+"""
 
 import csv
 import itertools
 import math
+import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional, Union
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from lit_llama.data import IGNORE_INDEX, TokenDataset, collate, shuffled_indices
+from lit_llama.adapter import AdapterConfig, inject_adapter, is_adapter_name
+from lit_llama.checkpoint import CONFIG_FILE, HPARAMS_FILE, WEIGHTS_FILES, atomic_save, load_model, write_json
+from lit_llama.data import IGNORE_INDEX, TokenDataset, collate, load_prepared, shuffled_indices
+from lit_llama.generate import generate, stop_reason
+from lit_llama.lora import LoRAConfig, inject_lora, is_lora_name
+from lit_llama.model import Block, LLaMA
+from lit_llama.tokenizer import Tokenizer
+from lit_llama.vocab import add_special_tokens, attach_token_rows
+
+Method = Literal["lora", "adapter", "full"]
+RESUME_FILE = "training_state.pth"
+METRICS = ["step", "train_loss", "val_loss", "learning_rate", "tokens_per_sec", "elapsed_sec"]
 
 
 @dataclass
@@ -23,15 +40,17 @@ class TrainArgs:
 
     Args:
         learning_rate: peak learning rate, reached after warmup
-        min_learning_rate: where the cosine decay ends, at max_iters
+        min_learning_rate: where the cosine decay ends, at the last step
         warmup_iters: optimizer steps of linear warmup
         max_iters: optimizer steps in all
+        epochs: train for this many passes over the data instead of max_iters
         global_batch_size: samples per optimizer step, across devices
         micro_batch_size: samples per forward/backward on one device (gradients accumulate in between)
         weight_decay: AdamW weight decay
         grad_clip: largest gradient norm; 0 turns clipping off
         eval_interval: optimizer steps between validation runs (one also runs at the end)
         eval_iters: validation micro-batches per run; 0 uses the whole validation split
+        save_interval: optimizer steps between checkpoints (one is also written at the end); 0: only at the end
         seed: seed of the initialisation, dropout and data order
     """
 
@@ -39,12 +58,14 @@ class TrainArgs:
     min_learning_rate: float = 0.0
     warmup_iters: int = 10
     max_iters: int = 200
+    epochs: Optional[float] = None
     global_batch_size: int = 16
     micro_batch_size: int = 4
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     eval_interval: int = 50
     eval_iters: int = 10
+    save_interval: int = 100
     seed: int = 1337
 
     def accumulation_steps(self, world_size: int) -> int:
@@ -54,6 +75,11 @@ class TrainArgs:
                              f"micro_batch_size x devices = {per_step}")
         return self.global_batch_size // per_step
 
+    def total_steps(self, n_samples: int) -> int:
+        if self.epochs is None:
+            return self.max_iters
+        return math.ceil(self.epochs * n_samples / self.global_batch_size)
+
 
 def default_precision() -> str:
     """bf16 weights on a GPU that supports it, fp32 elsewhere."""
@@ -62,12 +88,13 @@ def default_precision() -> str:
     return "32-true"
 
 
-def lr_at_step(step: int, args: TrainArgs) -> float:
-    """Linear warmup over `warmup_iters` steps, then cosine decay to `min_learning_rate` at `max_iters`."""
+def lr_at_step(step: int, args: TrainArgs, total_steps: int) -> float:
+    """Linear warmup over `warmup_iters` steps, then cosine decay to `min_learning_rate` at `total_steps`."""
     if step < args.warmup_iters:
         return args.learning_rate * (step + 1) / args.warmup_iters
-    progress = (step - args.warmup_iters) / max(1, args.max_iters - args.warmup_iters)
-    return args.min_learning_rate + 0.5 * (args.learning_rate - args.min_learning_rate) * (1 + math.cos(math.pi * min(progress, 1.0)))
+    progress = (step - args.warmup_iters) / max(1, total_steps - args.warmup_iters)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return args.min_learning_rate + (args.learning_rate - args.min_learning_rate) * cosine
 
 
 def loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -80,6 +107,37 @@ def n_targets(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
+def make_fabric(accelerator: str, devices: int, num_nodes: int, precision: Optional[str], strategy: str,
+                activation_checkpointing: bool) -> L.Fabric:
+    if strategy == "fsdp":
+        from lightning.fabric.strategies import FSDPStrategy
+
+        # shard per transformer block; "full" state dicts so checkpoints load anywhere
+        strategy = FSDPStrategy(auto_wrap_policy={Block}, state_dict_type="full", limit_all_gathers=True,
+                                activation_checkpointing_policy={Block} if activation_checkpointing else None)
+    elif strategy not in ("auto", "ddp"):
+        raise ValueError(f"--strategy {strategy!r} is not one of auto, ddp, fsdp")
+    return L.Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes,
+                    precision=precision or default_precision(), strategy=strategy)
+
+
+def prepare_model(model: LLaMA, method: Method, method_config: Union[LoRAConfig, AdapterConfig, None],
+                  special_ids: list[int]) -> None:
+    """Set `model` up for `method` and mark what trains. LoRA and adapter freeze the base and train
+    their own parameters plus the special tokens' rows (`model.token_rows`); full trains everything."""
+    if method == "full":
+        return
+    attach_token_rows(model, special_ids)
+    if method == "lora":
+        inject_lora(model, method_config)
+        trains = is_lora_name
+    else:
+        inject_adapter(model, method_config)
+        trains = is_adapter_name
+    for name, param in model.named_parameters():
+        param.requires_grad = trains(name)
+
+
 @torch.no_grad()
 def validate(fabric: L.Fabric, model: torch.nn.Module, data: TokenDataset, args: TrainArgs, pad_id: int) -> float:
     """Mean loss per supervised token over the first `eval_iters` micro-batches of `data`."""
@@ -89,37 +147,123 @@ def validate(fabric: L.Fabric, model: torch.nn.Module, data: TokenDataset, args:
         starts = starts[: args.eval_iters]
     total, count = torch.zeros((), device=fabric.device), 0
     for start in starts:
-        input_ids, labels = fabric.to_device(collate([data[i] for i in range(start, min(start + args.micro_batch_size, len(data)))], pad_id))
+        samples = [data[i] for i in range(start, min(start + args.micro_batch_size, len(data)))]
+        input_ids, labels = fabric.to_device(collate(samples, pad_id))
         total += loss_sum(model(input_ids), labels)
         count += n_targets(labels)
     model.train()
     return total.item() / max(count, 1)
 
 
-def fit(fabric: L.Fabric, model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_data: TokenDataset,
-        val_data: TokenDataset, args: TrainArgs, out_dir: Path, pad_id: int = 0) -> dict[str, Optional[float]]:
-    """Train for `args.max_iters` optimizer steps. Returns the last train and validation losses."""
-    accumulation = args.accumulation_steps(fabric.world_size)
-    # every rank walks the same shuffled order and takes its own share of it
-    order = itertools.islice(shuffled_indices(len(train_data), args.seed), fabric.global_rank, None, fabric.world_size)
-    columns = ["step", "train_loss", "val_loss", "learning_rate", "tokens_per_sec", "elapsed_sec"]
-    metrics_file = open(out_dir / "metrics.csv", "w", newline="") if fabric.is_global_zero else None
-    writer = csv.DictWriter(metrics_file, columns) if metrics_file else None
-    if writer:
+def sample_reply(model: torch.nn.Module, data: TokenDataset, tokenizer: Tokenizer) -> str:
+    """Greedy reply to the first user turn of the first validation sample, and why it stopped."""
+    ids = data[0][0].tolist()
+    prompt = ids[: ids.index(tokenizer.eot_id) + 1]  # <bos> user <EOT>
+    model.eval()
+    result = generate(model, prompt, max_new_tokens=64, stop_ids=tuple(tokenizer.stop_ids))
+    model.train()
+    return f"{tokenizer.decode(prompt[1:-1])!r} -> {tokenizer.decode(result.tokens)!r} [{stop_reason(result, tokenizer)}]"
+
+
+class OutDir:
+    """What a run writes: the trained weights (only what trained, except under full fine-tuning, where
+    the out dir is a whole checkpoint dir), config, tokenizer, hyperparameters, metrics, and the
+    training state that `--resume` continues from."""
+
+    def __init__(self, path: Path, method: Method, trained: set[str]) -> None:
+        self.path = Path(path)
+        self.trained = trained  # names in the state dict of what trains (and the special ids with it)
+        self.weights = self.path / WEIGHTS_FILES[method]
+        self.state = self.path / RESUME_FILE
+        self.metrics = self.path / "metrics.csv"
+
+    def save(self, fabric: L.Fabric, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+        state_dict = fabric.strategy.get_module_state_dict(model)  # gathered under FSDP
+        tmp = self.state.with_name(self.state.name + ".tmp")
+        fabric.save(tmp, {"model": model, "optimizer": optimizer, "step": step, "rng": torch.get_rng_state()},
+                    filter={"model": lambda name, _: name in self.trained})
+        if fabric.is_global_zero:
+            atomic_save({k: v for k, v in state_dict.items() if k in self.trained}, self.weights)
+            os.replace(tmp, self.state)
+        fabric.barrier()
+
+    def resume(self, fabric: L.Fabric, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+        """Load the latest training state; returns the step it was saved at."""
+        if not self.state.is_file():
+            raise FileNotFoundError(f"--resume: {self.state} not found: this out dir has no checkpoint to resume from")
+        state = {"model": model, "optimizer": optimizer}
+        rest = fabric.load(self.state, state, strict=False)
+        torch.set_rng_state(rest["rng"])
+        return rest["step"]
+
+
+def write_metrics_row(path: Path, row: dict) -> None:
+    new = not path.is_file()
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, METRICS)
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep the rows up to `step`: a resumed run writes the later ones again."""
+    if not path.is_file():
+        return
+    with open(path, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, METRICS)
         writer.writeheader()
+        writer.writerows(rows)
+
+
+def plot_losses(metrics: Path, out: Path) -> Optional[str]:
+    """loss.png from metrics.csv; returns why not when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed: no loss plot (pip install matplotlib)"
+    with open(metrics, newline="") as f:
+        rows = list(csv.DictReader(f))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([int(r["step"]) for r in rows], [float(r["train_loss"]) for r in rows], label="train")
+    val = [r for r in rows if r["val_loss"]]
+    ax.plot([int(r["step"]) for r in val], [float(r["val_loss"]) for r in val], "o-", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss per supervised token")
+    ax.legend()
+    fig.savefig(out, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return None
+
+
+def fit(fabric: L.Fabric, model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_data: TokenDataset,
+        val_data: TokenDataset, tokenizer: Tokenizer, args: TrainArgs, out: OutDir, start_step: int = 0) -> dict:
+    """Train from `start_step` to the last step. Returns the last train and validation losses."""
+    accumulation = args.accumulation_steps(fabric.world_size)
+    total_steps = args.total_steps(len(train_data))
+    pad_id = tokenizer.eos_id
+    # every rank walks the same shuffled order and takes its own share; a resumed run skips what was used
+    order = itertools.islice(shuffled_indices(len(train_data), args.seed),
+                             start_step * args.global_batch_size + fabric.global_rank, None, fabric.world_size)
     last = {"train_loss": None, "val_loss": None}
     start_time = time.perf_counter()
     model.train()
-    bar = tqdm(range(args.max_iters), desc="fine-tuning", unit="step", disable=not fabric.is_global_zero, dynamic_ncols=True)
+    bar = tqdm(range(start_step, total_steps), desc="fine-tuning", unit="step", initial=start_step, total=total_steps,
+               disable=not fabric.is_global_zero, dynamic_ncols=True)
     for step in bar:
-        lr = lr_at_step(step, args)
+        lr = lr_at_step(step, args, total_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
         step_start = time.perf_counter()
         micro_batches = [collate([train_data[next(order)] for _ in range(args.micro_batch_size)], pad_id)
                          for _ in range(accumulation)]
-        # normalise by the supervised tokens of the whole step on all ranks, not per micro-batch,
-        # so padding and masked turns weigh nothing; x world_size undoes DDP's gradient averaging
+        # normalise by the supervised tokens of the whole step on all ranks, not per micro-batch, so
+        # padding and masked turns weigh nothing; x world_size undoes DDP's averaging of gradients
         count = fabric.all_reduce(torch.tensor(sum(n_targets(y) for _, y in micro_batches), device=fabric.device), reduce_op="sum")
         scale = fabric.world_size / count.clamp(min=1)
         step_loss = torch.zeros((), device=fabric.device)
@@ -135,19 +279,78 @@ def fit(fabric: L.Fabric, model: torch.nn.Module, optimizer: torch.optim.Optimiz
         optimizer.zero_grad(set_to_none=True)
 
         train_loss = fabric.all_reduce(step_loss, reduce_op="sum").item() / fabric.world_size
-        tokens = sum(x.numel() for x, _ in micro_batches) * fabric.world_size
-        tokens_per_sec = tokens / (time.perf_counter() - step_start)
+        tokens_per_sec = sum(x.numel() for x, _ in micro_batches) * fabric.world_size / (time.perf_counter() - step_start)
         last["train_loss"] = train_loss
         row = {"step": step + 1, "train_loss": f"{train_loss:.4f}", "val_loss": "", "learning_rate": f"{lr:.3g}",
                "tokens_per_sec": f"{tokens_per_sec:.0f}", "elapsed_sec": f"{time.perf_counter() - start_time:.1f}"}
-        if (step + 1) % args.eval_interval == 0 or step + 1 == args.max_iters:
+        done = step + 1 == total_steps
+        if (step + 1) % args.eval_interval == 0 or done:
             last["val_loss"] = validate(fabric, model, val_data, args, pad_id)
             row["val_loss"] = f"{last['val_loss']:.4f}"
+            sample = sample_reply(model, val_data, tokenizer)  # every rank decodes: under FSDP all must take part
+            if fabric.is_global_zero:
+                bar.write(f"step {step + 1}: val loss {last['val_loss']:.4f}; sample {sample}")
         bar.set_postfix(loss=f"{train_loss:.3f}", val=row["val_loss"] or "-", tok_s=f"{tokens_per_sec:.0f}")
-        if writer:
-            writer.writerow(row)
-            metrics_file.flush()
+        if fabric.is_global_zero:
+            write_metrics_row(out.metrics, row)
+        if done or (args.save_interval and (step + 1) % args.save_interval == 0):
+            out.save(fabric, model, optimizer, step + 1)
     bar.close()
-    if metrics_file:
-        metrics_file.close()
     return last
+
+
+def finetune(method: Method, method_config: Union[LoRAConfig, AdapterConfig, None], data_dir: Path,
+             checkpoint_dir: Path, out_dir: Path, accelerator: str, devices: int, num_nodes: int,
+             precision: Optional[str], strategy: str, activation_checkpointing: bool, token_init: str,
+             resume: bool, train: TrainArgs) -> dict:
+    """Everything a finetune script does after parsing its flags. Returns the last losses."""
+    fabric = make_fabric(accelerator, devices, num_nodes, precision, strategy, activation_checkpointing)
+    fabric.launch()
+    fabric.seed_everything(train.seed)
+    tokenizer, train_data, val_data = load_prepared(data_dir, checkpoint_dir)
+    train.accumulation_steps(fabric.world_size)  # a bad batch size fails now, not after loading
+    model = load_model(checkpoint_dir)
+    special_ids = add_special_tokens(model, tokenizer, token_init, seed=train.seed)
+    prepare_model(model, method, method_config, special_ids)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    if model.token_rows is not None:
+        trained.add("token_rows.ids")
+    out = OutDir(out_dir, method, trained)
+    if fabric.is_global_zero:
+        out.path.mkdir(parents=True, exist_ok=True)
+    fabric.print(f"{method}: training {sum(p.numel() for p in trainable):,} of {sum(p.numel() for p in model.parameters()):,} "
+                 f"parameters ({len(special_ids)} special-token rows); {len(train_data)} train / {len(val_data)} val samples")
+    model = fabric.setup_module(model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=train.learning_rate,
+                                  weight_decay=train.weight_decay, betas=(0.9, 0.95))
+    optimizer = fabric.setup_optimizers(optimizer)
+
+    start_step = 0
+    if resume:
+        start_step = out.resume(fabric, model, optimizer)
+        fabric.print(f"resuming from step {start_step} of {out.state}")
+        if fabric.is_global_zero:
+            truncate_metrics(out.metrics, start_step)
+    elif fabric.is_global_zero and out.metrics.is_file():
+        out.metrics.unlink()  # a fresh run: no rows from an older one
+
+    if fabric.is_global_zero:  # what a later load needs, written before hours of training
+        model.config.save(out.path / CONFIG_FILE)
+        tokenizer.save(out.path)
+        hparams = {"method": method, "checkpoint_dir": Path(checkpoint_dir).resolve(), "data_dir": Path(data_dir).resolve(),
+                   "precision": precision or default_precision(), "token_init": token_init, "train": asdict(train)}
+        if method_config is not None:
+            hparams[method] = asdict(method_config)
+        write_json(hparams, out.path / HPARAMS_FILE)
+    losses = fit(fabric, model, optimizer, train_data, val_data, tokenizer, train, out, start_step)
+
+    if fabric.world_size > 1:  # DDP must have kept the replicas equal; cheap to check, costly to miss
+        checksum = sum(p.detach().double().sum() for p in model.parameters() if p.requires_grad)
+        sums = fabric.all_gather(checksum)
+        fabric.print(f"trained weights agree across {fabric.world_size} ranks: {bool(torch.allclose(sums, sums[0]))}")
+    if fabric.is_global_zero:
+        note = plot_losses(out.metrics, out.path / "loss.png")
+        fabric.print(note or f"loss plot: {out.path / 'loss.png'}")
+        fabric.print(f"final train loss {losses['train_loss']:.4f}, val loss {losses['val_loss']:.4f}; saved to {out.path}")
+    return losses

@@ -73,12 +73,12 @@ def main(
     model = LLaMA(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.1, betas=(0.9, 0.95))
     schedule = TrainArgs(learning_rate=learning_rate, min_learning_rate=learning_rate / 10,
-                         warmup_iters=steps // 10, max_iters=steps)
+                         warmup_iters=steps // 10)
     start = time.perf_counter()
     bar = tqdm(range(steps), desc="pretraining", unit="step")
     for step in bar:
         for group in optimizer.param_groups:
-            group["lr"] = lr_at_step(step, schedule)
+            group["lr"] = lr_at_step(step, schedule, steps)
         offsets = torch.randint(len(stream) - seq_len, (batch_size,))
         windows = torch.stack([stream[o : o + seq_len] for o in offsets])  # (B, T)
         loss = loss_sum(model(windows), windows) / windows[:, 1:].numel()

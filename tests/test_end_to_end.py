@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import REPO, load_script
-from lit_llama.checkpoint import load_lora_model, load_model
+from lit_llama.checkpoint import load_finetuned, load_model
 from lit_llama.data import TokenDataset, collate, load_prepared
 from lit_llama.generate import generate, stop_reason
 from lit_llama.lora import LoRAConfig
@@ -79,11 +79,11 @@ def test_lora_finetune_then_generate(tiny_checkpoint, lima_data, tmp_path, capsy
     tokenizer, train_data, _ = load_prepared(lima_data, tiny_checkpoint)
     base = load_model(tiny_checkpoint)
     add_special_tokens(base, tokenizer)
-    tuned, _ = load_lora_model(out_dir)
+    tuned, _ = load_finetuned(out_dir)
     assert mean_loss(tuned, train_data) < mean_loss(base, train_data) - 0.05
 
-    assert {p.name for p in out_dir.iterdir()} == {"lit_model_lora.pth", "hyperparameters.json", "model_config.json",
-                                                   "tokenizer.model", "special_tokens.json", "metrics.csv"}
+    assert {p.name for p in out_dir.iterdir()} >= {"lit_model_lora.pth", "hyperparameters.json", "model_config.json",
+                                                   "tokenizer.model", "special_tokens.json", "metrics.csv", "training_state.pth"}
     hparams = json.loads((out_dir / "hyperparameters.json").read_text())
     assert hparams["checkpoint_dir"] == str(tiny_checkpoint.resolve()) and hparams["lora"] == vars(LoRAConfig())
     assert json.loads((out_dir / "model_config.json").read_text())["vocab_size"] == 1025
@@ -128,7 +128,7 @@ def test_both_modes_learn_to_halt_on_eot(tiny_checkpoint, tmp_path, repurpose_eo
                       eval_interval=200, eval_iters=1)
     load_script("finetune/lora.py").setup(data_dir=tmp_path / "data", checkpoint_dir=tiny_checkpoint, out_dir=tmp_path / "out",
                                           lora=LoRAConfig(mlp=True, projection=True), train=train)
-    model, tokenizer = load_lora_model(tmp_path / "out")
+    model, tokenizer = load_finetuned(tmp_path / "out")
     assert tokenizer.eot_id == (1024 if repurpose_eot is None else 823)
     results = [generate(model.eval(), encode_prompt(tokenizer, [r["conversations"][0]]), 100, stop_ids=tuple(tokenizer.stop_ids))
                for r in short]

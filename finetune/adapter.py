@@ -1,0 +1,57 @@
+"""Fine-tune with LLaMA-Adapter: a learned prompt that the upper layers attend to through zero-initialised
+gates, plus the rows of the special tokens; every other weight stays frozen.
+
+    python finetune/adapter.py --data_dir data/lima --checkpoint_dir checkpoints/tiny --out_dir out/adapter
+"""
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+# run from a checkout without installing the package
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lit_llama.cli import run
+from lit_llama.adapter import AdapterConfig
+from lit_llama.training import TrainArgs, finetune
+
+
+def setup(
+    data_dir: Path,
+    checkpoint_dir: Path = Path("checkpoints/tiny"),
+    out_dir: Path = Path("out/adapter"),
+    accelerator: str = "auto",
+    devices: int = 1,
+    num_nodes: int = 1,
+    precision: Optional[str] = None,
+    strategy: str = "auto",
+    activation_checkpointing: bool = False,
+    token_init: str = "mean",
+    resume: bool = False,
+    adapter: AdapterConfig = AdapterConfig(),
+    train: TrainArgs = TrainArgs(learning_rate=3e-3),
+) -> None:
+    """Fine-tune a base checkpoint with LLaMA-Adapter on data prepared by a scripts/prepare_*.py script.
+
+    Args:
+        data_dir: prepared data: train.pt, val.pt and the tokenizer with the end-of-turn token
+        checkpoint_dir: the base model: lit_model.pth, model_config.json, tokenizer.model
+        out_dir: where the trained weights and everything needed to load them are written
+        accelerator: cpu, cuda, ... or auto
+        devices: devices per node
+        num_nodes: machines taking part
+        precision: bf16-true, bf16-mixed, 16-mixed or 32-true (default: bf16-true on a GPU that has it, else 32-true)
+        strategy: auto, ddp, or fsdp (shards per transformer block)
+        activation_checkpointing: under fsdp, recompute each block's activations in the backward pass
+        token_init: how the special tokens' embedding and head rows start: mean, mean_noise, normal,
+            copy:<piece> or describe:<text> (see howto/special_tokens.md)
+        resume: continue from the training state saved in out_dir
+        adapter: prompt length and the first adapted layer
+        train: optimisation settings
+    """
+    finetune("adapter", adapter, data_dir, checkpoint_dir, out_dir, accelerator, devices, num_nodes, precision, strategy,
+             activation_checkpointing, token_init, resume, train)
+
+
+if __name__ == "__main__":
+    run(setup)

@@ -1,0 +1,32 @@
+"""Fold a LoRA fine-tune into a plain checkpoint dir (LoRA updates and the trained special-token rows
+written into the weights), which generate/full.py, further fine-tuning and the HF export load.
+
+    python scripts/merge_lora.py --lora_path out/lora --out_dir checkpoints/merged
+"""
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+# run from a checkout without installing the package
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lit_llama.checkpoint import load_finetuned, save_checkpoint_dir
+from lit_llama.cli import run
+
+
+def main(lora_path: Path, out_dir: Path, checkpoint_dir: Optional[Path] = None) -> None:
+    """Write the merged model to `out_dir`.
+
+    Args:
+        lora_path: a finetune/lora.py out dir
+        out_dir: the checkpoint dir to write
+        checkpoint_dir: the base checkpoint dir (default: the one the out dir was trained from)
+    """
+    model, tokenizer = load_finetuned(lora_path, checkpoint_dir)
+    save_checkpoint_dir(model, tokenizer, out_dir)
+    print(f"merged {lora_path} into {out_dir} (vocabulary {model.config.vocab_size}, EOT id {tokenizer.eot_id})")
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,153 @@
+"""The three finetune scripts on the tiny model: training, what they save, resuming, accumulation, DDP."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import REPO, load_script
+from lit_llama.adapter import AdapterConfig
+from lit_llama.checkpoint import load_finetuned, load_model, load_state_dict
+from lit_llama.data import collate, load_prepared
+from lit_llama.lora import LoRAConfig
+from lit_llama.tokenizer import Tokenizer
+from lit_llama.training import TrainArgs, loss_sum, n_targets
+from lit_llama.vocab import add_special_tokens
+
+SHORT = dict(warmup_iters=2, global_batch_size=4, micro_batch_size=2, eval_interval=100, eval_iters=1, save_interval=0)
+
+
+@torch.no_grad()
+def train_loss(model, data) -> float:
+    total, count = 0.0, 0
+    for start in range(0, len(data), 8):
+        input_ids, labels = collate([data[i] for i in range(start, min(start + 8, len(data)))])
+        total += loss_sum(model(input_ids), labels).item()
+        count += n_targets(labels)
+    return total / count
+
+
+@pytest.fixture(scope="module")
+def base_train_loss(tiny_checkpoint, lima_data) -> float:
+    tokenizer, train_data, _ = load_prepared(lima_data, tiny_checkpoint)
+    base = load_model(tiny_checkpoint)
+    add_special_tokens(base, tokenizer)
+    return train_loss(base, train_data)
+
+
+def test_adapter_trains_saves_only_its_parameters_and_generates(tiny_checkpoint, lima_data, base_train_loss, tmp_path, capsys):
+    out_dir = tmp_path / "adapter"
+    load_script("finetune/adapter.py").setup(data_dir=lima_data, checkpoint_dir=tiny_checkpoint, out_dir=out_dir,
+                                             adapter=AdapterConfig(prompt_length=4, start_layer=2),
+                                             train=TrainArgs(learning_rate=1e-2, max_iters=16, **SHORT))
+    saved = load_state_dict(out_dir / "lit_model_adapter.pth")
+    assert set(saved) == {f"transformer.h.{i}.attn.{name}" for i in (2, 3) for name in ("adapter_wte.weight", "gating_factor")} \
+        | {"token_rows.ids", "token_rows.wte", "token_rows.lm_head"}
+    assert saved["transformer.h.2.attn.adapter_wte.weight"].shape == (4, 128)
+    assert saved["transformer.h.2.attn.gating_factor"].abs().sum() > 0  # the gates opened
+
+    model, _ = load_finetuned(out_dir)
+    _, train_data, _ = load_prepared(lima_data, tiny_checkpoint)
+    assert train_loss(model, train_data) < base_train_loss - 0.02
+
+    capsys.readouterr()
+    load_script("generate/adapter.py").main(prompt="What is rain?", adapter_path=out_dir, max_new_tokens=8, temperature=0)
+    assert capsys.readouterr().err.startswith("stop reason: ")
+
+
+def test_adapter_starts_as_the_base_model(tiny_checkpoint):
+    from lit_llama.adapter import inject_adapter
+
+    model = load_model(tiny_checkpoint)
+    idx = torch.randint(0, 1024, (2, 12))
+    before = model(idx)
+    inject_adapter(model, AdapterConfig())
+    torch.testing.assert_close(model(idx), before)  # zero gates
+
+
+def test_full_finetune_writes_a_checkpoint_dir(tiny_checkpoint, lima_data, base_train_loss, tmp_path, capsys):
+    out_dir = tmp_path / "full"
+    load_script("finetune/full.py").setup(data_dir=lima_data, checkpoint_dir=tiny_checkpoint, out_dir=out_dir,
+                                          train=TrainArgs(learning_rate=1e-3, max_iters=8, **SHORT))
+    model = load_model(out_dir)  # a plain checkpoint dir, with the EOT
+    assert model.config.vocab_size == 1025 and Tokenizer.from_dir(out_dir).eot_id == 1024
+    _, train_data, _ = load_prepared(lima_data, tiny_checkpoint)
+    assert train_loss(model, train_data) < base_train_loss - 0.1
+    capsys.readouterr()
+    load_script("generate/full.py").main(prompt="What is rain?", checkpoint_dir=out_dir, max_new_tokens=8, temperature=0)
+    assert capsys.readouterr().err.startswith("stop reason: ")
+
+
+def test_merge_lora_gives_a_checkpoint_dir_with_the_same_outputs(tiny_checkpoint, lima_data, tmp_path):
+    out_dir = tmp_path / "lora"
+    load_script("finetune/lora.py").setup(data_dir=lima_data, checkpoint_dir=tiny_checkpoint, out_dir=out_dir,
+                                          lora=LoRAConfig(mlp=True, head=True), train=TrainArgs(learning_rate=1e-2, max_iters=4, **SHORT))
+    load_script("scripts/merge_lora.py").main(lora_path=out_dir, out_dir=tmp_path / "merged")
+    merged = load_model(tmp_path / "merged")
+    assert set(merged.state_dict()) == set(load_model(tiny_checkpoint).state_dict())
+    tuned, _ = load_finetuned(out_dir)
+    idx = torch.tensor([[1, 50, 1024, 60, 7]])
+    torch.testing.assert_close(merged(idx), tuned(idx))
+    assert Tokenizer.from_dir(tmp_path / "merged").eot_id == 1024
+
+
+def test_accumulation_matches_one_big_batch(tiny_checkpoint, lima_data, tmp_path):
+    """Loss per supervised token of the whole step: two micro-batches of 2 update exactly like one of 4."""
+    common = dict(learning_rate=1e-2, max_iters=3, warmup_iters=1, global_batch_size=4, eval_interval=100, eval_iters=1, save_interval=0)
+    for micro in (2, 4):
+        load_script("finetune/lora.py").setup(data_dir=lima_data, checkpoint_dir=tiny_checkpoint, out_dir=tmp_path / str(micro),
+                                              lora=LoRAConfig(dropout=0.0), train=TrainArgs(micro_batch_size=micro, **common))
+    a, b = load_state_dict(tmp_path / "2" / "lit_model_lora.pth"), load_state_dict(tmp_path / "4" / "lit_model_lora.pth")
+    assert a["token_rows.lm_head"].abs().sum() > 0
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4)
+
+
+def run_script(*args: str, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def test_killed_run_resumes_to_the_same_weights(tiny_checkpoint, lima_data, tmp_path):
+    flags = ["--data_dir", str(lima_data), "--checkpoint_dir", str(tiny_checkpoint), "--train.learning_rate", "1e-2",
+             "--train.max_iters", "10", "--train.warmup_iters", "2", "--train.global_batch_size", "4",
+             "--train.micro_batch_size", "2", "--train.save_interval", "2", "--train.eval_interval", "5", "--train.eval_iters", "1"]
+    uninterrupted = tmp_path / "whole"
+    assert run_script("finetune/lora.py", *flags, "--out_dir", str(uninterrupted)).wait() == 0
+
+    killed = tmp_path / "killed"
+    proc = run_script("finetune/lora.py", *flags, "--out_dir", str(killed))
+    deadline = time.time() + 120
+    while not (killed / "training_state.pth").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved_step = torch.load(killed / "training_state.pth", weights_only=True)["step"]
+    assert saved_step < 10  # killed mid-way
+    resumed = run_script("finetune/lora.py", *flags, "--out_dir", str(killed), "--resume", "true")
+    output = resumed.communicate()[0]
+    assert resumed.returncode == 0, output
+    assert f"resuming from step {saved_step}" in output
+
+    a, b = load_state_dict(uninterrupted / "lit_model_lora.pth"), load_state_dict(killed / "lit_model_lora.pth")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0)
+    steps = [line.split(",")[0] for line in (killed / "metrics.csv").read_text().splitlines()[1:]]
+    assert steps == [str(i) for i in range(1, 11)]  # each step once
+
+
+def test_ddp_on_two_cpu_processes_with_a_config_file(tiny_checkpoint, lima_data, tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text(f"data_dir: {lima_data}\ncheckpoint_dir: {tiny_checkpoint}\nout_dir: {tmp_path / 'ddp'}\n"
+                      "accelerator: cpu\ndevices: 2\nstrategy: ddp\nlora:\n  r: 4\n"
+                      "train:\n  max_iters: 3\n  global_batch_size: 4\n  micro_batch_size: 1\n  eval_iters: 1\n  save_interval: 0\n")
+    proc = run_script("finetune/lora.py", "--config", str(config))
+    output = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, output
+    assert "trained weights agree across 2 ranks: True" in output
+    hparams = json.loads((tmp_path / "ddp" / "hyperparameters.json").read_text())
+    assert hparams["lora"]["r"] == 4 and hparams["train"]["max_iters"] == 3  # the config file's values
+    assert hparams["train"]["learning_rate"] == 3e-4  # defaults stay where the file is silent
