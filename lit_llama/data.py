@@ -1,4 +1,5 @@
-"""Prepared data: encoding conversations into a token dataset, storing it, and batching it.
+"""Prepared data: reading rows of the input formats, encoding them into a token dataset, storing it,
+and batching it.
 
 A prepared split is one file of three flat tensors (every sample end to end, plus offsets), not a
 list of per-sample dicts: it loads with mmap in constant time and stays compact for millions of rows.
@@ -7,17 +8,23 @@ list of per-sample dicts: it loads with mmap in constant time and stays compact 
 import json
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from itertools import islice
 from pathlib import Path
-from typing import Iterator, Literal, Optional
+from typing import Callable, Iterable, Iterator, Literal, Optional, TypeVar, Union
 
 import torch
+from tqdm import tqdm
 
-from lit_llama.prompts import EncodedConversation, encode_conversation
-from lit_llama.tokenizer import Tokenizer
+from lit_llama.checkpoint import CONFIG_FILE, write_json
+from lit_llama.model import LLaMAConfig
+from lit_llama.prompts import (EncodedConversation, PromptStyle, Segment, alpaca_user_turn, conversation_segments,
+                               encode_segments, mark_label_runs, split_special)
+from lit_llama.tokenizer import Tokenizer, extend_tokenizer
 
 IGNORE_INDEX = -100  # label of positions that are not trained (F.cross_entropy's default ignore_index)
 Overlong = Literal["drop", "cut_turns"]
+T = TypeVar("T")
 
 
 @dataclass
@@ -46,6 +53,22 @@ class TokenDataset:
             offsets=lengths.cumsum(0),
         )
 
+    @classmethod
+    def concat(cls, parts: list["TokenDataset"]) -> "TokenDataset":
+        empty = cls.from_samples([])  # keeps dtypes when `parts` is empty
+        lengths = torch.cat([empty.offsets, *(p.lengths for p in parts)])
+        return cls(input_ids=torch.cat([empty.input_ids, *(p.input_ids for p in parts)]),
+                   loss_mask=torch.cat([empty.loss_mask, *(p.loss_mask for p in parts)]),
+                   offsets=lengths.cumsum(0))
+
+    def select(self, indices: torch.Tensor) -> "TokenDataset":
+        """The samples at `indices`, in that order."""
+        starts, ends = self.offsets[indices].tolist(), self.offsets[indices + 1].tolist()
+        lengths = torch.tensor([0] + [e - s for s, e in zip(starts, ends)], dtype=torch.int64)
+        return TokenDataset(input_ids=torch.cat([self.input_ids[:0], *(self.input_ids[s:e] for s, e in zip(starts, ends))]),
+                            loss_mask=torch.cat([self.loss_mask[:0], *(self.loss_mask[s:e] for s, e in zip(starts, ends))]),
+                            offsets=lengths.cumsum(0))
+
     def save(self, path: Path) -> None:
         tmp = Path(f"{path}.tmp")
         torch.save({"input_ids": self.input_ids, "loss_mask": self.loss_mask, "offsets": self.offsets}, tmp)
@@ -69,77 +92,194 @@ class PrepareReport:
     def drop(self, reason: str) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
 
+    def skip(self, where: str, reason: str) -> None:
+        """Drop the row at `where` (file:line); the first row of each kind is named on stderr."""
+        if reason not in self.dropped:
+            print(f"{where}: skipped: {reason} (more rows like it are only counted)", file=sys.stderr)
+        self.drop(reason)
+
     def summary(self) -> str:
         dropped = ", ".join(f"{n} {reason}" for reason, n in sorted(self.dropped.items())) or "none"
         return (f"read {self.read}, kept {self.kept} ({self.cut} cut at a turn boundary), dropped: {dropped}; "
                 f"{self.tokens} tokens ({self.trained_tokens} trained), longest sample {self.longest} tokens")
 
 
-def conversation_problem(row: object) -> Optional[str]:
-    """Why a LIMA row can't be a training sample, or None when it can."""
-    turns = row.get("conversations") if isinstance(row, dict) else None
-    if not isinstance(turns, list):
-        return "no 'conversations' list"
-    if not all(isinstance(t, str) for t in turns):
-        return "a turn that is not a string"
-    if len(turns) < 2 or len(turns) % 2:
-        return "not user/assistant pairs (odd or fewer than 2 turns)"
-    if not all(t.strip() for t in turns):
-        return "an empty turn"
-    return None
+# ---------------------------------------------------------------------------------------------------
+# reading rows
 
 
-def read_lima_jsonl(path: Path, report: PrepareReport) -> list[list[str]]:
-    """The `conversations` of every usable row of a LIMA-format JSONL file. Rows that can't be used
-    are counted in `report.dropped` by reason, and the first of each kind is named by file:line."""
-    conversations = []
+class BadRow(Exception):
+    """A row that can't become a sample; the message is the reason it is counted under."""
+
+
+def json_rows(path: Path) -> Iterator[tuple[str, Union[object, BadRow]]]:
+    """(where, row) for each row of a JSONL file, or of a JSON file holding one array of rows; a line
+    that isn't valid UTF-8 or JSON comes as a BadRow. `where` is file:line, or file[index] in an array."""
     with open(path, "rb") as f:
+        is_array = f.read(4096).lstrip().startswith((b"[", b"\xef\xbb\xbf["))
+        f.seek(0)
+        if is_array:  # one document: an error anywhere leaves nothing usable
+            try:
+                rows = json.loads(f.read().decode("utf-8-sig"))
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}: invalid UTF-8 at byte {e.start}") from None
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{e.lineno}:{e.colno}: invalid JSON ({e.msg})") from None
+            yield from ((f"{path}[{i}]", row) for i, row in enumerate(rows))
+            return
         for line_no, raw in enumerate(f, 1):
             if not raw.strip():
                 continue
-            report.read += 1
             try:
-                row = json.loads(raw.decode("utf-8"))
-                problem = conversation_problem(row)
+                row = json.loads(raw.decode("utf-8-sig"))  # -sig: a byte order mark at the start of the file
             except UnicodeDecodeError:
-                problem = "invalid UTF-8"
+                row = BadRow("invalid UTF-8")
             except json.JSONDecodeError as e:
-                problem = f"invalid JSON ({e.msg})"
-            if problem is None:
-                conversations.append(row["conversations"])
-                continue
-            if problem not in report.dropped:
-                print(f"{path}:{line_no}: skipped: {problem} (more rows like it are only counted)", file=sys.stderr)
-            report.drop(problem)
-    return conversations
+                row = BadRow(f"invalid JSON ({e.msg})")
+            yield f"{path}:{line_no}", row
 
 
-def encode_conversations(conversations: list[list[str]], tokenizer: Tokenizer, max_seq_length: int, report: PrepareReport,
-                         mask_inputs: bool = True, overlong: Overlong = "drop") -> list[EncodedConversation]:
-    """Encode each conversation; one longer than `max_seq_length` is dropped or cut after its last
-    assistant turn that fits, never cut mid-turn (its final EOT is what teaches the model to stop)."""
-    samples = []
-    for turns in conversations:
-        sample = encode_conversation(tokenizer, turns, mask_inputs)
+def read_rows(path: Path, report: PrepareReport, parse: Callable[[dict], T]) -> Iterator[T]:
+    """`parse` of every usable row of `path`. A row that can't be used (bad JSON, or `parse` raises
+    BadRow) is counted in `report.dropped` by reason, and the first of each kind is named by file:line."""
+    for where, row in json_rows(path):
+        report.read += 1
+        try:
+            if isinstance(row, BadRow):
+                raise row
+            if not isinstance(row, dict):
+                raise BadRow("not a JSON object")
+            sample = parse(row)
+        except BadRow as e:
+            report.skip(where, str(e))
+            continue
+        yield sample
+
+
+def checked_turns(turns: list) -> list[str]:
+    if not all(isinstance(t, str) for t in turns):
+        raise BadRow("a turn that is not a string")
+    if len(turns) < 2 or len(turns) % 2:
+        raise BadRow("not user/assistant pairs (odd or fewer than 2 turns)")
+    if not all(t.strip() for t in turns):
+        raise BadRow("an empty turn")
+    return turns
+
+
+def lima_turns(row: dict) -> list[str]:
+    """A LIMA row: {"conversations": [user, assistant, user, assistant, ...], "source": ...}."""
+    turns = row.get("conversations")
+    if not isinstance(turns, list):
+        raise BadRow("no 'conversations' list")
+    return checked_turns(turns)
+
+
+def alpaca_turns(row: dict, style: PromptStyle = "plain") -> list[str]:
+    """An Alpaca row {"instruction", "input" (optional), "output"} as a user and an assistant turn."""
+    for key in ("instruction", "output"):
+        if key not in row:
+            raise BadRow(f"missing field '{key}'")
+    instruction, input_text, output = row["instruction"], row.get("input") or "", row["output"]
+    if not all(isinstance(v, str) for v in (instruction, input_text, output)):
+        raise BadRow("a field that is not a string")
+    if not instruction.strip() or not output.strip():
+        raise BadRow("an empty instruction or output")
+    return [alpaca_user_turn(instruction, input_text, style), output]
+
+
+def message_turns(row: dict) -> tuple[Optional[str], list[str]]:
+    """An OpenAI-style row {"messages": [{"role": "system" | "user" | "assistant", "content": ...}, ...]}:
+    the system text (only as the first message) and the user/assistant turns."""
+    messages = row["messages"]
+    if not isinstance(messages, list):
+        raise BadRow("no 'messages' list")
+    if not all(isinstance(m, dict) and isinstance(m.get("role"), str) and "content" in m for m in messages):
+        raise BadRow("a message without a 'role' or 'content'")
+    system = None
+    if messages and messages[0]["role"] == "system":
+        system, messages = messages[0]["content"], messages[1:]
+        if not isinstance(system, str) or not system.strip():
+            raise BadRow("a system message without text")
+    roles = [m["role"] for m in messages]
+    if unknown := [r for r in roles if r not in ("system", "user", "assistant")]:
+        raise BadRow(f"unknown role {unknown[0]!r}")
+    if "system" in roles:
+        raise BadRow("a system message that is not the first message")
+    turns = checked_turns([m["content"] for m in messages])
+    if roles[0::2] != ["user"] * (len(roles) // 2) or roles[1::2] != ["assistant"] * (len(roles) // 2):
+        raise BadRow("roles not alternating user, assistant, user, ...")
+    return system, turns
+
+
+def segments_layout(row: dict, names: dict[str, int], parse_special_in_text: bool = False,
+                    bos_id: Optional[int] = None) -> list[Segment]:
+    """A template-free row {"segments": [{"text": ..., "label": true | false}, {"special": "<|eot|>",
+    "label": true}, ...]}, laid out as written after `bos_id` (when given). A "special" segment names a
+    special token (a key of `names`); text becomes special ids only with `parse_special_in_text`."""
+    raw = row["segments"]
+    if not isinstance(raw, list) or not raw:
+        raise BadRow("no 'segments' list, or an empty one")
+    segments = [] if bos_id is None else [Segment(special_id=bos_id)]
+    for s in raw:
+        if not isinstance(s, dict) or ("text" in s) == ("special" in s):
+            raise BadRow("a segment without exactly one of 'text' and 'special'")
+        label = s.get("label")
+        if not isinstance(label, bool):
+            raise BadRow("a segment without a true/false 'label'")
+        if "special" in s:
+            if not isinstance(s["special"], str) or s["special"] not in names:
+                raise BadRow(f"unknown special token {s['special']!r} (known: {', '.join(names)})")
+            segments.append(Segment(special_id=names[s["special"]], label=label))
+            continue
+        if not isinstance(s["text"], str):
+            raise BadRow("a segment whose 'text' is not a string")
+        parts = split_special(s["text"], names) if parse_special_in_text else [s["text"]]
+        segments += [Segment(special_id=p, label=label) if isinstance(p, int) else Segment(p, label=label) for p in parts]
+    if not any(s.label for s in segments):
+        raise BadRow("no segment with label true")
+    return mark_label_runs(segments)
+
+
+def read_lima_jsonl(path: Path, report: PrepareReport) -> list[list[str]]:
+    """The `conversations` of every usable row of a LIMA-format JSONL file (see `read_rows`)."""
+    return list(read_rows(path, report, lima_turns))
+
+
+# ---------------------------------------------------------------------------------------------------
+# encoding
+
+
+def fit_samples(samples: list[EncodedConversation], max_seq_length: int, report: PrepareReport,
+                overlong: Overlong = "drop") -> list[EncodedConversation]:
+    """The samples that fit `max_seq_length`; one longer is dropped or cut after its last reply that
+    fits, never cut mid-turn (a reply's final EOT is what teaches the model to stop). Counted in `report`."""
+    kept = []
+    for sample in samples:
         if len(sample.ids) > max_seq_length:
             if overlong == "drop":
                 report.drop("longer than max_seq_length")
                 continue
-            # keep the longest prefix of whole user/assistant pairs that fits
-            fits = [end for end in sample.turn_ends[1::2] if end <= max_seq_length]
+            fits = [end for end in sample.reply_ends if end <= max_seq_length]
             if not fits:
                 report.drop("first exchange longer than max_seq_length")
                 continue
             end = fits[-1]
-            n_turns = sample.turn_ends.index(end) + 1
-            sample = EncodedConversation(sample.ids[:end], sample.loss_mask[:end], sample.turn_ends[:n_turns])
+            sample = EncodedConversation(sample.ids[:end], sample.loss_mask[:end],
+                                         [e for e in sample.turn_ends if e <= end], [e for e in sample.reply_ends if e <= end])
             report.cut += 1
-        samples.append(sample)
+        kept.append(sample)
         report.kept += 1
         report.tokens += len(sample.ids)
         report.trained_tokens += sum(sample.loss_mask)
         report.longest = max(report.longest, len(sample.ids))
-    return samples
+    return kept
+
+
+def encode_conversations(conversations: list[list[str]], tokenizer: Tokenizer, max_seq_length: int, report: PrepareReport,
+                         mask_inputs: bool = True, overlong: Overlong = "drop") -> list[EncodedConversation]:
+    """Encode each conversation and fit it to `max_seq_length` (see `fit_samples`)."""
+    layouts = [conversation_segments(tokenizer, turns, mask_inputs) for turns in conversations]
+    return fit_samples(encode_segments(tokenizer, layouts), max_seq_length, report, overlong)
 
 
 def count_repurposed(conversations: list[list[str]], base: Tokenizer, tokenizer: Tokenizer) -> int:
@@ -149,7 +289,85 @@ def count_repurposed(conversations: list[list[str]], base: Tokenizer, tokenizer:
     repurposed = {t.id for t in tokenizer.special if t.mode == "repurposed"}
     if not repurposed:
         return 0
-    return sum(i in repurposed for turns in conversations for text in turns for i in base.encode(text))
+    texts = [text for turns in conversations for text in turns]
+    return sum(i in repurposed for ids in base.processor.encode(texts) for i in ids)
+
+
+def chunked(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    iterator = iter(items)
+    while chunk := list(islice(iterator, size)):
+        yield chunk
+
+
+def encode_rows(layouts: Iterable[list[Segment]], tokenizer: Tokenizer, max_seq_length: int, report: PrepareReport,
+                overlong: Overlong = "drop", base: Optional[Tokenizer] = None) -> tuple[TokenDataset, int]:
+    """Encode and fit every layout, a chunk at a time: each chunk is one batch for sentencepiece, and
+    only the flat tensors of the chunks done stay in memory. With `base`, also counts where the base
+    tokenizer encodes the text to a piece that `tokenizer` repurposed (see `count_repurposed`)."""
+    parts, repurposed = [], 0
+    with tqdm(desc="encoding", unit=" rows", disable=None) as bar:  # shown on a terminal only
+        for chunk in chunked(layouts, 4096):
+            if base is not None:
+                repurposed += count_repurposed([[s.text for s in layout if s.special_id is None] for layout in chunk], base, tokenizer)
+            parts.append(TokenDataset.from_samples(fit_samples(encode_segments(tokenizer, chunk), max_seq_length, report, overlong)))
+            bar.update(report.read - bar.n)
+    return TokenDataset.concat(parts), repurposed
+
+
+def prepare_data(data_path: Path, layout: Callable[[dict, Tokenizer], list[Segment]], checkpoint_dir: Path,
+                 destination_path: Path, max_seq_length: Optional[int], val_split_fraction: float, seed: int,
+                 overlong: Overlong, eot_token: str, repurpose_eot: Optional[str], allow_repurposed_in_data: bool,
+                 extra_special_tokens: Optional[list[str]], strict: bool, settings: dict) -> PrepareReport:
+    """What every prepare script does once it can lay out a row (`layout` raises BadRow for one it
+    can't): extend the checkpoint's tokenizer with the end-of-turn token; read, encode and fit every
+    row; print the summary; split into train and val; write both, the tokenizer and prepare.json
+    (the settings and the summary) to `destination_path`."""
+    data_path, checkpoint_dir, destination_path = Path(data_path), Path(checkpoint_dir), Path(destination_path)
+    if not data_path.is_file():
+        raise FileNotFoundError(f"--data_path {data_path} not found")
+    if not 0 < val_split_fraction < 1:
+        raise ValueError(f"--val_split_fraction must be between 0 and 1, got {val_split_fraction}")
+    block_size = LLaMAConfig.from_json(checkpoint_dir / CONFIG_FILE).block_size
+    max_seq_length = max_seq_length or block_size
+    if max_seq_length > block_size:
+        raise ValueError(f"--max_seq_length {max_seq_length} exceeds the model's block_size {block_size}")
+    base = Tokenizer.from_dir(checkpoint_dir)
+    tokenizer = extend_tokenizer(base, eot_token, repurpose_eot, extra_special_tokens or [])
+
+    report = PrepareReport()
+    rows = read_rows(data_path, report, lambda row: layout(row, tokenizer))
+    data, repurposed = encode_rows(rows, tokenizer, max_seq_length, report, overlong, base if repurpose_eot is not None else None)
+    if repurpose_eot is not None:
+        piece = base.processor.id_to_piece(tokenizer.eot_id)
+        if repurposed and not allow_repurposed_in_data:
+            raise ValueError(f"{data_path}: the repurposed piece {piece!r} occurs {repurposed} times in the data; pick a rarer "
+                             f"piece, or pass --allow_repurposed_in_data true to encode those places with other pieces")
+        print(f"the repurposed piece {piece!r} (id {tokenizer.eot_id}) occurs {repurposed} times in the data"
+              + (" (encoded with other pieces)" if repurposed else ""))
+    print(report.summary())
+    if strict and report.dropped:
+        raise ValueError(f"{data_path}: {sum(report.dropped.values())} rows dropped and --strict is set (reasons above)")
+    if len(data) < 2:
+        raise ValueError(f"{data_path}: {len(data)} usable samples; need at least 2 (one for validation)")
+
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
+    n_val = min(len(data) - 1, max(1, round(len(data) * val_split_fraction)))
+    destination_path.mkdir(parents=True, exist_ok=True)
+    data.select(order[n_val:]).save(destination_path / "train.pt")
+    data.select(order[:n_val]).save(destination_path / "val.pt")
+    tokenizer.save(destination_path)
+    write_json({"data_path": data_path.resolve(), "checkpoint_dir": checkpoint_dir.resolve(), **settings,
+                "max_seq_length": max_seq_length, "overlong": overlong, "special_tokens": [asdict(t) for t in tokenizer.special],
+                "eot_id": tokenizer.eot_id, "train": len(data) - n_val, "val": n_val, "report": asdict(report)},
+               destination_path / "prepare.json")
+    eot = next(t for t in tokenizer.special if t.id == tokenizer.eot_id)
+    print(f"{len(data) - n_val} train and {n_val} val samples, EOT {eot.content!r} = id {eot.id} ({eot.mode}), "
+          f"written to {destination_path}")
+    return report
+
+
+# ---------------------------------------------------------------------------------------------------
+# batching
 
 
 def collate(samples: list[tuple[torch.Tensor, torch.Tensor]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -170,6 +388,24 @@ def shuffled_indices(n: int, seed: int) -> Iterator[int]:
     generator = torch.Generator().manual_seed(seed)
     while True:
         yield from torch.randperm(n, generator=generator).tolist()
+
+
+def length_grouped_batches(lengths: torch.Tensor, batch_size: int, seed: int, group: int = 64) -> Iterator[list[int]]:
+    """Batches of sample indices forever, each of samples of similar length, so padding costs little;
+    reproducible from `seed`. Each epoch shuffles all samples, sorts each run of `group` batches' worth
+    by length and cuts it into batches, then shuffles the batch order: every sample once per epoch, in
+    batches that are still random in what they hold and when they come. Only the epoch's last
+    batch may be short."""
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.as_tensor(lengths)
+    while True:
+        order = torch.randperm(len(lengths), generator=generator)
+        batches = []
+        for start in range(0, len(order), batch_size * group):
+            run = order[start: start + batch_size * group]
+            run = run[torch.argsort(lengths[run], stable=True)]
+            batches += [run[i: i + batch_size].tolist() for i in range(0, len(run), batch_size)]
+        yield from (batches[b] for b in torch.randperm(len(batches), generator=generator).tolist())
 
 
 def load_prepared(data_dir: Path, checkpoint_dir: Path) -> tuple[Tokenizer, TokenDataset, TokenDataset]:

@@ -1,9 +1,13 @@
+import itertools
 import json
+import re
 
+import pytest
 import torch
 
-from lit_llama.data import IGNORE_INDEX, PrepareReport, TokenDataset, collate, encode_conversations, read_lima_jsonl
-from lit_llama.prompts import encode_conversation
+from lit_llama.data import (IGNORE_INDEX, BadRow, PrepareReport, TokenDataset, alpaca_turns, collate, encode_conversations,
+                            length_grouped_batches, message_turns, read_lima_jsonl, segments_layout)
+from lit_llama.prompts import Segment, encode_conversation
 
 PAIR = ["Hi there!", "Hello! How can I help?"]  # 7 + 11 tokens with the fixture tokenizer
 
@@ -69,3 +73,108 @@ def test_bad_rows_are_counted_by_reason_and_named(tmp_path, capsys):
         "invalid UTF-8": 1,
     }
     assert f"{path}:2: skipped: invalid JSON" in capsys.readouterr().err
+
+
+def test_concat_and_select_keep_samples_whole(tokenizer):
+    samples = [encode_conversation(tokenizer, PAIR * n) for n in (1, 2, 3)]
+    data = TokenDataset.concat([TokenDataset.from_samples(samples[:1]), TokenDataset.from_samples(samples[1:])])
+    assert data.lengths.tolist() == [18, 35, 52]
+    picked = data.select(torch.tensor([2, 0]))
+    assert [picked[i][0].tolist() for i in range(2)] == [samples[2].ids, samples[0].ids]
+    assert [picked[i][1].tolist() for i in range(2)] == [samples[2].loss_mask, samples[0].loss_mask]
+    assert len(data.select(torch.tensor([], dtype=torch.int64))) == 0 and len(TokenDataset.concat([])) == 0
+
+
+def test_length_grouped_batches_cover_each_epoch_with_little_padding():
+    lengths = torch.randint(1, 500, (1000,), generator=torch.Generator().manual_seed(0))
+    batches = length_grouped_batches(lengths, batch_size=8, seed=3, group=16)
+    epoch = list(itertools.islice(batches, 125))
+    assert sorted(i for b in epoch for i in b) == list(range(1000)) and all(len(b) == 8 for b in epoch)
+    padding = sum(int(lengths[b].max() - lengths[b].min()) for b in epoch) / len(epoch)
+    random_padding = sum(int(lengths[b].max() - lengths[b].min()) for b in torch.randperm(1000).view(-1, 8)) / 125
+    assert padding < random_padding / 10
+    next_epoch = list(itertools.islice(batches, 125))
+    assert sorted(i for b in next_epoch for i in b) == list(range(1000)) and next_epoch != epoch
+    assert list(itertools.islice(length_grouped_batches(lengths, 8, seed=3, group=16), 125)) == epoch  # from the seed
+    # a last, short batch keeps every sample in the epoch
+    assert sorted(len(b) for b in itertools.islice(length_grouped_batches(lengths[:10], 4, seed=0), 3)) == [2, 4, 4]
+
+
+def test_json_array_rows_are_named_by_index(tmp_path, capsys):
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps([{"conversations": PAIR}, {"conversations": "oops"}, ["not an object"]], indent=2))
+    report = PrepareReport()
+    assert read_lima_jsonl(path, report) == [PAIR]
+    assert report.read == 3 and report.dropped == {"no 'conversations' list": 1, "not a JSON object": 1}
+    assert f"{path}[1]: skipped: no 'conversations' list" in capsys.readouterr().err
+
+    path.write_text('[\n  {"conversations": []},\n  {"conversations": [}\n]')
+    with pytest.raises(ValueError, match=re.escape(f"{path}:3:22: invalid JSON (Expecting value)")):
+        read_lima_jsonl(path, report)
+    path.write_bytes(b'[{"conversations": ["\xff"]}]')
+    with pytest.raises(ValueError, match=re.escape(f"{path}: invalid UTF-8 at byte 21")):
+        read_lima_jsonl(path, report)
+
+
+def test_byte_order_mark_is_not_an_error(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes("\ufeff".encode() + (json.dumps({"conversations": PAIR}) + "\n").encode() * 2)
+    report = PrepareReport()
+    assert read_lima_jsonl(path, report) == [PAIR, PAIR] and report.dropped == {}
+
+
+def problem(parse, row) -> str:
+    with pytest.raises(BadRow) as e:
+        parse(row)
+    return str(e.value)
+
+
+def test_alpaca_rows():
+    assert alpaca_turns({"instruction": "Add.", "input": "2 and 3", "output": "5"}) == ["Add.\n\n2 and 3", "5"]
+    assert alpaca_turns({"instruction": "Add.", "output": "5"}) == alpaca_turns({"instruction": "Add.", "input": None, "output": "5"}) == ["Add.", "5"]
+    assert problem(alpaca_turns, {"input": "", "output": "5"}) == "missing field 'instruction'"
+    assert problem(alpaca_turns, {"instruction": "Add."}) == "missing field 'output'"
+    assert problem(alpaca_turns, {"instruction": "Add.", "input": 2, "output": "5"}) == "a field that is not a string"
+    assert problem(alpaca_turns, {"instruction": "Add.", "output": " "}) == "an empty instruction or output"
+
+
+def test_message_rows():
+    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    assert message_turns({"messages": turns}) == (None, ["Hi", "Hello"])
+    assert message_turns({"messages": [{"role": "system", "content": "Be brief."}, *turns]}) == ("Be brief.", ["Hi", "Hello"])
+    cases = {
+        "no 'messages' list": "Hi",
+        "a message without a 'role' or 'content'": [{"role": "user"}, turns[1]],
+        "a turn that is not a string": [turns[0], {"role": "assistant", "content": ["parts"]}],
+        "not user/assistant pairs (odd or fewer than 2 turns)": turns[:1],
+        "an empty turn": [turns[0], {"role": "assistant", "content": ""}],
+        "unknown role 'tool'": [turns[0], {"role": "tool", "content": "42"}],
+        "a system message that is not the first message": [*turns, {"role": "system", "content": "Be brief."}, *turns],
+        "a system message without text": [{"role": "system", "content": None}, *turns],
+        "roles not alternating user, assistant, user, ...": turns[::-1],
+    }
+    for reason, messages in cases.items():
+        assert problem(message_turns, {"messages": messages}) == reason
+    assert problem(message_turns, {"messages": []}) == "not user/assistant pairs (odd or fewer than 2 turns)"
+
+
+def test_segment_rows(tokenizer):
+    names = {"<s>": 1, "</s>": 2, "<|eot|>": 1024}
+    row = {"segments": [{"text": "Q: 2+2? A:", "label": False}, {"text": " 4", "label": True},
+                        {"special": "<|eot|>", "label": True}, {"text": "<|eot|>", "label": False}]}
+    assert segments_layout(row, names, bos_id=1) == [
+        Segment(special_id=1), Segment("Q: 2+2? A:", ends="turn"), Segment(" 4", label=True),
+        Segment(special_id=1024, label=True, ends="reply"), Segment("<|eot|>", ends="turn")]
+    # special names inside text become ids only when asked
+    assert segments_layout(row, names, parse_special_in_text=True)[-1] == Segment(special_id=1024, ends="turn")
+    cases = {
+        "no 'segments' list, or an empty one": [],
+        "a segment without exactly one of 'text' and 'special'": [{"text": "a", "special": "</s>", "label": True}],
+        "a segment without a true/false 'label'": [{"text": "a", "label": "yes"}],
+        "a segment whose 'text' is not a string": [{"text": 4, "label": True}],
+        "unknown special token '<|user|>' (known: <s>, </s>, <|eot|>)": [{"special": "<|user|>", "label": True}],
+        "unknown special token 2 (known: <s>, </s>, <|eot|>)": [{"special": 2, "label": True}],
+        "no segment with label true": [{"text": "a", "label": False}],
+    }
+    for reason, segments in cases.items():
+        assert problem(lambda r: segments_layout(r, names), {"segments": segments}) == reason
