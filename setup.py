@@ -16,6 +16,6 @@ setup(
         "safetensors",  # Hugging Face checkpoints in and out
     ],
     extras_require={
-        "test": ["pytest", "transformers>=4.40"],
+        "test": ["pytest", "transformers>=5", "hypothesis"],
     },
 )

@@ -11,6 +11,8 @@ A fine-tune out dir:     model_config.json, tokenizer.model, special_tokens.json
 
 import json
 import os
+import pickle
+import shutil
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
@@ -37,6 +39,22 @@ def atomic_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def check_writable(directory: Path, need_bytes: int) -> None:
+    """Fail now, not hours from now, when `directory` can't be written or lacks the room for checkpoints."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / ".write_test"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise OSError(f"--out_dir {directory} is not writable ({e.strerror or e}); pick another directory") from None
+    free = shutil.disk_usage(directory).free
+    if free < need_bytes:
+        raise OSError(f"--out_dir {directory} has {free / 2**30:.2f} GiB free but checkpoints need about "
+                      f"{need_bytes / 2**30:.2f} GiB; free some space or pick another directory")
+
+
 def write_json(obj: Any, path: Path) -> None:
     Path(path).write_text(json.dumps(obj, indent=2, default=str) + "\n")
 
@@ -48,8 +66,16 @@ def require_file(path: Path, what: str) -> Path:
 
 
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors only (no pickled code), memory-mapped: nothing is read until it is used."""
-    return torch.load(path, mmap=True, weights_only=True)
+    """Tensors only, memory-mapped: nothing is read until it is used. A file that holds code (a pickle
+    that would run something when loaded) is refused, and a truncated or corrupted one is named."""
+    try:
+        return torch.load(path, mmap=True, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path} holds more than tensors and was not loaded (it could run code); only load "
+                         f"checkpoints you trust, converted with this project's scripts") from None
+    except (RuntimeError, EOFError) as e:
+        raise ValueError(f"{path} is truncated or corrupted ({str(e).split('.')[0]}); "
+                         f"write it again, or use the previous checkpoint") from None
 
 
 def load_model(checkpoint_dir: Path, dtype: Optional[torch.dtype] = None) -> LLaMA:
@@ -103,7 +129,10 @@ def load_finetuned(out_dir: Path, checkpoint_dir: Optional[Path] = None,
     weights_path = require_file(out_dir / WEIGHTS_FILES[method], "the out dir has no trained weights")
     trained = load_state_dict(weights_path)
     attach_token_rows(model, trained["token_rows.ids"].tolist())  # shapes from the file, values loaded next
-    missing, unexpected = model.load_state_dict(trained, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(trained, strict=False)
+    except RuntimeError as e:  # shapes that don't fit: another model size or LoRA rank
+        raise ValueError(f"{weights_path} does not fit the model of {base_dir}: {str(e).splitlines()[1].strip()}") from None
     missing_trained = [k for k in missing if is_trained(k)]
     if missing_trained or unexpected:
         raise ValueError(f"{weights_path} does not fit the model: missing {missing_trained}, unexpected {unexpected}")

@@ -2,7 +2,7 @@
 
 Config, RMSNorm, rotary embeddings, attention (grouped-query, SDPA, KV cache), SwiGLU MLP and the
 trainable rows of special tokens. Parameter names follow lit-llama (`transformer.wte`,
-`transformer.h.{i}.attn.c_attn`, ...); `scripts/convert_hf_checkpoint.py` maps the Hugging Face names
+`transformer.h.{i}.attn.c_attn`, ...); `lit_llama/convert.py` maps the Hugging Face names
 onto them. Queries and keys use the Hugging Face rotary layout (rotate-half), so HF weights load as
 they are and logits match `LlamaForCausalLM`.
 """
@@ -203,6 +203,35 @@ class Block(nn.Module):
         return x + self.mlp(self.rms_2(x))
 
 
+class ScoreRows(torch.autograd.Function):
+    """`F.linear(x, weight)` with the columns of `ids` scored by `rows` instead of `weight[ids]`.
+
+    Autograd through an in-place write into the logits would copy the (B, T, V) gradient to zero those
+    columns; here the backward reads only the k columns of `ids` beside the one full-size matmul."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(x, weight)
+        logits[..., ids] = F.linear(x, rows.to(x.dtype))
+        ctx.save_for_backward(x, weight, rows, ids)
+        return logits
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
+        x, weight, rows, ids = ctx.saved_tensors
+        grad_ids = grad[..., ids]  # (..., k)
+        grad_x = grad_weight = grad_rows = None
+        if ctx.needs_input_grad[0]:
+            # grad @ weight counts weight[ids] where rows[ids] scored: swap their parts
+            grad_x = torch.matmul(grad, weight) + torch.matmul(grad_ids, rows.to(x.dtype) - weight[ids])
+        if ctx.needs_input_grad[1]:
+            grad_weight = grad.flatten(0, -2).T @ x.flatten(0, -2)
+            grad_weight[ids] = 0
+        if ctx.needs_input_grad[2]:
+            grad_rows = (grad_ids.flatten(0, -2).T @ x.flatten(0, -2)).to(rows.dtype)
+        return grad_x, grad_weight, grad_rows, None
+
+
 class TokenRows(nn.Module):
     """Trainable embedding and head rows for a few token ids (the special tokens) of a frozen vocabulary.
 
@@ -221,6 +250,10 @@ class TokenRows(nn.Module):
         match = idx.unsqueeze(-1) == self.ids  # (B, T, k)
         rows = match.to(x.dtype) @ self.wte.to(x.dtype)  # (B, T, C), zero where no id matched
         return torch.where(match.any(-1, keepdim=True), rows, x)
+
+    def head(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        # x: (B, T, C); weight: (V, C), the frozen head -> logits (B, T, V), our ids scored by our rows
+        return ScoreRows.apply(x, weight, self.lm_head, self.ids)
 
     def head_(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         # x: (B, T, C); logits: (B, T, padded_vocab_size), overwritten in place at our ids
@@ -287,8 +320,19 @@ class LLaMA(nn.Module):
             x = self.token_rows.embed(idx, x)
         for block in self.transformer.h:
             x = block(x, cos, sin, mask, input_pos)
-        x = self.transformer.ln_f(x)
-        logits = self.lm_head(x)  # (B, T, padded_vocab_size)
-        if self.token_rows is not None:
-            logits = self.token_rows.head_(x, logits)
-        return logits[..., : self.config.vocab_size]
+        return self.head(self.transformer.ln_f(x))
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (B, T, vocab_size) of the final hidden states x (B, T, C), the special tokens' ids
+        scored by `token_rows` when it is set."""
+        vocab_size = self.config.vocab_size
+        if type(self.lm_head) is not nn.Linear:  # LoRA on the head: score every row, then cut
+            logits = self.lm_head(x)
+            if self.token_rows is not None:
+                logits = self.token_rows.head_(x, logits)
+            return logits[..., :vocab_size]
+        # a plain head scores only the real rows: contiguous logits, no cut to copy back in the backward
+        weight = self.lm_head.weight[:vocab_size]
+        if self.token_rows is None:
+            return F.linear(x, weight)
+        return self.token_rows.head(x, weight)

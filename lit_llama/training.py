@@ -10,6 +10,7 @@ import csv
 import itertools
 import math
 import os
+import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from lit_llama.adapter import AdapterConfig, inject_adapter, is_adapter_name
-from lit_llama.checkpoint import CONFIG_FILE, HPARAMS_FILE, WEIGHTS_FILES, atomic_save, load_model, write_json
+from lit_llama.checkpoint import CONFIG_FILE, HPARAMS_FILE, WEIGHTS_FILES, atomic_save, check_writable, load_model, write_json
 from lit_llama.data import IGNORE_INDEX, TokenDataset, collate, load_prepared, shuffled_indices
 from lit_llama.generate import generate, stop_reason
 from lit_llama.lora import LoRAConfig, inject_lora, is_lora_name
@@ -156,13 +157,14 @@ def validate(fabric: L.Fabric, model: torch.nn.Module, data: TokenDataset, args:
 
 
 def sample_reply(model: torch.nn.Module, data: TokenDataset, tokenizer: Tokenizer) -> str:
-    """Greedy reply to the first user turn of the first validation sample, and why it stopped."""
-    ids = data[0][0].tolist()
-    prompt = ids[: ids.index(tokenizer.eot_id) + 1]  # <bos> user <EOT>
+    """Greedy reply to what precedes the first trained token of the first validation sample (for a
+    conversation: <bos> user <EOT>), and why it stopped."""
+    ids, loss_mask = data[0]
+    prompt = ids[: int(loss_mask.int().argmax())].tolist()
     model.eval()
     result = generate(model, prompt, max_new_tokens=64, stop_ids=tuple(tokenizer.stop_ids))
     model.train()
-    return f"{tokenizer.decode(prompt[1:-1])!r} -> {tokenizer.decode(result.tokens)!r} [{stop_reason(result, tokenizer)}]"
+    return f"{tokenizer.decode(prompt)!r} -> {tokenizer.decode(result.tokens)!r} [{stop_reason(result, tokenizer)}]"
 
 
 class OutDir:
@@ -192,9 +194,39 @@ class OutDir:
         if not self.state.is_file():
             raise FileNotFoundError(f"--resume: {self.state} not found: this out dir has no checkpoint to resume from")
         state = {"model": model, "optimizer": optimizer}
-        rest = fabric.load(self.state, state, strict=False)
+        rest = fabric.load(self.state, state, strict=False, weights_only=True)
         torch.set_rng_state(rest["rng"])
         return rest["step"]
+
+
+class StopOnSignal:
+    """While active, SIGINT (Ctrl-C) and SIGTERM (schedulers, `kill`) don't kill the run mid-step:
+    the loop saves a checkpoint at the end of the step and stops."""
+
+    def __init__(self) -> None:
+        self.signal: Optional[str] = None
+        self.previous: dict = {}
+
+    def __enter__(self) -> "StopOnSignal":
+        self.signal = None
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame) -> None:
+        self.signal = signal.Signals(signum).name
+
+    def received(self, fabric: L.Fabric) -> Optional[str]:
+        """The signal name if any rank got one (every rank must stop at the same step)."""
+        if fabric.world_size == 1:
+            return self.signal
+        anyone = fabric.all_reduce(torch.tensor(float(self.signal is not None), device=fabric.device), reduce_op="max")
+        return (self.signal or "a signal on another rank") if anyone.item() else None
+
 
 
 def write_metrics_row(path: Path, row: dict) -> None:
@@ -242,15 +274,17 @@ def plot_losses(metrics: Path, out: Path) -> Optional[str]:
 
 
 def fit(fabric: L.Fabric, model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_data: TokenDataset,
-        val_data: TokenDataset, tokenizer: Tokenizer, args: TrainArgs, out: OutDir, start_step: int = 0) -> dict:
-    """Train from `start_step` to the last step. Returns the last train and validation losses."""
+        val_data: TokenDataset, tokenizer: Tokenizer, args: TrainArgs, out: OutDir, start_step: int = 0,
+        stop: Optional[StopOnSignal] = None) -> dict:
+    """Train from `start_step` to the last step. Returns the last train and validation losses, and the
+    signal that stopped training early (after saving a checkpoint), if one did."""
     accumulation = args.accumulation_steps(fabric.world_size)
     total_steps = args.total_steps(len(train_data))
     pad_id = tokenizer.eos_id
     # every rank walks the same shuffled order and takes its own share; a resumed run skips what was used
     order = itertools.islice(shuffled_indices(len(train_data), args.seed),
                              start_step * args.global_batch_size + fabric.global_rank, None, fabric.world_size)
-    last = {"train_loss": None, "val_loss": None}
+    last = {"train_loss": None, "val_loss": None, "stopped_by": None}
     start_time = time.perf_counter()
     model.train()
     bar = tqdm(range(start_step, total_steps), desc="fine-tuning", unit="step", initial=start_step, total=total_steps,
@@ -273,12 +307,15 @@ def fit(fabric: L.Fabric, model: torch.nn.Module, optimizer: torch.optim.Optimiz
                 loss = loss_sum(model(input_ids), labels) * scale
                 fabric.backward(loss)
             step_loss += loss.detach()
-        if args.grad_clip > 0:
-            fabric.clip_gradients(model, optimizer, max_norm=args.grad_clip)
+        train_loss = fabric.all_reduce(step_loss, reduce_op="sum").item() / fabric.world_size
+        grad_norm = fabric.clip_gradients(model, optimizer, max_norm=args.grad_clip, error_if_nonfinite=False).item() \
+            if args.grad_clip > 0 else 0.0
+        if not math.isfinite(train_loss) or not math.isfinite(grad_norm):
+            what = f"training loss is {train_loss}" if not math.isfinite(train_loss) else f"gradient norm is {grad_norm}"
+            raise ValueError(f"the {what} at step {step + 1}; stopped before updating the weights. {out.state} keeps "
+                             f"the last good checkpoint: lower --train.learning_rate or check the data, then --resume true")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-
-        train_loss = fabric.all_reduce(step_loss, reduce_op="sum").item() / fabric.world_size
         tokens_per_sec = sum(x.numel() for x, _ in micro_batches) * fabric.world_size / (time.perf_counter() - step_start)
         last["train_loss"] = train_loss
         row = {"step": step + 1, "train_loss": f"{train_loss:.4f}", "val_loss": "", "learning_rate": f"{lr:.3g}",
@@ -293,8 +330,12 @@ def fit(fabric: L.Fabric, model: torch.nn.Module, optimizer: torch.optim.Optimiz
         bar.set_postfix(loss=f"{train_loss:.3f}", val=row["val_loss"] or "-", tok_s=f"{tokens_per_sec:.0f}")
         if fabric.is_global_zero:
             write_metrics_row(out.metrics, row)
-        if done or (args.save_interval and (step + 1) % args.save_interval == 0):
+        stop_signal = stop.received(fabric) if stop else None
+        if done or stop_signal or (args.save_interval and (step + 1) % args.save_interval == 0):
             out.save(fabric, model, optimizer, step + 1)
+        if stop_signal:
+            last["stopped_by"] = stop_signal
+            break
     bar.close()
     return last
 
@@ -318,7 +359,9 @@ def finetune(method: Method, method_config: Union[LoRAConfig, AdapterConfig, Non
         trained.add("token_rows.ids")
     out = OutDir(out_dir, method, trained)
     if fabric.is_global_zero:
-        out.path.mkdir(parents=True, exist_ok=True)
+        # weights, AdamW's two states, and a new state file written beside the old one
+        trained_bytes = sum(p.numel() * p.element_size() for p in trainable)
+        check_writable(out.path, need_bytes=7 * trained_bytes)
     fabric.print(f"{method}: training {sum(p.numel() for p in trainable):,} of {sum(p.numel() for p in model.parameters()):,} "
                  f"parameters ({len(special_ids)} special-token rows); {len(train_data)} train / {len(val_data)} val samples")
     model = fabric.setup_module(model)
@@ -343,7 +386,11 @@ def finetune(method: Method, method_config: Union[LoRAConfig, AdapterConfig, Non
         if method_config is not None:
             hparams[method] = asdict(method_config)
         write_json(hparams, out.path / HPARAMS_FILE)
-    losses = fit(fabric, model, optimizer, train_data, val_data, tokenizer, train, out, start_step)
+    with StopOnSignal() as stop:
+        losses = fit(fabric, model, optimizer, train_data, val_data, tokenizer, train, out, start_step, stop)
+    if losses["stopped_by"]:
+        fabric.print(f"{losses['stopped_by']}: saved a checkpoint in {out.path} and stopped; continue with --resume true")
+        raise SystemExit(130)
 
     if fabric.world_size > 1:  # DDP must have kept the replicas equal; cheap to check, costly to miss
         checksum = sum(p.detach().double().sum() for p in model.parameters() if p.requires_grad)
