@@ -1,43 +1,30 @@
-"""Generate a reply with a LLaMA-Adapter fine-tune, rebuilt from its out dir alone.
+"""Generate with a LLaMA-Adapter fine-tune, rebuilt from its out dir alone (base checkpoint, adapter
+settings and the tokenizer with its end-of-turn token are read from it).
 
     python generate/adapter.py --adapter_path out/adapter --prompt "How do plants drink water?"
 """
 
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 # run from a checkout without installing the package
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lit_llama.checkpoint import load_finetuned
 from lit_llama.cli import run
-from lit_llama.generate import reply
+from lit_llama.generate import load_for_inference, reply
 
 
-def main(
-    prompt: str = "How do plants drink water?",
-    adapter_path: Path = Path("out/adapter"),
-    checkpoint_dir: Optional[Path] = None,
-    max_new_tokens: int = 256,
-    temperature: float = 0.8,
-    top_k: Optional[int] = 200,
-    seed: int = 1234,
-) -> None:
-    """Print the model's reply to `prompt`, formatted as one user turn exactly as in training.
-    Decoding stops at the end-of-turn token; the reason it stopped goes to stderr.
+def main(adapter_path: Path = Path("out/adapter"), checkpoint_dir: Optional[Path] = None, **flags: Any) -> None:
+    """Reply to a prompt in the training format; decoding stops at the end-of-turn token.
 
     Args:
-        prompt: the user's message
         adapter_path: a finetune/adapter.py out dir
         checkpoint_dir: the base checkpoint dir (default: the one the out dir was trained from)
-        max_new_tokens: most tokens to generate
-        temperature: sampling temperature; 0 picks the most likely token every step
-        top_k: sample among the k most likely tokens only
-        seed: seed of the sampling
+        flags: the prompt, sampling and output flags below
     """
-    model, tokenizer = load_finetuned(adapter_path, checkpoint_dir)
-    reply(model, tokenizer, prompt, max_new_tokens, temperature, top_k, seed)
+    model, tokenizer = load_for_inference(checkpoint_dir, adapter_path=adapter_path)
+    reply(model, tokenizer, **flags)
 
 
 if __name__ == "__main__":

@@ -1,43 +1,31 @@
-"""Generate a reply with a LoRA fine-tune, rebuilt from its out dir alone.
+"""Generate with a LoRA fine-tune, rebuilt from its out dir alone (base checkpoint, LoRA settings and
+the tokenizer with its end-of-turn token are read from it).
 
     python generate/lora.py --lora_path out/lora --prompt "How do plants drink water?"
+    python generate/lora.py --lora_path out/lora --prompts_file prompts.jsonl --output_file replies.jsonl
 """
 
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 # run from a checkout without installing the package
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lit_llama.checkpoint import load_finetuned
 from lit_llama.cli import run
-from lit_llama.generate import reply
+from lit_llama.generate import load_for_inference, reply
 
 
-def main(
-    prompt: str = "How do plants drink water?",
-    lora_path: Path = Path("out/lora"),
-    checkpoint_dir: Optional[Path] = None,
-    max_new_tokens: int = 256,
-    temperature: float = 0.8,
-    top_k: Optional[int] = 200,
-    seed: int = 1234,
-) -> None:
-    """Print the model's reply to `prompt`, formatted as one user turn exactly as in training.
-    Decoding stops at the end-of-turn token; the reason it stopped goes to stderr.
+def main(lora_path: Path = Path("out/lora"), checkpoint_dir: Optional[Path] = None, **flags: Any) -> None:
+    """Reply to a prompt in the training format; decoding stops at the end-of-turn token.
 
     Args:
-        prompt: the user's message
         lora_path: a finetune/lora.py out dir
         checkpoint_dir: the base checkpoint dir (default: the one the out dir was trained from)
-        max_new_tokens: most tokens to generate
-        temperature: sampling temperature; 0 picks the most likely token every step
-        top_k: sample among the k most likely tokens only
-        seed: seed of the sampling
+        flags: the prompt, sampling and output flags below
     """
-    model, tokenizer = load_finetuned(lora_path, checkpoint_dir)
-    reply(model, tokenizer, prompt, max_new_tokens, temperature, top_k, seed)
+    model, tokenizer = load_for_inference(checkpoint_dir, lora_path=lora_path)
+    reply(model, tokenizer, **flags)
 
 
 if __name__ == "__main__":

@@ -1,23 +1,26 @@
+import random
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from lit_llama.generate import Generation, generate, stop_reason
+from lit_llama.generate import (Decoder, Detokenizer, Generation, Sampling, Stream, generate, generate_batch,
+                                resolve_stop_ids, sample, stop_reason)
 from lit_llama.model import LLaMA, LLaMAConfig
 
 
 class ScriptedModel(torch.nn.Module):
-    """Stands in for LLaMA: whatever the input, the most likely next token at step i is script[i]."""
+    """Stands in for LLaMA: whatever the input, the most likely next token of row b at step i is scripts[b][i]."""
 
-    def __init__(self, script: list[int], prompt_len: int, vocab_size: int = 1025) -> None:
+    def __init__(self, scripts: list[list[int]], prompt_len: int, vocab_size: int = 1025) -> None:
         super().__init__()
-        self.script, self.prompt_len = script, prompt_len
+        self.scripts, self.prompt_len = scripts, prompt_len
         self.config = SimpleNamespace(block_size=64, vocab_size=vocab_size)
         self.lm_head = torch.nn.Linear(1, 1)
         self.cached = None
 
     def set_kv_cache(self, batch_size, max_seq_length):
+        assert batch_size == len(self.scripts)
         self.cached = max_seq_length
 
     def clear_kv_cache(self):
@@ -27,38 +30,62 @@ class ScriptedModel(torch.nn.Module):
         assert self.cached is not None and len(input_pos) == idx.shape[1]
         logits = torch.zeros(idx.shape[0], idx.shape[1], self.config.vocab_size)
         step = int(input_pos[-1]) + 1 - self.prompt_len
-        logits[:, -1, self.script[step]] = 10.0
+        for b, script in enumerate(self.scripts):
+            logits[b, -1, script[step]] = 10.0
         return logits
 
 
+def tiny_model(vocab_size: int = 100, seed: int = 0) -> LLaMA:
+    torch.manual_seed(seed)
+    return LLaMA(LLaMAConfig.from_name("tiny", block_size=64, vocab_size=vocab_size, n_layer=2)).eval()
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7], ids=["greedy", "sampled"])
 @pytest.mark.parametrize("k", [0, 1, 5])
-def test_stops_on_eot_at_step_k(k, tokenizer):
+def test_stops_on_eot_at_step_k(k, temperature, tokenizer):
     script = [10 + i for i in range(k)] + [tokenizer.eot_id] + [7] * 20
-    model = ScriptedModel(script, prompt_len=3)
-    result = generate(model, [1, 5, 6], max_new_tokens=20, stop_ids=tuple(tokenizer.stop_ids))
-    assert result.tokens == script[:k] and result.stop_id == tokenizer.eot_id
+    model = ScriptedModel([script], prompt_len=3)
+    result = generate(model, [1, 5, 6], max_new_tokens=20, temperature=temperature, top_k=3,
+                      stop_ids=tuple(tokenizer.stop_ids), generator=torch.Generator().manual_seed(k))
+    assert result == Generation(script[:k], tokenizer.eot_id)
     assert stop_reason(result, tokenizer) == "eot"
     assert model.cached is None  # the cache is released
 
 
 def test_stops_on_eos_and_on_max_new_tokens(tokenizer):
-    result = generate(ScriptedModel([9, tokenizer.eos_id], 2), [1, 5], 20, stop_ids=tuple(tokenizer.stop_ids))
+    result = generate(ScriptedModel([[9, tokenizer.eos_id]], 2), [1, 5], 20, stop_ids=tuple(tokenizer.stop_ids))
     assert result.tokens == [9] and stop_reason(result, tokenizer) == "eos"
-    result = generate(ScriptedModel([9] * 30, 2), [1, 5], 4, stop_ids=tuple(tokenizer.stop_ids))
+    result = generate(ScriptedModel([[9] * 30], 2), [1, 5], 4, stop_ids=tuple(tokenizer.stop_ids))
     assert result.tokens == [9] * 4 and stop_reason(result, tokenizer) == "max_new_tokens"
 
 
-def test_sampling_also_stops_on_eot(tokenizer):
-    script = [11, 12, tokenizer.eot_id] + [7] * 10
-    generator = torch.Generator().manual_seed(0)
-    result = generate(ScriptedModel(script, 2), [1, 5], 10, temperature=0.5, top_k=3,
-                      stop_ids=tuple(tokenizer.stop_ids), generator=generator)
-    assert result == Generation([11, 12], tokenizer.eot_id)
+def test_each_row_of_a_batch_stops_on_its_own(tokenizer):
+    eot, eos = tokenizer.eot_id, tokenizer.eos_id
+    scripts = [[11, eot] + [7] * 10, [12, 13, 14, 15, eot] + [7] * 10, [16, eos] + [7] * 10, [17] * 12]
+    model = ScriptedModel(scripts, prompt_len=2)
+    results = generate_batch(model, [[1, 5]] * 4, 6, stop_ids=(eot, eos))
+    assert results == [Generation([11], eot), Generation([12, 13, 14, 15], eot), Generation([16], eos),
+                       Generation([17] * 6, None)]
+    assert model.cached is None
+
+
+def test_batch_of_mixed_lengths_equals_decoding_each_prompt_alone():
+    model = tiny_model()
+    prompts = [[1, 17, 42, 8], [1, 3], [1, 5, 6, 7], [1, 60, 61, 62, 63, 64, 65], [1, 9, 9, 9]]
+    stop_ids = (13, 21)  # some rows meet one of them
+    alone = [generate(model, p, 12, stop_ids=stop_ids) for p in prompts]
+    assert generate_batch(model, prompts, 12, stop_ids=stop_ids, batch_size=2) == alone
+    assert generate_batch(model, prompts, 12, stop_ids=stop_ids) == alone
+
+    # sampled, each prompt with its own generator: the same tokens batched or alone
+    sampling = dict(temperature=1.0, top_k=50, top_p=0.9)
+    alone = [generate(model, p, 12, generator=torch.Generator().manual_seed(i), **sampling) for i, p in enumerate(prompts)]
+    generators = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
+    assert generate_batch(model, prompts, 12, generators=generators, **sampling) == alone
 
 
 def test_greedy_kv_cache_decoding_equals_uncached_decoding():
-    torch.manual_seed(0)
-    model = LLaMA(LLaMAConfig.from_name("tiny", block_size=64, vocab_size=100, n_layer=2)).eval()
+    model = tiny_model()
     prompt = [1, 17, 42, 8]
     result = generate(model, prompt, max_new_tokens=12)
     ids = list(prompt)
@@ -68,7 +95,111 @@ def test_greedy_kv_cache_decoding_equals_uncached_decoding():
     assert result.tokens == ids[len(prompt):]
 
 
+def test_a_prompt_extending_the_cache_reads_only_the_new_tokens():
+    model = tiny_model()
+    history, more = [1, 17, 42, 8, 30], [31, 32, 33]
+    with torch.no_grad(), Decoder(model, 1, 32) as decoder:
+        decoder.prefill([history])
+        assert decoder.prefilled == 5
+        reused = decoder.prefill([history + more])
+        assert decoder.prefilled == 3
+        rewound = decoder.prefill([history[:2] + more])  # diverges at position 2: positions after it are rewritten
+        assert decoder.prefilled == 3 and decoder.ids == [history[:2] + more]
+    with torch.no_grad():
+        torch.testing.assert_close(reused, model(torch.tensor([history + more]))[:, -1])
+        torch.testing.assert_close(rewound, model(torch.tensor([history[:2] + more]))[:, -1])
+
+
+def test_padded_vocabulary_rows_are_never_sampled():
+    model = tiny_model(vocab_size=100)
+    assert model.lm_head.weight.shape[0] == 128
+    with torch.no_grad():
+        model.lm_head.weight[100:] = 10.0  # padding rows that would win every step if they were scored
+    for temperature in (0.0, 1.0):
+        result = generate(model, [1, 2, 3], 20, temperature=temperature, generator=torch.Generator().manual_seed(0))
+        assert max(result.tokens) < 100
+
+
+def test_top_k_and_top_p_keep_only_the_most_likely_ids():
+    logits = torch.tensor([4.0, 3.0, 2.9, 1.0, 0.5])  # probabilities .56 .21 .19 .03 .02
+    generator = torch.Generator().manual_seed(0)
+    draws = lambda **kw: {int(sample(logits, 1.0, generator=generator, **kw)) for _ in range(1000)}  # noqa: E731
+    assert draws(top_k=1) == {0}
+    assert draws(top_k=2) == {0, 1}
+    assert draws(top_p=0.5) == {0}  # id 0 alone holds more than half of the probability
+    assert draws(top_p=0.9) == {0, 1, 2}
+    assert len(draws()) == 5
+    for bad in (dict(temperature=-1), dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5)):
+        with pytest.raises(ValueError, match="--" + next(iter(bad))):
+            Sampling(**bad)
+
+
+def test_stop_ids_from_the_tokenizer_and_the_flags(tokenizer, base_tokenizer):
+    eot, eos = tokenizer.eot_id, tokenizer.eos_id
+    assert resolve_stop_ids(tokenizer) == (eot, eos)
+    assert resolve_stop_ids(tokenizer, stop_on_eos=False) == (eot,)
+    hello = tokenizer.processor.id_to_piece(565)
+    assert resolve_stop_ids(tokenizer, stop_tokens=("<|eot|>", hello, "7")) == (eot, eos, 565, 7)
+    assert resolve_stop_ids(base_tokenizer) == (eos,)  # no EOT: EOS is the fallback
+    with pytest.raises(ValueError, match="--stop_tokens: 'nonsense' is not a piece"):
+        resolve_stop_ids(tokenizer, stop_tokens=("nonsense",))
+
+
+class CountingTokenizer:
+    """Wraps a tokenizer, counting the ids it is asked to decode."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer, self.decoded = tokenizer, 0
+
+    def decode(self, ids):
+        self.decoded += len(ids)
+        return self.tokenizer.decode(ids)
+
+
+TEXTS = ["Héllo wörld — 你好 🌵 naïve café", "  two  spaces, a\ttab\nand a newline ", "🌵🌵🌵x"]
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_streamed_text_equals_the_decoded_text(tokenizer, text):
+    ids = tokenizer.encode(text)
+    assert any(tokenizer.processor.is_byte(i) for i in ids)  # byte-fallback pieces of one character
+    counting = CountingTokenizer(tokenizer)
+    detokenizer = Detokenizer(counting)
+    pieces = [detokenizer.add(i) for i in ids] + [detokenizer.flush()]
+    assert "".join(pieces) == tokenizer.decode(ids) == text
+    assert not any("\ufffd" in p for p in pieces)  # a character is emitted whole, never as replacement chars
+    assert counting.decoded < 12 * len(ids)  # a window per step, not the whole output again
+
+
+def test_streamed_text_equals_the_decoded_text_for_any_ids(tokenizer):
+    rng = random.Random(0)
+    for _ in range(50):
+        # any ids: bytes that form no character, lone "▁", control pieces (bos, EOT) amid text
+        ids = [rng.choice([rng.randrange(tokenizer.vocab_size), rng.randrange(3, 259), 951, 1, tokenizer.eot_id])
+               for _ in range(rng.randrange(1, 30))]
+        detokenizer = Detokenizer(tokenizer)
+        assert "".join([detokenizer.add(i) for i in ids] + [detokenizer.flush()]) == tokenizer.decode(ids), ids
+
+
+def test_stream_yields_the_text_of_the_generation(tokenizer):
+    tokens = tokenizer.encode("Plants drink 🌵 water through their roots.")
+    model = ScriptedModel([tokens + [tokenizer.eot_id]], prompt_len=2)
+    with torch.no_grad(), Decoder(model, 1, 64) as decoder:
+        stream = Stream(tokenizer, decoder.decode([[1, 5]], 60, Sampling(), tokenizer.stop_ids), tokenizer.stop_ids)
+        text = "".join(stream)
+    assert stream.generation == Generation(tokens, tokenizer.eot_id)
+    assert text == tokenizer.decode(tokens) == "Plants drink 🌵 water through their roots."
+
+
+def test_compiled_decode_step_gives_the_same_tokens():
+    if not hasattr(torch, "compile"):
+        pytest.skip("torch.compile is not available")
+    model = tiny_model()
+    prompt = [1, 17, 42, 8]
+    assert generate_batch(model, [prompt], 16, compile=True) == [generate(model, prompt, 16)]
+
+
 def test_prompt_filling_the_context_is_refused():
-    model = ScriptedModel([1], prompt_len=64)
+    model = ScriptedModel([[1]], prompt_len=64)
     with pytest.raises(ValueError, match="no room left"):
         generate(model, list(range(64)), 5)

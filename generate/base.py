@@ -1,0 +1,31 @@
+"""Generate with a base checkpoint dir, as converted or made by scripts/prepare_tiny.py. A base
+tokenizer has no end-of-turn token: the prompt goes in as plain text and decoding stops on EOS.
+
+    python generate/base.py --checkpoint_dir checkpoints/tiny --prompt "The river" --temperature 0
+"""
+
+import sys
+from pathlib import Path
+from typing import Any
+
+# run from a checkout without installing the package
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lit_llama.cli import run
+from lit_llama.generate import load_for_inference, reply
+
+
+def main(checkpoint_dir: Path = Path("checkpoints/tiny"), **flags: Any) -> None:
+    """Continue a prompt with a base model (plain text, stops on EOS); with a checkpoint dir that has an
+    end-of-turn token, reply in the training format as generate/full.py does.
+
+    Args:
+        checkpoint_dir: a base checkpoint dir (scripts/convert_hf_checkpoint.py, scripts/prepare_tiny.py)
+        flags: the prompt, sampling and output flags below
+    """
+    model, tokenizer = load_for_inference(checkpoint_dir)
+    reply(model, tokenizer, **flags)
+
+
+if __name__ == "__main__":
+    run(main)

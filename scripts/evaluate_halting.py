@@ -1,0 +1,111 @@
+"""Does a fine-tune end its turns? For the first user turn of every sample of a prepared split, decode
+a reply and count how it stopped: on the end-of-turn token (EOT) before `max_new_tokens`, on EOS, or
+not at all; and compare the replies' length with the reference answers'.
+
+    python scripts/evaluate_halting.py --lora_path out/lora --data_dir data/lima
+    python scripts/evaluate_halting.py --checkpoint_dir out/full --data_dir data/lima --split train
+
+The figures print as a table and go to `--output_file` as JSON, with one row per prompt.
+"""
+
+import sys
+from pathlib import Path
+from statistics import mean
+from typing import Literal, Optional
+
+# run from a checkout without installing the package
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from lit_llama.checkpoint import write_json
+from lit_llama.cli import run
+from lit_llama.data import TokenDataset
+from lit_llama.generate import Precision, generate_batch, load_for_inference, place, stop_reason
+from lit_llama.tokenizer import Tokenizer
+
+
+def first_exchange(ids: list[int], loss_mask: list[bool], eot_id: int) -> Optional[tuple[list[int], list[int]]]:
+    """The prompt of a sample's first reply (everything up to the EOT that the first trained token follows:
+    `<bos> user <EOT>`, after a system text if there is one) and that reply up to its EOT; None when the
+    sample has no trained reply after an EOT."""
+    for i, (token, next_trained) in enumerate(zip(ids, loss_mask[1:])):
+        if token == eot_id and next_trained:
+            end = ids.index(eot_id, i + 1) if eot_id in ids[i + 1 :] else len(ids)
+            return ids[: i + 1], ids[i + 1 : end]
+    return None
+
+
+def main(
+    data_dir: Path,
+    lora_path: Optional[Path] = None,
+    adapter_path: Optional[Path] = None,
+    checkpoint_dir: Optional[Path] = None,
+    split: Literal["val", "train"] = "val",
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    seed: int = 1234,
+    batch_size: int = 8,
+    max_samples: Optional[int] = None,
+    precision: Optional[Precision] = None,
+    output_file: Optional[Path] = None,
+) -> dict:
+    """Measure how often the fine-tune's replies end on EOT, on the prompts of a prepared split.
+
+    Args:
+        data_dir: a prepared data dir (scripts/prepare_*.py): train.pt, val.pt and their tokenizer
+        lora_path: a finetune/lora.py out dir
+        adapter_path: a finetune/adapter.py out dir
+        checkpoint_dir: a checkpoint dir with an end-of-turn token (full fine-tune, merged LoRA), or the
+            base checkpoint of --lora_path/--adapter_path (default: the one the out dir names)
+        split: which split's prompts: val (held out) or train
+        max_new_tokens: most tokens of one reply; a reply that reaches it did not halt
+        temperature: sampling temperature; 0 (greedy) measures the model's most likely reply
+        seed: seed of the sampling (prompt j uses seed + j)
+        batch_size: most prompts decoded together (prompts of equal token length share a batch)
+        max_samples: evaluate the first this many samples only
+        precision: 32-true, bf16-true or 16-true (default: bf16 on a GPU that supports it, else fp32)
+        output_file: where the JSON goes (default: halting_<split>.json in the model's dir)
+    """
+    model, tokenizer = load_for_inference(checkpoint_dir, lora_path, adapter_path)
+    data_tokenizer = Tokenizer.from_dir(data_dir)
+    data_vocab, model_vocab = (data_tokenizer.eot_id, data_tokenizer.vocab_size), (tokenizer.eot_id, tokenizer.vocab_size)
+    if data_tokenizer.eot_id is None or data_vocab != model_vocab:
+        raise ValueError(f"{data_dir} was not prepared with the model's tokenizer (end-of-turn id {data_tokenizer.eot_id} "
+                         f"of {data_tokenizer.vocab_size}, the model's {tokenizer.eot_id} of {tokenizer.vocab_size})")
+    data = TokenDataset.load(data_dir / f"{split}.pt")
+    exchanges = [first_exchange(ids.tolist(), mask.tolist(), tokenizer.eot_id)
+                 for ids, mask in (data[i] for i in range(min(len(data), max_samples or len(data))))]
+    exchanges = [e for e in exchanges if e is not None]
+    if not exchanges:
+        raise ValueError(f"{data_dir / f'{split}.pt'} has no sample with a trained reply to evaluate")
+
+    model = place(model, precision)
+    device = model.lm_head.weight.device
+    results = generate_batch(model, [prompt for prompt, _ in exchanges], max_new_tokens, temperature=temperature,
+                             stop_ids=tuple(tokenizer.stop_ids), batch_size=batch_size,
+                             generators=[torch.Generator(device).manual_seed(seed + j) for j in range(len(exchanges))])
+    rows = [{"prompt_tokens": len(prompt), "reference_tokens": len(reference), "new_tokens": len(result.tokens),
+             "stop_reason": stop_reason(result, tokenizer)} for (prompt, reference), result in zip(exchanges, results)]
+    share = {reason: sum(r["stop_reason"] == reason for r in rows) / len(rows) for reason in ("eot", "eos", "max_new_tokens")}
+    mean_new, mean_reference = mean(r["new_tokens"] for r in rows), mean(r["reference_tokens"] for r in rows)
+    report = {"model": str(lora_path or adapter_path or checkpoint_dir), "data_dir": str(data_dir), "split": split,
+              "prompts": len(rows), "max_new_tokens": max_new_tokens, "temperature": temperature,
+              "eot_rate": share["eot"], "eos_rate": share["eos"], "max_new_tokens_rate": share["max_new_tokens"],
+              "mean_new_tokens": mean_new, "mean_reference_tokens": mean_reference,
+              "length_ratio": mean_new / max(mean_reference, 1e-9), "rows": rows}
+
+    print(f"halting on {split} prompts of {data_dir} ({len(rows)} prompts, max_new_tokens {max_new_tokens}, "
+          f"temperature {temperature})")
+    for label, key in (("stopped on EOT", "eot"), ("stopped on EOS", "eos"), ("hit max_new_tokens", "max_new_tokens")):
+        print(f"  {label:<24}{share[key]:>7.3f}  ({sum(r['stop_reason'] == key for r in rows)})")
+    print(f"  {'mean reply length':<24}{mean_new:>7.1f}  tokens")
+    print(f"  {'mean reference length':<24}{mean_reference:>7.1f}  tokens (reply / reference {report['length_ratio']:.2f})")
+    output_file = output_file or Path(report["model"]) / f"halting_{split}.json"
+    write_json(report, output_file)
+    print(f"written to {output_file}")
+    return report
+
+
+if __name__ == "__main__":
+    run(main)
