@@ -68,15 +68,23 @@ class LoRALinear(nn.Linear):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight)  # (..., out_features)
-        after_a = F.linear(self.lora_dropout(x), self.lora_A)  # (..., r * n_enabled)
-        b_start = 0
+        after_a = F.linear(self.lora_dropout(x), self.lora_A) * self.scaling  # (..., r * n_enabled)
+        # one matmul for every chunk's update, then one add: no in-place writes into slices of the output
+        return F.linear(x, self.weight).add_(F.linear(after_a, self.block_b()))
+
+    def block_b(self) -> torch.Tensor:
+        """The B blocks laid out as one (out_features, r * n_enabled) matrix: enabled chunk i takes
+        columns [i * r, (i + 1) * r) of its own rows; every other entry is zero."""
+        n, r = len(self.lora_slices), self.r
+        if n == 1 and self.lora_slices[0] == (0, self.out_features):
+            return self.lora_B
+        parts, end, b_start = [], 0, 0
         for i, (start, size) in enumerate(self.lora_slices):
-            a_i = after_a[..., i * self.r : (i + 1) * self.r]  # (..., r)
-            b_i = self.lora_B[b_start : b_start + size]  # (size, r)
-            out[..., start : start + size] += F.linear(a_i, b_i) * self.scaling
-            b_start += size
-        return out
+            parts.append(self.lora_B.new_zeros(start - end, n * r))
+            parts.append(F.pad(self.lora_B[b_start : b_start + size], (i * r, (n - 1 - i) * r)))
+            end, b_start = start + size, b_start + size
+        parts.append(self.lora_B.new_zeros(self.out_features - end, n * r))
+        return torch.cat(parts)
 
     def delta_weight(self) -> torch.Tensor:
         """The update as a full (out, in) matrix: B @ A * scaling on the enabled rows."""

@@ -17,6 +17,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+LOSS_CHUNK_SIZE = 512  # positions whose logits `HeadLoss` holds at a time
+
+
 def find_multiple(n: int, k: int) -> int:
     return n if n % k == 0 else n + k - n % k
 
@@ -232,6 +235,54 @@ class ScoreRows(torch.autograd.Function):
         return grad_x, grad_weight, grad_rows, None
 
 
+class HeadLoss(torch.autograd.Function):
+    """The summed cross-entropy of the head's logits against `targets`, a chunk of positions at a time.
+
+    The gradient is worked out during the forward pass, chunk by chunk (softmax minus one-hot, times
+    the head), so neither the (N, V) logits nor their gradient ever exist whole: a (chunk, V) block
+    and the (N, C) gradient of the hidden states are all the memory the head and the loss take."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor,
+                targets: torch.Tensor, chunk_size: int) -> torch.Tensor:
+        # x: (N, C); weight: (V, C); rows: (k, C) scoring `ids` (k,) in place of weight[ids]; targets: (N,), -100 ignored
+        ctx.rows_dtype = rows.dtype
+        rows = rows.to(x.dtype)
+        grad_x = torch.empty_like(x)
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if weight.requires_grad else None
+        grad_rows = torch.zeros_like(rows, dtype=torch.float32)
+        total = torch.zeros((), device=x.device, dtype=torch.float32)
+        for start in range(0, x.shape[0], chunk_size):
+            x_c, t_c = x[start : start + chunk_size], targets[start : start + chunk_size]
+            logits = F.linear(x_c, weight).float()  # (chunk, V)
+            logits[:, ids] = F.linear(x_c, rows).float()
+            valid = t_c != -100
+            safe = t_c.clamp(min=0).unsqueeze(1)
+            log_probs = logits.log_softmax(-1)
+            total -= (log_probs.gather(1, safe).squeeze(1) * valid).sum()
+            probs = log_probs.exp_()  # the gradient of the loss by the logits: softmax - one-hot
+            probs.scatter_add_(1, safe, -torch.ones_like(safe, dtype=probs.dtype))
+            probs.mul_(valid.unsqueeze(1))
+            probs_ids = probs[:, ids]
+            probs = probs.to(x.dtype)
+            grad_x[start : start + chunk_size] = probs @ weight + probs_ids.to(x.dtype) @ (rows - weight[ids])
+            grad_rows += probs_ids.T @ x_c.float()
+            if grad_weight is not None:
+                grad_weight += (probs.T @ x_c).float()
+        if grad_weight is not None:
+            grad_weight[ids] = 0
+            grad_weight = grad_weight.to(weight.dtype)
+        ctx.save_for_backward(grad_x, grad_weight if grad_weight is not None else torch.empty(0), grad_rows)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
+        grad_x, grad_weight, grad_rows = ctx.saved_tensors
+        grad_weight = grad_weight * grad.to(grad_weight.dtype) if ctx.needs_input_grad[1] else None
+        grad_rows = (grad_rows * grad).to(ctx.rows_dtype) if ctx.needs_input_grad[2] else None
+        return grad_x * grad.to(grad_x.dtype), grad_weight, grad_rows, None, None, None
+
+
 class TokenRows(nn.Module):
     """Trainable embedding and head rows for a few token ids (the special tokens) of a frozen vocabulary.
 
@@ -299,10 +350,13 @@ class LLaMA(nn.Module):
         for block in self.transformer.h:
             block.attn.kv_cache = None
 
-    def forward(self, idx: torch.Tensor, input_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, input_pos: Optional[torch.Tensor] = None,
+                targets: Optional[torch.Tensor] = None) -> torch.Tensor:
         """idx: (B, T) token ids. Without a KV cache, positions are 0..T-1 and attention is causal.
         With one (`set_kv_cache`), `input_pos` (T,) says where these tokens sit in the sequence.
-        Returns logits (B, T, vocab_size): the padding rows of the head are never scored."""
+        Returns logits (B, T, vocab_size): the padding rows of the head are never scored. Given
+        `targets` (B, T), the id each position should predict (-100: none), returns instead the summed
+        cross-entropy, computed without the whole logits tensor (`HeadLoss`)."""
         B, T = idx.shape
         cos, sin = self.rope(idx.device)
         if input_pos is None:
@@ -320,7 +374,8 @@ class LLaMA(nn.Module):
             x = self.token_rows.embed(idx, x)
         for block in self.transformer.h:
             x = block(x, cos, sin, mask, input_pos)
-        return self.head(self.transformer.ln_f(x))
+        x = self.transformer.ln_f(x)
+        return self.head(x) if targets is None else self.head_loss(x, targets)
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (B, T, vocab_size) of the final hidden states x (B, T, C), the special tokens' ids
@@ -336,3 +391,14 @@ class LLaMA(nn.Module):
         if self.token_rows is None:
             return F.linear(x, weight)
         return self.token_rows.head(x, weight)
+
+    def head_loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The summed cross-entropy of the logits of x (B, T, C) against targets (B, T), -100 not scored."""
+        if type(self.lm_head) is not nn.Linear or not torch.is_grad_enabled():  # LoRA on the head, or no backward
+            return F.cross_entropy(self.head(x).flatten(0, 1).float(), targets.flatten(), reduction="sum")
+        weight = self.lm_head.weight[: self.config.vocab_size]
+        if self.token_rows is None:
+            rows, ids = weight[:0], torch.zeros(0, dtype=torch.long, device=x.device)
+        else:
+            rows, ids = self.token_rows.lm_head, self.token_rows.ids
+        return HeadLoss.apply(x.flatten(0, 1), weight, rows, ids, targets.flatten(), LOSS_CHUNK_SIZE)

@@ -1,0 +1,152 @@
+"""Fine-tuning step (forward + backward + AdamW step): ours against transformers + peft, on the same
+weights and batches. LoRA on q and v (r=8, alpha=16, no dropout) with the EOT's embedding and head
+rows trainable, or full fine-tuning.
+
+    python benchmarks/finetune.py --method lora --size 30M
+    python benchmarks/finetune.py --method full --size 120M
+    python benchmarks/finetune.py --method lora --size 7B --device cuda --seq_len 2048   # on a GPU
+    python benchmarks/finetune.py --method lora --impl ours --profile                      # where our time goes
+"""
+
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+
+from common import (EOT_ID, batch, build_hf, build_ours, default_dtype, environment, gpu_peaks, median, mib,
+                    model_config, peak_memory, ratio, report, reset_peak_memory, run_worker, setup, table, timed)
+from lit_llama.cli import run
+from lit_llama.data import IGNORE_INDEX
+from lit_llama.lora import LoRAConfig
+from lit_llama.model import LLaMAConfig
+
+LORA = LoRAConfig(r=8, alpha=16, dropout=0.0, query=True, value=True)
+
+
+def ours_step(config: LLaMAConfig, method: str, device: torch.device, dtype: torch.dtype, fused: bool):
+    from lit_llama.training import loss_sum, n_targets, prepare_model
+
+    model = build_ours(config, device, dtype)
+    prepare_model(model, method, LORA if method == "lora" else None, [EOT_ID])
+    # padding rows of wte and lm_head (never scored) train too under full fine-tuning; not counted
+    padding = 2 * (config.padded_vocab_size - config.vocab_size) * config.n_embd if method == "full" else 0
+
+    def loss(ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if fused:  # the head and the loss in chunks (HeadLoss), never the whole logits
+            targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # position t predicts t + 1
+            return model(ids, targets=targets) / n_targets(labels)
+        return loss_sum(model(ids), labels) / n_targets(labels)
+
+    return model, loss, padding
+
+
+def hf_step(config: LLaMAConfig, method: str, device: torch.device, dtype: torch.dtype):
+    model = build_hf(config, device, dtype)
+    if method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(
+            r=LORA.r, lora_alpha=LORA.alpha, lora_dropout=LORA.dropout, target_modules=["q_proj", "v_proj"],
+            trainable_token_indices={"embed_tokens": [EOT_ID], "lm_head": [EOT_ID]}))
+
+    def loss(ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return model(input_ids=ids, labels=labels).loss
+
+    return model, loss, 0
+
+
+def train_flops(config: LLaMAConfig, n_trained: int, method: str, batch_size: int, seq_len: int) -> float:
+    """Matmul FLOPs of one step: 6 per weight and token for trained weights, 4 for frozen ones (no weight
+    gradient), plus causal attention (forward and twice that backward)."""
+    C, V = config.n_embd, config.padded_vocab_size
+    per_block = (config.n_head + 2 * config.n_query_groups) * config.head_size * C + C * C + 3 * C * config.intermediate_size
+    n_matmul = config.n_layer * per_block + V * C  # the embedding is a lookup
+    tokens = batch_size * seq_len
+    attention = 3 * 2 * batch_size * seq_len**2 * C * config.n_layer
+    if method == "full":
+        return 6 * n_matmul * tokens + attention
+    return 4 * n_matmul * tokens + 6 * n_trained * tokens + attention
+
+
+def worker(impl: str, method: str, size: str, batch_size: int, seq_len: int, warmup: int, runs: int, threads: int,
+           device: str, profile: bool) -> dict:
+    device = setup(threads, device)
+    dtype = default_dtype(device)
+    config = model_config(size)
+    if impl == "hf":
+        model, loss_fn, uncounted = hf_step(config, method, device, dtype)
+    else:
+        model, loss_fn, uncounted = ours_step(config, method, device, dtype, fused=impl == "ours")
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    n_trained = sum(p.numel() for p in trainable) - uncounted
+    optimizer = torch.optim.AdamW(trainable, lr=1e-5)
+    ids, labels = batch(batch_size, seq_len, device)
+    losses = []
+
+    def step() -> None:
+        loss = loss_fn(ids, labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+
+    reset_peak_memory(device)
+    if profile:
+        with torch.profiler.profile() as prof:
+            times = timed(step, device, warmup, runs)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+    else:
+        times = timed(step, device, warmup, runs)
+    seconds = median(times)
+    result = dict(impl=impl, trainable=n_trained, first_loss=losses[0], seconds=seconds,
+                  tokens_per_s=batch_size * seq_len / seconds, peak_memory=peak_memory(device))
+    peaks = gpu_peaks(device)
+    if peaks:
+        result["mfu"] = train_flops(config, n_trained, method, batch_size, seq_len) / seconds / peaks[0]
+    return result
+
+
+def main(method: Literal["lora", "full"] = "lora", size: str = "30M", batch_size: int = 2, seq_len: int = 512,
+         warmup: int = 1, runs: int = 3, threads: int = 2, device: str = "cpu",
+         impl: Optional[Literal["ours", "ours-logits", "hf"]] = None, profile: bool = False) -> None:
+    """Time fine-tuning steps of ours and of transformers + peft, each in its own process.
+
+    Args:
+        method: lora (q and v, r=8, plus the EOT rows) or full
+        size: 30M, 120M (CPU) or 7B (GPU)
+        batch_size: sequences per step
+        seq_len: tokens per sequence
+        warmup: steps before timing
+        runs: timed steps; the median counts
+        threads: torch threads, the same in both processes
+        device: cpu or cuda
+        impl: run one implementation in this process and print its result as JSON: ours (the loss by
+            `model(ids, targets=...)`), ours-logits (logits, then `training.loss_sum`) or hf
+        profile: with --impl, print torch.profiler's table of the timed steps
+    """
+    if impl is not None:
+        report(worker(impl, method, size, batch_size, seq_len, warmup, runs, threads, device, profile))
+        return
+    args = ["--method", method, "--size", size, "--batch_size", str(batch_size), "--seq_len", str(seq_len),
+            "--warmup", str(warmup), "--runs", str(runs), "--threads", str(threads), "--device", device]
+    ours, logits, hf = (run_worker("finetune.py", [*args, "--impl", name]) for name in ("ours", "ours-logits", "hf"))
+    for other in (logits, hf):
+        if other["trainable"] != ours["trainable"]:
+            raise SystemExit(f"trainable parameters differ: {ours['trainable']:,} and {other['impl']} {other['trainable']:,}")
+        if abs(other["first_loss"] - ours["first_loss"]) > 1e-3 * abs(ours["first_loss"]):
+            raise SystemExit(f"the first losses differ: {ours['first_loss']} and {other['impl']} {other['first_loss']}")
+    memory = "peak GPU memory" if device == "cuda" else "peak RSS"
+    rows = [["tokens/s", *(f"{r['tokens_per_s']:,.0f}" for r in (ours, logits, hf)),
+             ratio(ours["tokens_per_s"], hf["tokens_per_s"])],
+            [memory, *(mib(r["peak_memory"]) for r in (ours, logits, hf)), ratio(ours["peak_memory"], hf["peak_memory"])]]
+    if "mfu" in ours:
+        rows.append(["MFU", *(f"{r['mfu']:.1%}" for r in (ours, logits, hf)), ratio(ours["mfu"], hf["mfu"])])
+    table(f"{method} fine-tuning step, {size}, batch {batch_size} x {seq_len} tokens, {device}, {threads} threads, "
+          f"{ours['trainable']:,} trainable parameters, first loss {ours['first_loss']:.4f} (all three); {environment()}",
+          ["", "ours", "ours, logits + training.loss_sum", "transformers + peft" if method == "lora" else "transformers",
+           "ours / theirs"], rows)
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Every figure of benchmarks/RESULTS.md in one run: the CPU sizes always, the 7B shape when a GPU is there.
+set -euo pipefail
+cd "$(dirname "$0")"
+date
+for size in 30M 120M; do
+    python finetune.py --method lora --size "$size"
+    python finetune.py --method full --size "$size"
+    python decode.py --size "$size"
+done
+python load.py
+if python -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
+    python finetune.py --method lora --size 7B --device cuda --batch_size 1 --seq_len 2048
+    python decode.py --size 7B --device cuda --new_tokens 256
+fi
