@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from common import (EOT_ID, batch, build_hf, build_ours, default_dtype, environment, gpu_peaks, median, mib,
                     model_config, peak_memory, ratio, report, reset_peak_memory, run_worker, setup, table, timed)
 from lit_llama.cli import run
-from lit_llama.data import IGNORE_INDEX
 from lit_llama.lora import LoRAConfig
 from lit_llama.model import LLaMAConfig
 
@@ -24,7 +23,7 @@ LORA = LoRAConfig(r=8, alpha=16, dropout=0.0, query=True, value=True)
 
 
 def ours_step(config: LLaMAConfig, method: str, device: torch.device, dtype: torch.dtype, fused: bool):
-    from lit_llama.training import loss_sum, n_targets, prepare_model
+    from lit_llama.training import n_targets, next_token_targets, prepare_model
 
     model = build_ours(config, device, dtype)
     prepare_model(model, method, LORA if method == "lora" else None, [EOT_ID])
@@ -32,10 +31,11 @@ def ours_step(config: LLaMAConfig, method: str, device: torch.device, dtype: tor
     padding = 2 * (config.padded_vocab_size - config.vocab_size) * config.n_embd if method == "full" else 0
 
     def loss(ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if fused:  # the head and the loss in chunks (HeadLoss), never the whole logits
-            targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # position t predicts t + 1
+        targets = next_token_targets(labels)  # (B, T): position t predicts t + 1
+        if fused:  # what training runs: the head and the loss in chunks (HeadLoss), never the whole logits
             return model(ids, targets=targets) / n_targets(labels)
-        return loss_sum(model(ids), labels) / n_targets(labels)
+        logits = model(ids)  # (B, T, V), then a plain cross-entropy
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum") / n_targets(labels)
 
     return model, loss, padding
 
@@ -122,7 +122,7 @@ def main(method: Literal["lora", "full"] = "lora", size: str = "30M", batch_size
         threads: torch threads, the same in both processes
         device: cpu or cuda
         impl: run one implementation in this process and print its result as JSON: ours (the loss by
-            `model(ids, targets=...)`), ours-logits (logits, then `training.loss_sum`) or hf
+            `model(ids, targets=...)`, as training does), ours-logits (whole logits, then cross-entropy) or hf
         profile: with --impl, print torch.profiler's table of the timed steps
     """
     if impl is not None:
@@ -144,7 +144,7 @@ def main(method: Literal["lora", "full"] = "lora", size: str = "30M", batch_size
         rows.append(["MFU", *(f"{r['mfu']:.1%}" for r in (ours, logits, hf)), ratio(ours["mfu"], hf["mfu"])])
     table(f"{method} fine-tuning step, {size}, batch {batch_size} x {seq_len} tokens, {device}, {threads} threads, "
           f"{ours['trainable']:,} trainable parameters, first loss {ours['first_loss']:.4f} (all three); {environment()}",
-          ["", "ours", "ours, logits + training.loss_sum", "transformers + peft" if method == "lora" else "transformers",
+          ["", "ours", "ours, whole logits + cross-entropy", "transformers + peft" if method == "lora" else "transformers",
            "ours / theirs"], rows)
 
 

@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lit_llama.cli import run
 from lit_llama.adapter import AdapterConfig
-from lit_llama.training import TrainArgs, finetune
+from lit_llama.training import TrainArgs, TrainPrecision, finetune
 
 
 def setup(
@@ -23,7 +23,7 @@ def setup(
     accelerator: str = "auto",
     devices: int = 1,
     num_nodes: int = 1,
-    precision: Optional[str] = None,
+    precision: Optional[TrainPrecision] = None,
     strategy: str = "auto",
     activation_checkpointing: bool = False,
     token_init: str = "mean",

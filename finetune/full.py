@@ -12,7 +12,7 @@ from typing import Optional
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lit_llama.cli import run
-from lit_llama.training import TrainArgs, finetune
+from lit_llama.training import TrainArgs, TrainPrecision, finetune
 
 
 def setup(
@@ -22,7 +22,7 @@ def setup(
     accelerator: str = "auto",
     devices: int = 1,
     num_nodes: int = 1,
-    precision: Optional[str] = None,
+    precision: Optional[TrainPrecision] = None,
     strategy: str = "auto",
     activation_checkpointing: bool = False,
     token_init: str = "mean",

@@ -10,7 +10,6 @@ A fine-tune out dir:     model_config.json, tokenizer.model, special_tokens.json
 """
 
 import json
-import os
 import pickle
 import shutil
 from dataclasses import replace
@@ -20,6 +19,7 @@ from typing import Any, Optional
 import torch
 
 from lit_llama.adapter import AdapterConfig, inject_adapter, is_adapter_name
+from lit_llama.files import replace_durably, temporary_name, write_atomic
 from lit_llama.lora import LoRAConfig, inject_lora, is_lora_name, merge_lora
 from lit_llama.model import LLaMA, LLaMAConfig
 from lit_llama.tokenizer import Tokenizer
@@ -29,18 +29,19 @@ MODEL_FILE = "lit_model.pth"
 WEIGHTS_FILES = {"lora": "lit_model_lora.pth", "adapter": "lit_model_adapter.pth", "full": MODEL_FILE}
 CONFIG_FILE = "model_config.json"
 HPARAMS_FILE = "hyperparameters.json"
+MAKE_CHECKPOINT = "make a checkpoint dir with scripts/prepare_tiny.py or scripts/convert_hf_checkpoint.py"
 
 
 def atomic_save(obj: Any, path: Path) -> None:
     """torch.save to a temporary file, then rename: a crash never leaves a half-written `path`."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temporary_name(path)
     torch.save(obj, tmp)
-    os.replace(tmp, path)
+    replace_durably(tmp, path)
 
 
-def check_writable(directory: Path, need_bytes: int) -> None:
-    """Fail now, not hours from now, when `directory` can't be written or lacks the room for checkpoints."""
+def check_writable(directory: Path, need_bytes: int, flag: str = "--out_dir") -> None:
+    """Fail now, not hours from now, when `directory` (given as `flag`) can't be written or lacks the room
+    for checkpoints."""
     directory = Path(directory)
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -48,21 +49,41 @@ def check_writable(directory: Path, need_bytes: int) -> None:
         probe.write_bytes(b"ok")
         probe.unlink()
     except OSError as e:
-        raise OSError(f"--out_dir {directory} is not writable ({e.strerror or e}); pick another directory") from None
+        raise OSError(f"{flag} {directory} is not writable ({e.strerror or e}); pick another directory") from None
     free = shutil.disk_usage(directory).free
     if free < need_bytes:
-        raise OSError(f"--out_dir {directory} has {free / 2**30:.2f} GiB free but checkpoints need about "
+        raise OSError(f"{flag} {directory} has {free / 2**30:.2f} GiB free but checkpoints need about "
                       f"{need_bytes / 2**30:.2f} GiB; free some space or pick another directory")
 
 
 def write_json(obj: Any, path: Path) -> None:
-    Path(path).write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    write_atomic(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
 def require_file(path: Path, what: str) -> Path:
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path} not found: {what}")
     return Path(path)
+
+
+def require_dir(path: Path, flag: str, what: str) -> Path:
+    """`path`, given as `flag`, if it is a directory; else one line that names both and says `what` to do."""
+    path = Path(path)
+    if path.is_file():
+        raise NotADirectoryError(f"{flag} {path} is a file, not a directory: {what}")
+    if not path.is_dir():
+        raise FileNotFoundError(f"{flag} {path} not found: {what}")
+    return path
+
+
+def read_config(path: Path, what: str) -> LLaMAConfig:
+    """The model config in `path`; a missing, damaged or foreign file is named in one line."""
+    require_file(path, what)
+    try:
+        return LLaMAConfig.from_json(path)
+    except (ValueError, TypeError) as e:  # bad JSON, or fields that are not LLaMAConfig's
+        raise ValueError(f"{path} is not a model config of this repo ({str(e).splitlines()[0]}); write it again "
+                         f"with the script that made the dir") from None
 
 
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -81,9 +102,8 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
 def load_model(checkpoint_dir: Path, dtype: Optional[torch.dtype] = None) -> LLaMA:
     """The model of a checkpoint dir, built on the meta device and given the mmapped tensors as its
     parameters (no random init, no second copy). Stays on the CPU; move it where it should run."""
-    checkpoint_dir = Path(checkpoint_dir)
-    config = LLaMAConfig.from_json(require_file(checkpoint_dir / CONFIG_FILE, "is this a checkpoint dir? "
-                                                "Make one with scripts/prepare_tiny.py or scripts/convert_hf_checkpoint.py"))
+    checkpoint_dir = require_dir(checkpoint_dir, "--checkpoint_dir", MAKE_CHECKPOINT)
+    config = read_config(checkpoint_dir / CONFIG_FILE, "is this a checkpoint dir? " + MAKE_CHECKPOINT)
     with torch.device("meta"):
         model = LLaMA(config)
     state = load_state_dict(require_file(checkpoint_dir / MODEL_FILE, "the checkpoint dir has no weights"))
@@ -108,14 +128,24 @@ def load_finetuned(out_dir: Path, checkpoint_dir: Optional[Path] = None,
     the extended vocabulary, the method's settings and trained weights. LoRA updates and special-token
     rows are merged into the weights, ready for inference."""
     out_dir = Path(out_dir)
-    hparams = json.loads(require_file(out_dir / HPARAMS_FILE, "is this a finetune/*.py out dir?").read_text())
-    method = hparams["method"]
+    if not out_dir.is_dir():
+        raise FileNotFoundError(f"{out_dir} not found: give the out dir that finetune/lora.py or "
+                                f"finetune/adapter.py wrote")
+    hparams_path = require_file(out_dir / HPARAMS_FILE, "is this a finetune/*.py out dir?")
+    try:
+        hparams = json.loads(hparams_path.read_text())
+        method = hparams["method"]
+    except (ValueError, KeyError, TypeError):
+        raise ValueError(f"{hparams_path} is damaged (not the JSON a finetune/*.py run writes)") from None
     tokenizer = Tokenizer.from_dir(out_dir)
     if method == "full":
         return load_model(out_dir, dtype), tokenizer
     base_dir = Path(checkpoint_dir or hparams["checkpoint_dir"])
+    if checkpoint_dir is None and not base_dir.is_dir():
+        raise FileNotFoundError(f"{base_dir} not found: it is the base checkpoint {out_dir} was trained from; "
+                                f"pass where it is now with --checkpoint_dir")
     model = load_model(base_dir, dtype)
-    expected = LLaMAConfig.from_json(out_dir / CONFIG_FILE)
+    expected = read_config(out_dir / CONFIG_FILE, "the out dir has no model config")
     if replace(model.config, vocab_size=expected.vocab_size, padded_vocab_size=expected.padded_vocab_size) != expected:
         raise ValueError(f"{base_dir} is not the base model {out_dir} was trained from (model configs differ); "
                          f"pass the right one with --checkpoint_dir")

@@ -22,7 +22,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from lit_llama.checkpoint import CONFIG_FILE, MODEL_FILE, load_state_dict, require_file, save_checkpoint_dir, write_json
+from lit_llama.checkpoint import (CONFIG_FILE, MODEL_FILE, check_writable, load_state_dict, read_config, require_dir,
+                                  require_file, save_checkpoint_dir, write_json)
 from lit_llama.model import LLaMA, LLaMAConfig, configs, find_multiple
 from lit_llama.tokenizer import MODEL_FILE as TOKENIZER_FILE
 from lit_llama.tokenizer import Tokenizer
@@ -261,6 +262,14 @@ def save_converted(model: LLaMA, tokenizer: Tokenizer, output_dir: Path) -> None
           + (f", the named config {name!r}" if name else ""))
 
 
+def read_json(path: Path) -> dict:
+    """A config file of a download; a damaged one is named in one line."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except ValueError as e:  # invalid JSON or UTF-8
+        raise ValueError(f"{path} is not valid JSON ({e}); download it again") from None
+
+
 def hf_weight_loaders(checkpoint_dir: Path) -> dict[str, Callable[[], torch.Tensor]]:
     """Name -> loader of every tensor of a Hugging Face checkpoint (safetensors preferred over .bin,
     sharded or not). Nothing is read until a loader is called."""
@@ -291,14 +300,16 @@ def hf_weight_loaders(checkpoint_dir: Path) -> dict[str, Callable[[], torch.Tens
 def convert_hf_checkpoint(checkpoint_dir: Path, output_dir: Path, dtype: Optional[DType] = None) -> None:
     """Convert a Hugging Face Llama/Mistral checkpoint dir (config.json, weights, tokenizer.model) into
     our checkpoint dir. `dtype` casts the weights; None keeps the checkpoint's."""
-    checkpoint_dir = Path(checkpoint_dir)
+    checkpoint_dir = require_dir(checkpoint_dir, "--checkpoint_dir", "give the Hugging Face model dir as downloaded "
+                                 "(see howto/download_weights.md)")
     config_path = require_file(checkpoint_dir / HF_CONFIG_FILE, "is this a Hugging Face model dir? "
                                "Download the model's files, config.json included (see howto/download_weights.md)")
     require_file(checkpoint_dir / TOKENIZER_FILE, "download the model's sentencepiece tokenizer.model too")
-    hf = json.loads(config_path.read_text())
+    hf = read_json(config_path)
     tokenizer = Tokenizer.from_dir(checkpoint_dir)
     config = config_from_hf(hf, tokenizer, config_path)
     loaders = hf_weight_loaders(checkpoint_dir)
+    check_writable(output_dir, 0, "--output_dir")  # before the slow part
     total = len(loaders)
     tensors = ((name, loaders.pop(name)()) for name in list(loaders))  # pop: a tensor is read once, then let go
     state = assemble(tensors, total, HF, torch_dtype(dtype))
@@ -325,7 +336,8 @@ def convert_meta_checkpoint(checkpoint_dir: Path, output_dir: Path, tokenizer_pa
                             dtype: Optional[DType] = None) -> None:
     """Convert a checkpoint in Meta's original layout (params.json, consolidated.NN.pth) into our
     checkpoint dir. The tokenizer is `tokenizer_path`, else tokenizer.model in the dir or its parent."""
-    checkpoint_dir = Path(checkpoint_dir)
+    checkpoint_dir = require_dir(checkpoint_dir, "--checkpoint_dir", "give one model folder of Meta's download "
+                                 "(the one with params.json and consolidated.00.pth)")
     params_path = require_file(checkpoint_dir / "params.json", "point --checkpoint_dir at one model of Meta's "
                                "download (the folder with params.json and consolidated.00.pth)")
     shard_paths = sorted(checkpoint_dir.glob("consolidated.*.pth"))
@@ -336,7 +348,8 @@ def convert_meta_checkpoint(checkpoint_dir: Path, output_dir: Path, tokenizer_pa
         tokenizer_path = next((p for p in candidates if p.is_file()), candidates[0])
     tokenizer = Tokenizer(require_file(tokenizer_path, "pass --tokenizer_path, Meta's download has it next to "
                                        "the model folders").read_bytes())
-    config = config_from_meta(json.loads(params_path.read_text()), tokenizer, params_path)
+    config = config_from_meta(read_json(params_path), tokenizer, params_path)
+    check_writable(output_dir, 0, "--output_dir")  # before the slow part
     shards = [load_state_dict(path) for path in shard_paths]
     state = assemble(merge_meta_shards(shards, config), len(shards[0]), META, torch_dtype(dtype))
     model = fit_to_config(state, config, tie_word_embeddings=False, source=checkpoint_dir)
@@ -429,11 +442,14 @@ def export_hf_checkpoint(checkpoint_dir: Path, output_dir: Path, dtype: Optional
     """Write our checkpoint dir as a Hugging Face model dir that transformers loads and generates
     with: model.safetensors, config.json, generation_config.json (stopping on EOT, then EOS) and the
     tokenizer files. `dtype` casts the weights; None keeps ours."""
-    checkpoint_dir, output_dir = Path(checkpoint_dir), Path(output_dir)
-    config = LLaMAConfig.from_json(require_file(checkpoint_dir / CONFIG_FILE, "is this a checkpoint dir of this repo?"))
+    checkpoint_dir = require_dir(checkpoint_dir, "--checkpoint_dir", "give a checkpoint dir of this repo "
+                                 "(lit_model.pth, model_config.json, tokenizer.model)")
+    output_dir = Path(output_dir)
+    config = read_config(checkpoint_dir / CONFIG_FILE, "is this a checkpoint dir of this repo?")
     tokenizer = Tokenizer.from_dir(checkpoint_dir)
     state = load_state_dict(require_file(checkpoint_dir / MODEL_FILE, "the dir has no weights (a LoRA out dir must "
                                          "be merged into a plain checkpoint dir first)"))
+    check_writable(output_dir, 0, "--output_dir")  # before the slow part
     tensors = hf_state(state, config, torch_dtype(dtype))
     output_dir.mkdir(parents=True, exist_ok=True)
     weights = output_dir / "model.safetensors"

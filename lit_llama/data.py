@@ -16,8 +16,7 @@ from typing import Callable, Iterable, Iterator, Literal, Optional, TypeVar, Uni
 import torch
 from tqdm import tqdm
 
-from lit_llama.checkpoint import CONFIG_FILE, write_json
-from lit_llama.model import LLaMAConfig
+from lit_llama.checkpoint import CONFIG_FILE, MAKE_CHECKPOINT, check_writable, read_config, require_dir, write_json
 from lit_llama.prompts import (EncodedConversation, PromptStyle, Segment, alpaca_user_turn, conversation_segments,
                                encode_segments, mark_label_runs, split_special)
 from lit_llama.tokenizer import Tokenizer, extend_tokenizer
@@ -323,16 +322,22 @@ def prepare_data(data_path: Path, layout: Callable[[dict, Tokenizer], list[Segme
     row; print the summary; split into train and val; write both, the tokenizer and prepare.json
     (the settings and the summary) to `destination_path`."""
     data_path, checkpoint_dir, destination_path = Path(data_path), Path(checkpoint_dir), Path(destination_path)
+    if data_path.is_dir():
+        raise IsADirectoryError(f"--data_path {data_path} is a directory: give the data file itself")
     if not data_path.is_file():
         raise FileNotFoundError(f"--data_path {data_path} not found")
     if not 0 < val_split_fraction < 1:
         raise ValueError(f"--val_split_fraction must be between 0 and 1, got {val_split_fraction}")
-    block_size = LLaMAConfig.from_json(checkpoint_dir / CONFIG_FILE).block_size
+    require_dir(checkpoint_dir, "--checkpoint_dir", "the base checkpoint whose tokenizer gets the end-of-turn token; "
+                + MAKE_CHECKPOINT)
+    block_size = read_config(checkpoint_dir / CONFIG_FILE, "is this a checkpoint dir? " + MAKE_CHECKPOINT).block_size
     max_seq_length = max_seq_length or block_size
     if max_seq_length > block_size:
         raise ValueError(f"--max_seq_length {max_seq_length} exceeds the model's block_size {block_size}")
     base = Tokenizer.from_dir(checkpoint_dir)
     tokenizer = extend_tokenizer(base, eot_token, repurpose_eot, extra_special_tokens or [])
+
+    check_writable(destination_path, 0, "--destination_path")  # before the work, not after it
 
     report = PrepareReport()
     rows = read_rows(data_path, report, lambda row: layout(row, tokenizer))
@@ -411,7 +416,9 @@ def length_grouped_batches(lengths: torch.Tensor, batch_size: int, seed: int, gr
 def load_prepared(data_dir: Path, checkpoint_dir: Path) -> tuple[Tokenizer, TokenDataset, TokenDataset]:
     """The tokenizer, train and val splits written by a prepare script, after checking that the data
     was encoded with (an extension of) the checkpoint's own tokenizer."""
-    data_dir = Path(data_dir)
+    data_dir = require_dir(data_dir, "--data_dir", "prepare the data first with a scripts/prepare_*.py script")
+    checkpoint_dir = require_dir(checkpoint_dir, "--checkpoint_dir", "the base checkpoint the data was prepared for; "
+                                 + MAKE_CHECKPOINT)
     tokenizer = Tokenizer.from_dir(data_dir)
     base = Tokenizer.from_dir(checkpoint_dir)
     if tokenizer.base_sha256 != base.base_sha256:

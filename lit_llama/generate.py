@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator, Literal, Optional, Sequence
 
 import torch
 
-from lit_llama.checkpoint import load_finetuned, load_model
+from lit_llama.checkpoint import load_finetuned, load_model, require_dir
 from lit_llama.model import LLaMA
 from lit_llama.prompts import encode_prompt
 from lit_llama.tokenizer import Tokenizer
@@ -102,7 +102,7 @@ class Decoder:
             raise ValueError(f"{start + T} tokens do not fit in the KV cache of {self.max_seq_length}")
         input_pos = torch.arange(start, start + T, device=self.device)
         begin = time.perf_counter()
-        logits = (self.step if T == 1 else self.model)(idx, input_pos)[:, -1]
+        logits = (self.step(idx, input_pos) if T == 1 else self.model(idx, input_pos, last_only=True))[:, -1]
         for row, new in zip(self.ids, idx.tolist()):  # .tolist() waits for the device: the timing is true
             row.extend(new)
         if T == 1:
@@ -366,6 +366,8 @@ def load_for_inference(checkpoint_dir: Optional[Path] = None, lora_path: Optiona
         raise ValueError("pass --lora_path or --adapter_path, not both")
     out_dir = lora_path or adapter_path
     if out_dir is not None:
+        require_dir(out_dir, "--lora_path" if lora_path is not None else "--adapter_path",
+                    "give the out dir that finetune/lora.py or finetune/adapter.py wrote")
         return load_finetuned(out_dir, checkpoint_dir)
     if checkpoint_dir is None:
         raise ValueError("pass --checkpoint_dir, --lora_path or --adapter_path")

@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lit_llama.files import write_atomic
+
 
 LOSS_CHUNK_SIZE = 512  # positions whose logits `HeadLoss` holds at a time
 
@@ -67,7 +69,7 @@ class LLaMAConfig:
         return cls(**json.loads(Path(path).read_text()))
 
     def save(self, path: Path) -> None:
-        Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
+        write_atomic(path, json.dumps(asdict(self), indent=2) + "\n")
 
 
 configs = {
@@ -351,10 +353,11 @@ class LLaMA(nn.Module):
             block.attn.kv_cache = None
 
     def forward(self, idx: torch.Tensor, input_pos: Optional[torch.Tensor] = None,
-                targets: Optional[torch.Tensor] = None) -> torch.Tensor:
+                targets: Optional[torch.Tensor] = None, last_only: bool = False) -> torch.Tensor:
         """idx: (B, T) token ids. Without a KV cache, positions are 0..T-1 and attention is causal.
         With one (`set_kv_cache`), `input_pos` (T,) says where these tokens sit in the sequence.
-        Returns logits (B, T, vocab_size): the padding rows of the head are never scored. Given
+        Returns logits (B, T, vocab_size): the padding rows of the head are never scored; with
+        `last_only`, (B, 1, vocab_size) for the last position, all a prompt's prefill needs. Given
         `targets` (B, T), the id each position should predict (-100: none), returns instead the summed
         cross-entropy, computed without the whole logits tensor (`HeadLoss`)."""
         B, T = idx.shape
@@ -374,6 +377,8 @@ class LLaMA(nn.Module):
             x = self.token_rows.embed(idx, x)
         for block in self.transformer.h:
             x = block(x, cos, sin, mask, input_pos)
+        if last_only:
+            x = x[:, -1:]  # (B, 1, C)
         x = self.transformer.ln_f(x)
         return self.head(x) if targets is None else self.head_loss(x, targets)
 

@@ -21,6 +21,8 @@ from typing import Literal, Optional, Union
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
 
+from lit_llama.files import write_atomic
+
 DEFAULT_EOT = "<|eot|>"
 MODEL_FILE = "tokenizer.model"
 SPECIAL_TOKENS_FILE = "special_tokens.json"
@@ -55,8 +57,16 @@ class Tokenizer:
         if not model_path.is_file():
             raise FileNotFoundError(f"{model_path} not found: a checkpoint or data dir must hold its tokenizer.model")
         special_path = directory / SPECIAL_TOKENS_FILE
-        special = json.loads(special_path.read_text()) if special_path.is_file() else None
-        return cls(model_path.read_bytes(), special)
+        try:
+            special = json.loads(special_path.read_text()) if special_path.is_file() else None
+        except ValueError as e:
+            raise ValueError(f"{special_path} is damaged ({e}); copy it again with the tokenizer.model "
+                             f"beside it") from None
+        try:
+            return cls(model_path.read_bytes(), special)
+        except RuntimeError:  # sentencepiece could not parse it
+            raise ValueError(f"{model_path} is not a sentencepiece model (damaged, or another kind of tokenizer); "
+                             f"LLaMA-family models ship one, copy it again") from None
 
     @property
     def special_tokens(self) -> dict[str, int]:
@@ -124,7 +134,7 @@ class Tokenizer:
     def save(self, directory: Path) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / MODEL_FILE).write_bytes(self.model_proto)
+        write_atomic(directory / MODEL_FILE, self.model_proto)
         if self.special:
             special = {
                 "base_vocab_size": self.base_vocab_size,
@@ -133,7 +143,7 @@ class Tokenizer:
                 "eot_id": self.eot_id,
                 "stop_ids": self.stop_ids,
             }
-            (directory / SPECIAL_TOKENS_FILE).write_text(json.dumps(special, indent=2, ensure_ascii=False) + "\n")
+            write_atomic(directory / SPECIAL_TOKENS_FILE, json.dumps(special, indent=2, ensure_ascii=False) + "\n")
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         """Ids of `text`. Never a special id: CONTROL pieces are not matched in text."""

@@ -7,9 +7,9 @@ generation, a progress bar, metrics.csv and, at the end, a loss plot.
 """
 
 import csv
+import io
 import itertools
 import math
-import os
 import signal
 import time
 from dataclasses import asdict, dataclass
@@ -24,6 +24,7 @@ from tqdm import tqdm
 from lit_llama.adapter import AdapterConfig, inject_adapter, is_adapter_name
 from lit_llama.checkpoint import CONFIG_FILE, HPARAMS_FILE, WEIGHTS_FILES, atomic_save, check_writable, load_model, write_json
 from lit_llama.data import IGNORE_INDEX, TokenDataset, collate, load_prepared, shuffled_indices
+from lit_llama.files import replace_durably, temporary_name, write_atomic
 from lit_llama.generate import generate, stop_reason
 from lit_llama.lora import LoRAConfig, inject_lora, is_lora_name
 from lit_llama.model import Block, LLaMA
@@ -31,6 +32,7 @@ from lit_llama.tokenizer import Tokenizer
 from lit_llama.vocab import add_special_tokens, attach_token_rows
 
 Method = Literal["lora", "adapter", "full"]
+TrainPrecision = Literal["bf16-true", "bf16-mixed", "16-mixed", "32-true"]
 RESUME_FILE = "training_state.pth"
 METRICS = ["step", "train_loss", "val_loss", "learning_rate", "tokens_per_sec", "elapsed_sec"]
 
@@ -98,18 +100,33 @@ def lr_at_step(step: int, args: TrainArgs, total_steps: int) -> float:
     return args.min_learning_rate + (args.learning_rate - args.min_learning_rate) * cosine
 
 
-def loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross-entropy. logits: (B, T, V); labels: (B, T) aligned with the inputs."""
-    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, T): position t predicts t + 1
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+def next_token_targets(labels: torch.Tensor) -> torch.Tensor:
+    """labels: (B, T) aligned with the inputs -> targets (B, T): position t predicts label t + 1."""
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
 
 
 def n_targets(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
-def make_fabric(accelerator: str, devices: int, num_nodes: int, precision: Optional[str], strategy: str,
+def check_devices(accelerator: str, devices: int) -> None:
+    """A device count the machine doesn't have fails here, in one line, instead of deep in the launch.
+    On CPU each device is a process, so any count runs."""
+    if devices < 1:
+        raise ValueError(f"--devices {devices}: give the number of devices per node, at least 1")
+    if accelerator in ("cuda", "gpu") or (accelerator == "auto" and torch.cuda.is_available()):
+        available = torch.cuda.device_count()
+        if available == 0:
+            raise ValueError(f"--accelerator {accelerator}: no CUDA device is visible; check the driver and "
+                             "CUDA_VISIBLE_DEVICES, or train with --accelerator cpu")
+        if devices > available:
+            raise ValueError(f"--devices {devices}: this machine has {available} CUDA device(s) visible; use "
+                             f"--devices {available} or fewer (across machines: --num_nodes)")
+
+
+def make_fabric(accelerator: str, devices: int, num_nodes: int, precision: Optional[TrainPrecision], strategy: str,
                 activation_checkpointing: bool) -> L.Fabric:
+    check_devices(accelerator, devices)
     if strategy == "fsdp":
         from lightning.fabric.strategies import FSDPStrategy
 
@@ -118,8 +135,11 @@ def make_fabric(accelerator: str, devices: int, num_nodes: int, precision: Optio
                                 activation_checkpointing_policy={Block} if activation_checkpointing else None)
     elif strategy not in ("auto", "ddp"):
         raise ValueError(f"--strategy {strategy!r} is not one of auto, ddp, fsdp")
-    return L.Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes,
-                    precision=precision or default_precision(), strategy=strategy)
+    try:
+        return L.Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes,
+                        precision=precision or default_precision(), strategy=strategy)
+    except ValueError as e:  # an accelerator name Lightning doesn't know; its message names the value, not the flag
+        raise ValueError(f"--accelerator {accelerator}: {e}") from None
 
 
 def prepare_model(model: LLaMA, method: Method, method_config: Union[LoRAConfig, AdapterConfig, None],
@@ -150,7 +170,7 @@ def validate(fabric: L.Fabric, model: torch.nn.Module, data: TokenDataset, args:
     for start in starts:
         samples = [data[i] for i in range(start, min(start + args.micro_batch_size, len(data)))]
         input_ids, labels = fabric.to_device(collate(samples, pad_id))
-        total += loss_sum(model(input_ids), labels)
+        total += model(input_ids, targets=next_token_targets(labels))
         count += n_targets(labels)
     model.train()
     return total.item() / max(count, 1)
@@ -181,18 +201,21 @@ class OutDir:
 
     def save(self, fabric: L.Fabric, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
         state_dict = fabric.strategy.get_module_state_dict(model)  # gathered under FSDP
-        tmp = self.state.with_name(self.state.name + ".tmp")
+        tmp = temporary_name(self.state)
         fabric.save(tmp, {"model": model, "optimizer": optimizer, "step": step, "rng": torch.get_rng_state()},
                     filter={"model": lambda name, _: name in self.trained})
         if fabric.is_global_zero:
+            # the weights first, the training state last: a kill in between leaves weights one step ahead
+            # of the state, and --resume redoes that step to the same weights
             atomic_save({k: v for k, v in state_dict.items() if k in self.trained}, self.weights)
-            os.replace(tmp, self.state)
+            replace_durably(tmp, self.state)
         fabric.barrier()
 
     def resume(self, fabric: L.Fabric, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
         """Load the latest training state; returns the step it was saved at."""
         if not self.state.is_file():
-            raise FileNotFoundError(f"--resume: {self.state} not found: this out dir has no checkpoint to resume from")
+            raise FileNotFoundError(f"--resume: {self.state} not found: the run in {self.path} stopped before its first "
+                                    f"checkpoint (or never ran there); run again without --resume to start from step 0")
         state = {"model": model, "optimizer": optimizer}
         rest = fabric.load(self.state, state, strict=False, weights_only=True)
         torch.set_rng_state(rest["rng"])
@@ -239,15 +262,17 @@ def write_metrics_row(path: Path, row: dict) -> None:
 
 
 def truncate_metrics(path: Path, step: int) -> None:
-    """Keep the rows up to `step`: a resumed run writes the later ones again."""
+    """Keep the rows up to `step`: a resumed run writes the later ones again. A row cut short by a kill
+    mid-append is dropped with them."""
     if not path.is_file():
         return
     with open(path, newline="") as f:
-        rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, METRICS)
-        writer.writeheader()
-        writer.writerows(rows)
+        rows = [r for r in csv.DictReader(f) if None not in r.values() and r["step"].isdigit() and int(r["step"]) <= step]
+    text = io.StringIO()
+    writer = csv.DictWriter(text, METRICS)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(path, text.getvalue())
 
 
 def plot_losses(metrics: Path, out: Path) -> Optional[str]:
@@ -304,7 +329,7 @@ def fit(fabric: L.Fabric, model: torch.nn.Module, optimizer: torch.optim.Optimiz
         for i, (input_ids, labels) in enumerate(micro_batches):
             input_ids, labels = fabric.to_device((input_ids, labels))
             with fabric.no_backward_sync(model, enabled=i < accumulation - 1):
-                loss = loss_sum(model(input_ids), labels) * scale
+                loss = model(input_ids, targets=next_token_targets(labels)) * scale
                 fabric.backward(loss)
             step_loss += loss.detach()
         train_loss = fabric.all_reduce(step_loss, reduce_op="sum").item() / fabric.world_size
@@ -342,13 +367,13 @@ def fit(fabric: L.Fabric, model: torch.nn.Module, optimizer: torch.optim.Optimiz
 
 def finetune(method: Method, method_config: Union[LoRAConfig, AdapterConfig, None], data_dir: Path,
              checkpoint_dir: Path, out_dir: Path, accelerator: str, devices: int, num_nodes: int,
-             precision: Optional[str], strategy: str, activation_checkpointing: bool, token_init: str,
+             precision: Optional[TrainPrecision], strategy: str, activation_checkpointing: bool, token_init: str,
              resume: bool, train: TrainArgs) -> dict:
     """Everything a finetune script does after parsing its flags. Returns the last losses."""
+    tokenizer, train_data, val_data = load_prepared(data_dir, checkpoint_dir)  # bad paths fail before any launch
     fabric = make_fabric(accelerator, devices, num_nodes, precision, strategy, activation_checkpointing)
     fabric.launch()
     fabric.seed_everything(train.seed)
-    tokenizer, train_data, val_data = load_prepared(data_dir, checkpoint_dir)
     train.accumulation_steps(fabric.world_size)  # a bad batch size fails now, not after loading
     model = load_model(checkpoint_dir)
     special_ids = add_special_tokens(model, tokenizer, token_init, seed=train.seed)
@@ -372,6 +397,12 @@ def finetune(method: Method, method_config: Union[LoRAConfig, AdapterConfig, Non
     start_step = 0
     if resume:
         start_step = out.resume(fabric, model, optimizer)
+        total_steps = train.total_steps(len(train_data))
+        if start_step >= total_steps:  # killed after its last checkpoint: only the loss plot may be missing
+            if fabric.is_global_zero and out.metrics.is_file():
+                plot_losses(out.metrics, out.path / "loss.png")
+            fabric.print(f"{out.state} is at step {start_step} of {total_steps}: the run is finished, nothing left to train")
+            return {"train_loss": None, "val_loss": None, "stopped_by": None}
         fabric.print(f"resuming from step {start_step} of {out.state}")
         if fabric.is_global_zero:
             truncate_metrics(out.metrics, start_step)

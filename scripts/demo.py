@@ -19,7 +19,10 @@ REPO = Path(__file__).resolve().parents[1]
 def step(title: str, script: str, *args: str) -> None:
     print(f"\n== {title}\n$ python {script} {' '.join(args)}", flush=True)
     start = time.perf_counter()
-    subprocess.run([sys.executable, str(REPO / script), *args], check=True)
+    code = subprocess.run([sys.executable, str(REPO / script), *args]).returncode
+    if code:  # the step said why on the line above
+        print(f"error: {script} ended with exit code {code}; the demo stops here", file=sys.stderr)
+        raise SystemExit(code)
     print(f"({time.perf_counter() - start:.0f}s)", flush=True)
 
 
@@ -29,6 +32,9 @@ def main(work_dir: Path = Path("out/demo")) -> None:
     Args:
         work_dir: where the checkpoint, data and fine-tune go
     """
+    from lit_llama.checkpoint import check_writable
+
+    check_writable(work_dir, 0, "--work_dir")
     start = time.perf_counter()
     base, data, lora = work_dir / "checkpoints" / "tiny", work_dir / "data" / "lima", work_dir / "lora"
     step("1/4 build the tiny base model", "scripts/prepare_tiny.py", "--out_dir", str(base))

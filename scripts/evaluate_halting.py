@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from lit_llama.checkpoint import write_json
+from lit_llama.checkpoint import require_dir, require_file, write_json
 from lit_llama.cli import run
 from lit_llama.data import TokenDataset
 from lit_llama.generate import Precision, generate_batch, load_for_inference, place, stop_reason
@@ -67,13 +67,14 @@ def main(
         precision: 32-true, bf16-true or 16-true (default: bf16 on a GPU that supports it, else fp32)
         output_file: where the JSON goes (default: halting_<split>.json in the model's dir)
     """
+    require_dir(data_dir, "--data_dir", "give a dir that a scripts/prepare_*.py script wrote")
+    data_tokenizer = Tokenizer.from_dir(data_dir)  # checked before the model loads
     model, tokenizer = load_for_inference(checkpoint_dir, lora_path, adapter_path)
-    data_tokenizer = Tokenizer.from_dir(data_dir)
     data_vocab, model_vocab = (data_tokenizer.eot_id, data_tokenizer.vocab_size), (tokenizer.eot_id, tokenizer.vocab_size)
     if data_tokenizer.eot_id is None or data_vocab != model_vocab:
         raise ValueError(f"{data_dir} was not prepared with the model's tokenizer (end-of-turn id {data_tokenizer.eot_id} "
                          f"of {data_tokenizer.vocab_size}, the model's {tokenizer.eot_id} of {tokenizer.vocab_size})")
-    data = TokenDataset.load(data_dir / f"{split}.pt")
+    data = TokenDataset.load(require_file(data_dir / f"{split}.pt", "prepare the data again"))
     exchanges = [first_exchange(ids.tolist(), mask.tolist(), tokenizer.eot_id)
                  for ids, mask in (data[i] for i in range(min(len(data), max_samples or len(data))))]
     exchanges = [e for e in exchanges if e is not None]

@@ -11,7 +11,7 @@ from typing import Optional
 # run from a checkout without installing the package
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lit_llama.checkpoint import load_finetuned, save_checkpoint_dir
+from lit_llama.checkpoint import check_writable, load_finetuned, save_checkpoint_dir
 from lit_llama.cli import run
 
 
@@ -24,6 +24,7 @@ def main(lora_path: Path, out_dir: Path, checkpoint_dir: Optional[Path] = None) 
         checkpoint_dir: the base checkpoint dir (default: the one the out dir was trained from)
     """
     model, tokenizer = load_finetuned(lora_path, checkpoint_dir)
+    check_writable(out_dir, 0)
     save_checkpoint_dir(model, tokenizer, out_dir)
     print(f"merged {lora_path} into {out_dir} (vocabulary {model.config.vocab_size}, EOT id {tokenizer.eot_id})")
 

@@ -79,6 +79,8 @@ def prepare(
         data_path = download_lima()
     data_path = Path(data_path)
     if data_path.is_dir():
+        if not (data_path / "train.jsonl").is_file():
+            raise FileNotFoundError(f"--data_path {data_path} has no train.jsonl: give LIMA's folder or a JSONL file")
         data_path = data_path / "train.jsonl"
     prepare_data(
         data_path, lambda row, tokenizer: conversation_segments(tokenizer, lima_turns(row), mask_inputs),

@@ -20,11 +20,11 @@ import sentencepiece as spm
 import torch
 from tqdm import tqdm
 
-from lit_llama.checkpoint import save_checkpoint_dir
+from lit_llama.checkpoint import check_writable, save_checkpoint_dir
 from lit_llama.cli import run
 from lit_llama.model import LLaMA, LLaMAConfig
 from lit_llama.tokenizer import Tokenizer
-from lit_llama.training import TrainArgs, loss_sum, lr_at_step
+from lit_llama.training import TrainArgs, lr_at_step, next_token_targets
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -63,6 +63,9 @@ def main(
         learning_rate: peak AdamW learning rate (cosine decay to a tenth of it)
         seed: seed of the initialisation and the sampled windows
     """
+    if not Path(corpus).is_file():
+        raise FileNotFoundError(f"--corpus {corpus} not found: give a plain text file, one document per line")
+    check_writable(out_dir, 0)  # before the pretraining, not after it
     torch.manual_seed(seed)
     documents = [line.strip() for line in Path(corpus).read_text(encoding="utf-8").splitlines() if line.strip()]
     tokenizer = train_tokenizer(documents, vocab_size)
@@ -81,7 +84,7 @@ def main(
             group["lr"] = lr_at_step(step, schedule, steps)
         offsets = torch.randint(len(stream) - seq_len, (batch_size,))
         windows = torch.stack([stream[o : o + seq_len] for o in offsets])  # (B, T)
-        loss = loss_sum(model(windows), windows) / windows[:, 1:].numel()
+        loss = model(windows, targets=next_token_targets(windows)) / windows[:, 1:].numel()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

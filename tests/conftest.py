@@ -17,6 +17,7 @@ def load_script(relative_path: str) -> ModuleType:
     path = REPO / relative_path
     spec = importlib.util.spec_from_file_location(path.stem + "_" + path.parent.name, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # jsonargparse looks functions' signatures up through their module
     spec.loader.exec_module(module)
     return module
 
@@ -47,3 +48,27 @@ def lima_data(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -
     load_script("scripts/prepare_lima.py").prepare(
         data_path=REPO / "data" / "lima_sample.jsonl", checkpoint_dir=tiny_checkpoint, destination_path=destination)
     return destination
+
+
+SOAK_HOW = "python -m pytest -m soak tests/test_faults.py (30 kills), or --soak N"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--soak", type=int, default=None, metavar="N",
+                     help="run the soak tests (marked soak) with N random kills")
+    parser.addoption("--fault-seed", type=int, default=None, metavar="S",
+                     help="seed of the random kill times in tests/test_faults.py, to replay a failure")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", f"soak: long fault-injection loops, skipped unless asked for: {SOAK_HOW}")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
+    words = config.getoption("markexpr").replace("(", " ").replace(")", " ").split()
+    if config.getoption("--soak") or ("soak" in words and "not" not in words):
+        return
+    skip = pytest.mark.skip(reason=f"soak test: {SOAK_HOW}")
+    for item in items:
+        if "soak" in item.keywords:
+            item.add_marker(skip)

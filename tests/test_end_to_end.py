@@ -15,7 +15,7 @@ from lit_llama.generate import generate, stop_reason
 from lit_llama.lora import LoRAConfig
 from lit_llama.prompts import encode_prompt
 from lit_llama.tokenizer import Tokenizer
-from lit_llama.training import TrainArgs, loss_sum, n_targets
+from lit_llama.training import TrainArgs, n_targets, next_token_targets
 from lit_llama.vocab import add_special_tokens
 
 
@@ -24,7 +24,7 @@ def mean_loss(model, data) -> float:
     total, count = 0.0, 0
     for start in range(0, len(data), 8):
         input_ids, labels = collate([data[i] for i in range(start, min(start + 8, len(data)))])
-        total += loss_sum(model(input_ids), labels).item()
+        total += model(input_ids, targets=next_token_targets(labels)).item()
         count += n_targets(labels)
     return total / count
 

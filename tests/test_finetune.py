@@ -15,7 +15,7 @@ from lit_llama.checkpoint import load_finetuned, load_model, load_state_dict
 from lit_llama.data import collate, load_prepared
 from lit_llama.lora import LoRAConfig
 from lit_llama.tokenizer import Tokenizer
-from lit_llama.training import TrainArgs, loss_sum, n_targets
+from lit_llama.training import TrainArgs, n_targets, next_token_targets
 from lit_llama.vocab import add_special_tokens
 
 SHORT = dict(warmup_iters=2, global_batch_size=4, micro_batch_size=2, eval_interval=100, eval_iters=1, save_interval=0)
@@ -26,7 +26,7 @@ def train_loss(model, data) -> float:
     total, count = 0.0, 0
     for start in range(0, len(data), 8):
         input_ids, labels = collate([data[i] for i in range(start, min(start + 8, len(data)))])
-        total += loss_sum(model(input_ids), labels).item()
+        total += model(input_ids, targets=next_token_targets(labels)).item()
         count += n_targets(labels)
     return total / count
 
@@ -103,8 +103,8 @@ def test_accumulation_matches_one_big_batch(tiny_checkpoint, lima_data, tmp_path
                                               lora=LoRAConfig(dropout=0.0), train=TrainArgs(micro_batch_size=micro, **common))
     a, b = load_state_dict(tmp_path / "2" / "lit_model_lora.pth"), load_state_dict(tmp_path / "4" / "lit_model_lora.pth")
     assert a["token_rows.lm_head"].abs().sum() > 0
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4)
+    for name in a:  # micro-batches of other shapes round differently; a per-micro-batch mean moves weights by ~lr = 1e-2
+        torch.testing.assert_close(a[name], b[name], atol=1e-4, rtol=1e-3)
 
 
 def run_script(*args: str, **kwargs) -> subprocess.Popen:

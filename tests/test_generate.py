@@ -26,9 +26,9 @@ class ScriptedModel(torch.nn.Module):
     def clear_kv_cache(self):
         self.cached = None
 
-    def forward(self, idx, input_pos):
+    def forward(self, idx, input_pos, last_only=False):
         assert self.cached is not None and len(input_pos) == idx.shape[1]
-        logits = torch.zeros(idx.shape[0], idx.shape[1], self.config.vocab_size)
+        logits = torch.zeros(idx.shape[0], 1 if last_only else idx.shape[1], self.config.vocab_size)
         step = int(input_pos[-1]) + 1 - self.prompt_len
         for b, script in enumerate(self.scripts):
             logits[b, -1, script[step]] = 10.0

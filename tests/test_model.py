@@ -55,9 +55,13 @@ def test_kv_cache_decoding_equals_full_forward(n_query_groups):
         model.set_kv_cache(batch_size=2, max_seq_length=32)
         prefill = model(idx[:, :12], torch.arange(12))
         steps = [model(idx[:, t : t + 1], torch.tensor([t])) for t in range(12, 20)]
+        model.set_kv_cache(batch_size=2, max_seq_length=32)
+        last = model(idx[:, :12], torch.arange(12), last_only=True)  # what a prefill asks for
         model.clear_kv_cache()
     cached = torch.cat([prefill, *steps], dim=1)
     torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-5)
+    assert last.shape == (2, 1, full.shape[-1])
+    torch.testing.assert_close(last, full[:, 11:12], atol=1e-5, rtol=1e-5)
 
 
 def test_sequence_longer_than_block_size_is_refused():

@@ -70,6 +70,26 @@ def test_unwritable_or_full_out_dir_fails_before_training(tiny_checkpoint, lima_
     assert not (tmp_path / "full_disk" / "metrics.csv").exists()
 
 
+def test_a_device_count_the_machine_lacks_fails_before_loading(tiny_checkpoint, lima_data, tmp_path, monkeypatch):
+    def setup(**flags):
+        load_script("finetune/lora.py").setup(data_dir=lima_data, checkpoint_dir=tiny_checkpoint,
+                                              out_dir=tmp_path / "out", train=TrainArgs(**QUICK), **flags)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(ValueError, match="--accelerator cuda: no CUDA device is visible"):
+        setup(accelerator="cuda")
+    with pytest.raises(ValueError, match="--devices 0: give the number of devices per node"):
+        setup(devices=0)
+    with pytest.raises(ValueError, match="--accelerator tpux: You selected an invalid accelerator"):
+        setup(accelerator="tpux")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ValueError, match=r"--devices 4: this machine has 2 CUDA device\(s\) visible; use --devices 2"):
+        setup(accelerator="auto", devices=4)
+    assert not (tmp_path / "out").exists()  # nothing written, nothing loaded
+
+
 def test_code_in_a_checkpoint_is_refused_and_corruption_is_named(tmp_path):
     class RunsCode:
         def __reduce__(self):
