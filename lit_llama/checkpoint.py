@@ -30,6 +30,7 @@ WEIGHTS_FILES = {"lora": "lit_model_lora.pth", "adapter": "lit_model_adapter.pth
 CONFIG_FILE = "model_config.json"
 HPARAMS_FILE = "hyperparameters.json"
 MAKE_CHECKPOINT = "make a checkpoint dir with scripts/prepare_tiny.py or scripts/convert_hf_checkpoint.py"
+GIVE_OUT_DIR = "give the out dir that finetune/lora.py or finetune/adapter.py wrote"
 
 
 def atomic_save(obj: Any, path: Path) -> None:
@@ -129,8 +130,7 @@ def load_finetuned(out_dir: Path, checkpoint_dir: Optional[Path] = None,
     rows are merged into the weights, ready for inference."""
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
-        raise FileNotFoundError(f"{out_dir} not found: give the out dir that finetune/lora.py or "
-                                f"finetune/adapter.py wrote")
+        raise FileNotFoundError(f"{out_dir} not found: {GIVE_OUT_DIR}")
     hparams_path = require_file(out_dir / HPARAMS_FILE, "is this a finetune/*.py out dir?")
     try:
         hparams = json.loads(hparams_path.read_text())

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator, Literal, Optional, Sequence
 
 import torch
 
-from lit_llama.checkpoint import load_finetuned, load_model, require_dir
+from lit_llama.checkpoint import GIVE_OUT_DIR, load_finetuned, load_model, require_dir
 from lit_llama.model import LLaMA
 from lit_llama.prompts import encode_prompt
 from lit_llama.tokenizer import Tokenizer
@@ -366,8 +366,8 @@ def load_for_inference(checkpoint_dir: Optional[Path] = None, lora_path: Optiona
         raise ValueError("pass --lora_path or --adapter_path, not both")
     out_dir = lora_path or adapter_path
     if out_dir is not None:
-        require_dir(out_dir, "--lora_path" if lora_path is not None else "--adapter_path",
-                    "give the out dir that finetune/lora.py or finetune/adapter.py wrote")
+        # named by its flag here; load_finetuned, called by other scripts too, names the path only
+        require_dir(out_dir, "--lora_path" if lora_path is not None else "--adapter_path", GIVE_OUT_DIR)
         return load_finetuned(out_dir, checkpoint_dir)
     if checkpoint_dir is None:
         raise ValueError("pass --checkpoint_dir, --lora_path or --adapter_path")
