@@ -47,7 +47,7 @@ def setup(
             copy:<piece> or describe:<text> (see howto/special_tokens.md)
         resume: continue from the training state saved in out_dir
         adapter: prompt length and the first adapted layer
-        train: optimisation settings
+        train: optimisation settings (the learning rate, 3e-3, is already what the special tokens' rows need)
     """
     finetune("adapter", adapter, data_dir, checkpoint_dir, out_dir, accelerator, devices, num_nodes, precision, strategy,
              activation_checkpointing, token_init, resume, train)

@@ -29,7 +29,7 @@ def setup(
     token_init: str = "mean",
     resume: bool = False,
     lora: LoRAConfig = LoRAConfig(),
-    train: TrainArgs = TrainArgs(),
+    train: TrainArgs = TrainArgs(token_lr_scale=10.0),
 ) -> None:
     """Fine-tune a base checkpoint with LoRA on data prepared by a scripts/prepare_*.py script.
 
@@ -47,7 +47,7 @@ def setup(
             copy:<piece> or describe:<text> (see howto/special_tokens.md)
         resume: continue from the training state saved in out_dir
         lora: which layers get LoRA, and its rank
-        train: optimisation settings
+        train: optimisation settings (the special tokens' rows learn at 10x the learning rate)
     """
     finetune("lora", lora, data_dir, checkpoint_dir, out_dir, accelerator, devices, num_nodes, precision, strategy,
              activation_checkpointing, token_init, resume, train)

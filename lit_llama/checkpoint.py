@@ -149,6 +149,9 @@ def load_finetuned(out_dir: Path, checkpoint_dir: Optional[Path] = None,
     if replace(model.config, vocab_size=expected.vocab_size, padded_vocab_size=expected.padded_vocab_size) != expected:
         raise ValueError(f"{base_dir} is not the base model {out_dir} was trained from (model configs differ); "
                          f"pass the right one with --checkpoint_dir")
+    if Tokenizer.from_dir(base_dir).base_sha256 != tokenizer.base_sha256:  # same shapes, other ids: garbage out
+        raise ValueError(f"{base_dir} has another tokenizer than the base model {out_dir} was trained from; "
+                         f"pass the right one with --checkpoint_dir")
     grow_vocab(model, tokenizer.vocab_size)
     if method == "lora":
         inject_lora(model, LoRAConfig(**hparams["lora"]))

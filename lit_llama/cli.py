@@ -104,7 +104,8 @@ def run(fn: Callable[..., Any], args: Optional[list[str]] = None) -> Any:
     parser.args = tuple(args)
     try:
         config = parser.parse_args(args)
-        parser.debug = parser.debug or config.pop("debug")
+        debug = config.pop("debug")  # popped whether or not it is on: it is no argument of `fn`
+        parser.debug = parser.debug or debug
         config.pop("config", None)
         kwargs = parser.instantiate(config)
         return fn(**kwargs)

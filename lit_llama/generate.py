@@ -292,6 +292,10 @@ class Chat:
     def __init__(self, model: LLaMA, tokenizer: Tokenizer, *, system: Optional[str] = None, max_new_tokens: int = 256,
                  max_seq_length: Optional[int] = None, sampling: Sampling = Sampling(),
                  stop_ids: Optional[Sequence[int]] = None, seed: int = 1234, compile: bool = False) -> None:
+        if tokenizer.eot_id is None:  # refused now, not at every message
+            raise ValueError("the tokenizer has no end-of-turn token (a base checkpoint?): chat with a fine-tune "
+                             "(--lora_path, --adapter_path, or a full or merged checkpoint); continue plain text "
+                             "with generate/base.py")
         self.tokenizer, self.system, self.max_new_tokens, self.sampling = tokenizer, system, max_new_tokens, sampling
         self.stop_ids = resolve_stop_ids(tokenizer) if stop_ids is None else tuple(stop_ids)
         self.decoder = Decoder(model, 1, max_seq_length, compile_step(model) if compile else None)

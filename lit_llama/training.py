@@ -55,6 +55,9 @@ class TrainArgs:
         eval_iters: validation micro-batches per run; 0 uses the whole validation split
         save_interval: optimizer steps between checkpoints (one is also written at the end); 0: only at the end
         seed: seed of the initialisation, dropout and data order
+        token_lr_scale: under LoRA and adapter, the special tokens' embedding and head rows learn at
+            learning_rate x this: a new token has to become the likeliest one at every turn's end, and at
+            LoRA's rate its rows move too slowly (full fine-tuning trains them inside wte and lm_head)
     """
 
     learning_rate: float = 3e-4
@@ -70,6 +73,7 @@ class TrainArgs:
     eval_iters: int = 10
     save_interval: int = 100
     seed: int = 1337
+    token_lr_scale: float = 1.0
 
     def accumulation_steps(self, world_size: int) -> int:
         per_step = self.micro_batch_size * world_size
@@ -82,6 +86,14 @@ class TrainArgs:
         if self.epochs is None:
             return self.max_iters
         return math.ceil(self.epochs * n_samples / self.global_batch_size)
+
+
+def check_token_lr_scale(method: Method, token_lr_scale: float) -> None:
+    if token_lr_scale < 0:
+        raise ValueError(f"--train.token_lr_scale must be >= 0, got {token_lr_scale}")
+    if method == "full" and token_lr_scale != 1:
+        raise ValueError(f"--train.token_lr_scale {token_lr_scale}: full fine-tuning trains the special tokens' rows "
+                         f"inside wte and lm_head, at --train.learning_rate; leave the flag out")
 
 
 def default_precision() -> str:
@@ -157,6 +169,17 @@ def prepare_model(model: LLaMA, method: Method, method_config: Union[LoRAConfig,
         trains = is_adapter_name
     for name, param in model.named_parameters():
         param.requires_grad = trains(name)
+
+
+def param_groups(model: torch.nn.Module, token_lr_scale: float) -> list[dict]:
+    """What trains, as AdamW groups whose learning rate is the schedule's times "lr_scale": the special
+    tokens' own rows (`model.token_rows`, LoRA and adapter) at `token_lr_scale`, everything else at 1."""
+    rows, rest = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (rows if "token_rows." in name else rest).append(param)
+    groups = [{"params": rest, "lr_scale": 1.0}, {"params": rows, "lr_scale": token_lr_scale}]
+    return [group for group in groups if group["params"]]
 
 
 @torch.no_grad()
@@ -317,7 +340,7 @@ def fit(fabric: L.Fabric, model: torch.nn.Module, optimizer: torch.optim.Optimiz
     for step in bar:
         lr = lr_at_step(step, args, total_steps)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_scale"]
         step_start = time.perf_counter()
         micro_batches = [collate([train_data[next(order)] for _ in range(args.micro_batch_size)], pad_id)
                          for _ in range(accumulation)]
@@ -370,9 +393,25 @@ def finetune(method: Method, method_config: Union[LoRAConfig, AdapterConfig, Non
              precision: Optional[TrainPrecision], strategy: str, activation_checkpointing: bool, token_init: str,
              resume: bool, train: TrainArgs) -> dict:
     """Everything a finetune script does after parsing its flags. Returns the last losses."""
+    check_token_lr_scale(method, train.token_lr_scale)
     tokenizer, train_data, val_data = load_prepared(data_dir, checkpoint_dir)  # bad paths fail before any launch
     fabric = make_fabric(accelerator, devices, num_nodes, precision, strategy, activation_checkpointing)
     fabric.launch()
+    try:
+        return train_on_this_rank(fabric, method, method_config, tokenizer, train_data, val_data, checkpoint_dir,
+                                  data_dir, out_dir, precision, token_init, resume, train)
+    finally:
+        # with several processes, the process group's threads must stop before the interpreter does, or
+        # C++ may abort the exit ("terminate called without an active exception")
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def train_on_this_rank(fabric: L.Fabric, method: Method, method_config: Union[LoRAConfig, AdapterConfig, None],
+                       tokenizer: Tokenizer, train_data: TokenDataset, val_data: TokenDataset, checkpoint_dir: Path,
+                       data_dir: Path, out_dir: Path, precision: Optional[TrainPrecision], token_init: str,
+                       resume: bool, train: TrainArgs) -> dict:
+    """`finetune` once the processes are launched: load, train and save, on every rank."""
     fabric.seed_everything(train.seed)
     train.accumulation_steps(fabric.world_size)  # a bad batch size fails now, not after loading
     model = load_model(checkpoint_dir)
@@ -390,7 +429,7 @@ def finetune(method: Method, method_config: Union[LoRAConfig, AdapterConfig, Non
     fabric.print(f"{method}: training {sum(p.numel() for p in trainable):,} of {sum(p.numel() for p in model.parameters()):,} "
                  f"parameters ({len(special_ids)} special-token rows); {len(train_data)} train / {len(val_data)} val samples")
     model = fabric.setup_module(model)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=train.learning_rate,
+    optimizer = torch.optim.AdamW(param_groups(model, train.token_lr_scale), lr=train.learning_rate,
                                   weight_decay=train.weight_decay, betas=(0.9, 0.95))
     optimizer = fabric.setup_optimizers(optimizer)
 

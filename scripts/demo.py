@@ -8,6 +8,8 @@
     python scripts/demo.py
 """
 
+import os
+import shlex
 import subprocess
 import sys
 import time
@@ -16,18 +18,24 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def step(title: str, script: str, *args: str) -> None:
-    print(f"\n== {title}\n$ python {script} {' '.join(args)}", flush=True)
+def step(title: str, script: str, *args: str, stderr: int | None = None) -> str:
+    """Run `script` as a user would, with the command printed so it can be pasted; its stderr is returned
+    (and passed through) when `stderr` is subprocess.PIPE."""
+    print(f"\n== {title}\n$ {shlex.join(['python', os.path.relpath(REPO / script), *args])}", flush=True)
     start = time.perf_counter()
-    code = subprocess.run([sys.executable, str(REPO / script), *args]).returncode
-    if code:  # the step said why on the line above
-        print(f"error: {script} ended with exit code {code}; the demo stops here", file=sys.stderr)
-        raise SystemExit(code)
+    result = subprocess.run([sys.executable, str(REPO / script), *args], stderr=stderr, text=True)
+    if result.stderr:
+        print(result.stderr, end="", file=sys.stderr, flush=True)
+    if result.returncode:  # the step said why on the line above
+        print(f"error: {script} ended with exit code {result.returncode}; the demo stops here", file=sys.stderr)
+        raise SystemExit(result.returncode)
     print(f"({time.perf_counter() - start:.0f}s)", flush=True)
+    return result.stderr or ""
 
 
 def main(work_dir: Path = Path("out/demo")) -> None:
-    """Run the four steps, writing everything under `work_dir`.
+    """Run the four steps of README's path, with its default flags, writing everything under `work_dir`.
+    Ends with exit code 1 if the reply does not stop on the end-of-turn token.
 
     Args:
         work_dir: where the checkpoint, data and fine-tune go
@@ -39,12 +47,16 @@ def main(work_dir: Path = Path("out/demo")) -> None:
     base, data, lora = work_dir / "checkpoints" / "tiny", work_dir / "data" / "lima", work_dir / "lora"
     step("1/4 build the tiny base model", "scripts/prepare_tiny.py", "--out_dir", str(base))
     step("2/4 prepare the LIMA-format sample with an end-of-turn token", "scripts/prepare_lima.py",
-         "--data_path", str(REPO / "data" / "lima_sample.jsonl"), "--checkpoint_dir", str(base), "--destination_path", str(data))
+         "--data_path", os.path.relpath(REPO / "data" / "lima_sample.jsonl"), "--checkpoint_dir", str(base),
+         "--destination_path", str(data))
     step("3/4 fine-tune with LoRA", "finetune/lora.py", "--data_dir", str(data), "--checkpoint_dir", str(base),
-         "--out_dir", str(lora), "--train.learning_rate", "3e-3", "--train.max_iters", "150", "--train.eval_interval", "50")
-    step("4/4 generate until the end-of-turn token", "generate/lora.py", "--lora_path", str(lora),
-         "--prompt", "How often should I water a cactus?", "--temperature", "0")
-    print(f"\ndemo finished in {time.perf_counter() - start:.0f}s")
+         "--out_dir", str(lora))
+    report = step("4/4 generate until the end-of-turn token", "generate/lora.py", "--lora_path", str(lora),
+                  "--prompt", "How often should I water a cactus?", "--temperature", "0", stderr=subprocess.PIPE)
+    if "stop reason: eot" not in report:
+        print("error: the reply did not end on the end-of-turn token (see the stop reason above)", file=sys.stderr)
+        raise SystemExit(1)
+    print(f"\ndemo finished in {time.perf_counter() - start:.0f}s: the reply ended on the end-of-turn token")
 
 
 if __name__ == "__main__":

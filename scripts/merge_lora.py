@@ -1,5 +1,5 @@
 """Fold a LoRA fine-tune into a plain checkpoint dir (LoRA updates and the trained special-token rows
-written into the weights), which generate/full.py, further fine-tuning and the HF export load.
+written into the weights), which generate/full.py, chat, evaluate_halting.py and the HF export load.
 
     python scripts/merge_lora.py --lora_path out/lora --out_dir checkpoints/merged
 """

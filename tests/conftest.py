@@ -1,7 +1,10 @@
+import functools
 import importlib.util
+import re
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any, Callable
 
 import pytest
 
@@ -20,6 +23,14 @@ def load_script(relative_path: str) -> ModuleType:
     sys.modules[spec.name] = module  # jsonargparse looks functions' signatures up through their module
     spec.loader.exec_module(module)
     return module
+
+
+@functools.cache
+def script_entry(relative_path: str) -> Callable[..., Any]:
+    """The function a script's `__main__` block hands to `run(...)`, from the script imported as a module."""
+    module = load_script(relative_path)
+    entry = re.search(r"^\s+run\((\w+)\)", (REPO / relative_path).read_text(), re.M)[1]
+    return getattr(module, entry)
 
 
 @pytest.fixture(scope="session")
@@ -50,7 +61,12 @@ def lima_data(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -
     return destination
 
 
-SOAK_HOW = "python -m pytest -m soak tests/test_faults.py (30 kills), or --soak N"
+# opt-in markers: name -> how to run them
+OPT_IN = {
+    "soak": "long fault-injection loops: python -m pytest -m soak tests/test_faults.py (30 kills), or --soak N",
+    "docs": "every command of README.md and howto/*.md, run in a copy of the repo: python -m pytest -m docs "
+            "tests/test_docs.py (about 7 minutes)",
+}
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -61,14 +77,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", f"soak: long fault-injection loops, skipped unless asked for: {SOAK_HOW}")
+    for marker, how in OPT_IN.items():
+        config.addinivalue_line("markers", f"{marker}: skipped unless asked for; {how}")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
     words = config.getoption("markexpr").replace("(", " ").replace(")", " ").split()
-    if config.getoption("--soak") or ("soak" in words and "not" not in words):
-        return
-    skip = pytest.mark.skip(reason=f"soak test: {SOAK_HOW}")
+    asked = {marker for marker in OPT_IN if marker in words and "not" not in words}
+    if config.getoption("--soak"):
+        asked.add("soak")
     for item in items:
-        if "soak" in item.keywords:
-            item.add_marker(skip)
+        for marker in OPT_IN.keys() - asked:
+            if marker in item.keywords:
+                item.add_marker(pytest.mark.skip(reason=f"opt-in: {OPT_IN[marker]}"))

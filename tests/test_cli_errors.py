@@ -3,9 +3,9 @@
 The scripts run in-process through the same `run(...)` their `__main__` block calls, with sys.argv
 patched; a few run as real processes to show the whole path (exit code, no traceback, --debug)."""
 
-import functools
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import lit_llama.training  # noqa: F401  (before any capture: lightning's log handler keeps the stderr it first sees)
-from conftest import REPO, load_script
+from conftest import REPO, script_entry
 from lit_llama import cli
 
 SCRIPTS = ["finetune/lora.py", "finetune/adapter.py", "finetune/full.py",
@@ -107,15 +107,6 @@ MISSING_PATHS = {
                                 "error: --corpus no/corpus.txt not found: give a plain text file, one document "
                                 "per line"),
 }
-
-
-@functools.cache
-def script_entry(relative_path: str):
-    """The function a script's `__main__` block hands to `run(...)`, from the script imported as a module."""
-    module = load_script(relative_path)
-    sys.modules.setdefault(module.__name__, module)  # jsonargparse reads `**flags` through the module's source
-    entry = re.search(r"^\s+run\((\w+)\)", (REPO / relative_path).read_text(), re.M)[1]
-    return getattr(module, entry)
 
 
 def run_script(relative_path: str, args: list[str], capsys) -> tuple[int, str, str]:
@@ -260,3 +251,49 @@ def test_real_process_with_debug_shows_the_traceback(tmp_path):
     assert "Traceback (most recent call last)" in result.stderr
     assert result.stderr.strip().splitlines()[-1] == ("FileNotFoundError: --lora_path no/lora not found: give the out dir that "
                                                      "finetune/lora.py or finetune/adapter.py wrote")
+
+
+def test_every_script_runs_a_valid_command_with_debug(tiny_checkpoint, lima_data, tmp_path, monkeypatch, capsys):
+    """--debug changes only what an error shows: a valid command runs to its end (exit code 0), each script
+    once, in the order a user runs them (each writes what the next reads). The demo's valid command is the
+    whole path; it runs under `-m docs`."""
+    from test_convert import random_hf_model, save_meta
+
+    monkeypatch.chdir(tmp_path)
+    save_meta(random_hf_model("llama"), tmp_path / "meta" / "tiny")
+    shutil.copy(tiny_checkpoint / "tokenizer.model", tmp_path / "meta" / "tokenizer.model")
+    (tmp_path / "prompts.jsonl").write_text('"What is rain?"\n')
+    train = ["--train.max_iters", "1", "--train.global_batch_size", "2", "--train.micro_batch_size", "2",
+             "--train.eval_iters", "1", "--accelerator", "cpu"]
+    fine_tune = ["--data_dir", str(lima_data), "--checkpoint_dir", str(tiny_checkpoint), *train]
+    short = ["--max_new_tokens", "3"]
+    commands = {
+        "scripts/prepare_tiny.py": ["--out_dir", "tiny", "--steps", "1", "--vocab_size", "512"],
+        "scripts/prepare_lima.py": ["--data_path", LIMA_SAMPLE, "--checkpoint_dir", "tiny", "--destination_path", "lima"],
+        "scripts/prepare_alpaca.py": ["--data_path", str(REPO / "data" / "alpaca_sample.json"), "--checkpoint_dir", "tiny",
+                                      "--destination_path", "alpaca"],
+        "scripts/prepare_conversations.py": ["--data_path", str(REPO / "data" / "conversations_sample.jsonl"),
+                                             "--checkpoint_dir", "tiny", "--destination_path", "chats"],
+        "finetune/lora.py": [*fine_tune, "--out_dir", "lora"],
+        "finetune/adapter.py": [*fine_tune, "--out_dir", "adapter"],
+        "finetune/full.py": [*fine_tune, "--out_dir", "full"],
+        "generate/base.py": ["--checkpoint_dir", str(tiny_checkpoint), *short],
+        "generate/lora.py": ["--lora_path", "lora", "--prompts_file", "prompts.jsonl", *short],
+        "generate/adapter.py": ["--adapter_path", "adapter", *short],
+        "generate/full.py": ["--checkpoint_dir", "full", *short],
+        "generate/chat.py": ["--lora_path", "lora", *short],
+        "scripts/evaluate_halting.py": ["--data_dir", str(lima_data), "--lora_path", "lora", "--max_samples", "2", *short],
+        "scripts/merge_lora.py": ["--lora_path", "lora", "--out_dir", "merged"],
+        "scripts/convert_lit_checkpoint.py": ["--checkpoint_dir", "merged", "--output_dir", "hf"],
+        "scripts/convert_hf_checkpoint.py": ["--checkpoint_dir", "hf", "--output_dir", "from_hf"],
+        "scripts/convert_checkpoint.py": ["--checkpoint_dir", "meta/tiny", "--output_dir", "from_meta"],
+    }
+    assert sorted(commands) == sorted(set(SCRIPTS) - {"scripts/demo.py"})
+    lines = iter(["What is rain?", "/exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    for script, args in commands.items():
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(sys, "argv", [script, *args, "--debug"])
+            cli.run(script_entry(script))  # an exception or SystemExit fails the test
+        capsys.readouterr()
+    assert (tmp_path / "from_meta" / "lit_model.pth").is_file() and (tmp_path / "from_hf" / "lit_model.pth").is_file()

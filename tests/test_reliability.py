@@ -13,6 +13,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from sentencepiece import sentencepiece_model_pb2
 
 from conftest import REPO, load_script
 from lit_llama.checkpoint import load_finetuned, load_state_dict
@@ -119,6 +120,32 @@ def test_lora_file_of_another_shape_and_a_corrupted_out_dir_end_in_one_line(tiny
     assert out.returncode == 2
     assert out.stderr.strip().startswith("error: ") and len(out.stderr.strip().splitlines()) == 1
     assert "is truncated or corrupted" in out.stderr
+
+
+def test_a_base_of_another_tokenizer_is_refused(tiny_checkpoint, lima_data, tmp_path):
+    out_dir = tmp_path / "out"
+    lora_setup(tiny_checkpoint, lima_data, out_dir, max_iters=1)
+    other = tmp_path / "other"  # the same model and vocabulary size, a tokenizer with other ids
+    shutil.copytree(tiny_checkpoint, other)
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString((other / "tokenizer.model").read_bytes())
+    proto.pieces[300].piece, proto.pieces[301].piece = proto.pieces[301].piece, proto.pieces[300].piece
+    (other / "tokenizer.model").write_bytes(proto.SerializeToString())
+    out = subprocess.run([sys.executable, "generate/lora.py", "--lora_path", str(out_dir), "--checkpoint_dir", str(other)],
+                         cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.strip() == (f"error: {other} has another tokenizer than the base model {out_dir} was trained from; "
+                                  f"pass the right one with --checkpoint_dir")
+    load_finetuned(out_dir, tiny_checkpoint)  # its own base still loads
+
+
+def test_chat_on_a_base_checkpoint_is_refused_at_the_start(tiny_checkpoint):
+    out = subprocess.run([sys.executable, "generate/chat.py", "--checkpoint_dir", str(tiny_checkpoint)], cwd=REPO,
+                         input="Hello\n/exit\n", capture_output=True, text=True)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.strip().splitlines() == [
+        "error: the tokenizer has no end-of-turn token (a base checkpoint?): chat with a fine-tune (--lora_path, "
+        "--adapter_path, or a full or merged checkpoint); continue plain text with generate/base.py"]
 
 
 SPELLINGS = ["<|eot|>", "<s>", "</s>", "<unk>", "▁twenty", "twenty", "<0x00>", "<|user|>", "\x00", "<|eot|"]
