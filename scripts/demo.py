@@ -14,11 +14,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def step(title: str, script: str, *args: str, stderr: int | None = None) -> str:
+def step(title: str, script: str, *args: str, stderr: Optional[int] = None) -> str:
     """Run `script` as a user would, with the command printed so it can be pasted; its stderr is returned
     (and passed through) when `stderr` is subprocess.PIPE."""
     print(f"\n== {title}\n$ {shlex.join(['python', os.path.relpath(REPO / script), *args])}", flush=True)
