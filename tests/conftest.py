@@ -65,7 +65,7 @@ def lima_data(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -
 OPT_IN = {
     "soak": "long fault-injection loops: python -m pytest -m soak tests/test_faults.py (30 kills), or --soak N",
     "docs": "every command of README.md and howto/*.md, run in a copy of the repo: python -m pytest -m docs "
-            "tests/test_docs.py (about 4 minutes)",
+            "tests/test_docs.py (about 7 minutes)",
 }
 
 

@@ -7,7 +7,7 @@
   real models); README's path runs as written. A block that needs what this machine lacks says so on
   a `# needs ...` line, and its commands are skipped with that reason.
 
-README's quickstart is not run here: CI runs it as written (.ci/run), the demo included.
+CI also runs README's quickstart block as written (.ci/run): the demo, then the test suite.
 """
 
 import os
@@ -22,7 +22,7 @@ from typing import Optional
 
 import pytest
 
-from conftest import REPO, script_entry
+from conftest import REPO, load_script, script_entry
 from lit_llama.cli import build_parser
 
 PAGES = ["README.md", "howto/prepare_data.md", "howto/special_tokens.md", "howto/finetune_lora.md",
@@ -52,6 +52,8 @@ WRITES = {
 
 # (page, how the command starts, up to a space) -> what the page says it prints (stdout and stderr together)
 CLAIMS = {
+    ("README.md", "pip install -e . && python scripts/demo.py "): ["stop reason: eot after",
+                                                                    "the reply ended on the end-of-turn token"],
     ("README.md", "python generate/lora.py --lora_path out/lora "): ["stop reason: eot after"],
     ("howto/inference.md", "python generate/lora.py --lora_path out/lora --prompt "): ["stop reason: eot after",
                                                                                       "decode steps", "peak memory"],
@@ -149,26 +151,34 @@ def repo_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return copy
 
 
-def skip_reason(command: Command) -> Optional[str]:
+def shell_text(command: Command) -> tuple[str, Optional[str]]:
+    """What runs of `command`, or why nothing does. Installs are left out (the package is installed), the
+    test suite does not run inside itself, a howto page's fine-tune is cut short, and the demo gets
+    --debug: its valid command is the whole path, too long for the suite's own --debug test."""
     if command.needs:
-        return command.needs
-    if command.parts()[0][:1] == ["pip"]:
-        return "installs packages: CI runs README's quickstart as written"
-    if any(script == "scripts/demo.py" for script, _ in command.scripts()):
-        return "the demo: CI runs README's quickstart as written"
-    if any(argv[:3] == ["python", "-m", "pytest"] for argv in command.parts()):
-        return "the test suite itself"
-    return None
+        return "", command.needs
+    kept = []
+    for segment, argv in zip(command.text.split("&&"), command.parts()):
+        segment = re.sub(r"\s+#[^'\"]*$", "", segment.strip())  # a trailing comment would swallow added flags
+        if argv[:1] == ["pip"]:
+            continue
+        if argv[:3] == ["python", "-m", "pytest"]:
+            return "", "the test suite itself"
+        script = argv[1] if argv[:1] == ["python"] else ""
+        if script == "scripts/demo.py":
+            segment += " --debug"
+        if script.startswith("finetune/") and command.page != "README.md":
+            segment += " " + shlex.join(SHORT_TRAINING)
+        kept.append(segment)
+    return " && ".join(kept), None if kept else "installs packages, as the test environment did"
 
 
 @pytest.mark.docs
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: c.where)
 def test_a_page_runs_as_written(command, repo_copy, capsys):
-    if reason := skip_reason(command):
-        pytest.skip(reason)
-    text = command.text
-    if command.page != "README.md" and any(script.startswith("finetune/") for script, _ in command.scripts()):
-        text += " " + shlex.join(SHORT_TRAINING)
+    text, skipped = shell_text(command)
+    if skipped:
+        pytest.skip(f"{command.where}: {skipped}")
     is_chat = any(script == "generate/chat.py" for script, _ in command.scripts())
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # "python" is ours
     result = subprocess.run(["bash", "-c", text], cwd=repo_copy, env=env, capture_output=True, text=True, timeout=900,
@@ -186,3 +196,11 @@ def test_a_page_runs_as_written(command, repo_copy, capsys):
             missing = [name for name in names if not (directory / name).is_file()]
             assert not missing, f"{command.where}: {directory.relative_to(repo_copy)} lacks {missing}"
 
+
+
+def test_the_demo_prints_commands_a_reader_can_paste(monkeypatch, capfd):
+    monkeypatch.chdir(REPO)
+    load_script("scripts/demo.py").step("a step", "generate/lora.py", "--help", "--prompt", "How often, and why?")
+    printed = [line for line in capfd.readouterr().out.splitlines() if line.startswith("$ ")]
+    assert [shlex.split(line[2:]) for line in printed] == [
+        ["python", "generate/lora.py", "--help", "--prompt", "How often, and why?"]]
