@@ -286,10 +286,11 @@ class HeadLoss(torch.autograd.Function):
 
 
 class TokenRows(nn.Module):
-    """Trainable embedding and head rows for a few token ids (the special tokens) of a frozen vocabulary.
+    """Trainable embedding and head rows for a few token ids (the special tokens), in place of theirs in
+    `wte` and `lm_head`: parameters of their own, which can learn at their own rate.
 
-    Training k rows this way costs O(k * n_embd) in gradients, optimizer state and checkpoint size,
-    where unfreezing `wte` and `lm_head` would cost O(vocab_size * n_embd).
+    With the vocabulary frozen (LoRA, adapter), training k rows this way costs O(k * n_embd) in gradients,
+    optimizer state and checkpoint size, where unfreezing `wte` and `lm_head` would cost O(vocab_size * n_embd).
     """
 
     def __init__(self, ids: torch.Tensor, wte_rows: torch.Tensor, head_rows: torch.Tensor) -> None:
@@ -324,7 +325,7 @@ class LLaMA(nn.Module):
             h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
             ln_f=RMSNorm(config.n_embd, config.norm_eps),
         ))
-        self.token_rows: Optional[TokenRows] = None  # set by lit_llama.vocab for LoRA/adapter training
+        self.token_rows: Optional[TokenRows] = None  # set by lit_llama.vocab for fine-tuning
         self.rope_cache: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # built on first use, on the right device
         self.apply(self._init_weights)
 

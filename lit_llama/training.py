@@ -29,7 +29,7 @@ from lit_llama.generate import generate, stop_reason
 from lit_llama.lora import LoRAConfig, inject_lora, is_lora_name
 from lit_llama.model import Block, LLaMA
 from lit_llama.tokenizer import Tokenizer
-from lit_llama.vocab import add_special_tokens, attach_token_rows
+from lit_llama.vocab import add_special_tokens, attach_token_rows, fold_token_rows
 
 Method = Literal["lora", "adapter", "full"]
 TrainPrecision = Literal["bf16-true", "bf16-mixed", "16-mixed", "32-true"]
@@ -55,9 +55,9 @@ class TrainArgs:
         eval_iters: validation micro-batches per run; 0 uses the whole validation split
         save_interval: optimizer steps between checkpoints (one is also written at the end); 0: only at the end
         seed: seed of the initialisation, dropout and data order
-        token_lr_scale: under LoRA and adapter, the special tokens' embedding and head rows learn at
-            learning_rate x this: a new token has to become the likeliest one at every turn's end, and at
-            LoRA's rate its rows move too slowly (full fine-tuning trains them inside wte and lm_head)
+        token_lr_scale: the special tokens' embedding and head rows learn at learning_rate x this: a new
+            token has to become the likeliest one at every turn's end, and at the rate that suits the
+            other weights its two rows move too slowly
     """
 
     learning_rate: float = 3e-4
@@ -88,12 +88,9 @@ class TrainArgs:
         return math.ceil(self.epochs * n_samples / self.global_batch_size)
 
 
-def check_token_lr_scale(method: Method, token_lr_scale: float) -> None:
+def check_token_lr_scale(token_lr_scale: float) -> None:
     if token_lr_scale < 0:
         raise ValueError(f"--train.token_lr_scale must be >= 0, got {token_lr_scale}")
-    if method == "full" and token_lr_scale != 1:
-        raise ValueError(f"--train.token_lr_scale {token_lr_scale}: full fine-tuning trains the special tokens' rows "
-                         f"inside wte and lm_head, at --train.learning_rate; leave the flag out")
 
 
 def default_precision() -> str:
@@ -156,11 +153,12 @@ def make_fabric(accelerator: str, devices: int, num_nodes: int, precision: Optio
 
 def prepare_model(model: LLaMA, method: Method, method_config: Union[LoRAConfig, AdapterConfig, None],
                   special_ids: list[int]) -> None:
-    """Set `model` up for `method` and mark what trains. LoRA and adapter freeze the base and train
-    their own parameters plus the special tokens' rows (`model.token_rows`); full trains everything."""
-    if method == "full":
-        return
+    """Set `model` up for `method` and mark what trains. The special tokens' rows become parameters of
+    their own (`model.token_rows`), to learn at their own rate. LoRA and adapter freeze the base and
+    train their own parameters and those rows; full trains everything."""
     attach_token_rows(model, special_ids)
+    if method == "full":  # the rows in wte and lm_head that token_rows stands for get no gradient
+        return
     if method == "lora":
         inject_lora(model, method_config)
         trains = is_lora_name
@@ -173,7 +171,7 @@ def prepare_model(model: LLaMA, method: Method, method_config: Union[LoRAConfig,
 
 def param_groups(model: torch.nn.Module, token_lr_scale: float) -> list[dict]:
     """What trains, as AdamW groups whose learning rate is the schedule's times "lr_scale": the special
-    tokens' own rows (`model.token_rows`, LoRA and adapter) at `token_lr_scale`, everything else at 1."""
+    tokens' own rows (`model.token_rows`) at `token_lr_scale`, everything else at 1."""
     rows, rest = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
@@ -218,6 +216,7 @@ class OutDir:
     def __init__(self, path: Path, method: Method, trained: set[str]) -> None:
         self.path = Path(path)
         self.trained = trained  # names in the state dict of what trains (and the special ids with it)
+        self.is_checkpoint_dir = method == "full"  # its weights are a plain checkpoint, the rows folded in
         self.weights = self.path / WEIGHTS_FILES[method]
         self.state = self.path / RESUME_FILE
         self.metrics = self.path / "metrics.csv"
@@ -230,7 +229,8 @@ class OutDir:
         if fabric.is_global_zero:
             # the weights first, the training state last: a kill in between leaves weights one step ahead
             # of the state, and --resume redoes that step to the same weights
-            atomic_save({k: v for k, v in state_dict.items() if k in self.trained}, self.weights)
+            weights = {k: v for k, v in state_dict.items() if k in self.trained}
+            atomic_save(fold_token_rows(weights) if self.is_checkpoint_dir else weights, self.weights)
             replace_durably(tmp, self.state)
         fabric.barrier()
 
@@ -393,7 +393,7 @@ def finetune(method: Method, method_config: Union[LoRAConfig, AdapterConfig, Non
              precision: Optional[TrainPrecision], strategy: str, activation_checkpointing: bool, token_init: str,
              resume: bool, train: TrainArgs) -> dict:
     """Everything a finetune script does after parsing its flags. Returns the last losses."""
-    check_token_lr_scale(method, train.token_lr_scale)
+    check_token_lr_scale(train.token_lr_scale)
     tokenizer, train_data, val_data = load_prepared(data_dir, checkpoint_dir)  # bad paths fail before any launch
     fabric = make_fabric(accelerator, devices, num_nodes, precision, strategy, activation_checkpointing)
     fabric.launch()

@@ -107,6 +107,18 @@ def attach_token_rows(model: LLaMA, ids: list[int]) -> None:
     )
 
 
+def fold_token_rows(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A full state dict with its `token_rows.*` written into (copies of) `transformer.wte.weight` and
+    `lm_head.weight` and dropped: the plain checkpoint of the model `merge_token_rows` would give."""
+    state = dict(state)
+    ids = state.pop("token_rows.ids")
+    for name, rows in (("transformer.wte.weight", state.pop("token_rows.wte")),
+                       ("lm_head.weight", state.pop("token_rows.lm_head"))):
+        state[name] = state[name].detach().clone()
+        state[name][ids] = rows.detach().to(state[name].dtype)
+    return state
+
+
 @torch.no_grad()
 def merge_token_rows(model: LLaMA) -> None:
     """Write the trained rows back into `wte` and `lm_head` and drop `model.token_rows`."""

@@ -154,15 +154,16 @@ def test_ddp_on_two_cpu_processes_with_a_config_file(tiny_checkpoint, lima_data,
     assert hparams["train"]["learning_rate"] == 3e-4  # defaults stay where the file is silent
 
 
-@pytest.mark.parametrize("method", ["lora", "adapter"])
+@pytest.mark.parametrize("method", ["lora", "adapter", "full"])
 def test_token_rows_learn_at_the_scaled_rate(tiny_checkpoint, lima_data, tmp_path, method):
     """AdamW's first step moves every weight with a gradient by its learning rate: the special tokens' rows
-    by learning_rate x token_lr_scale, the method's own weights by learning_rate."""
+    by learning_rate x token_lr_scale, the method's own weights (under full: every other weight) by
+    learning_rate."""
     tokenizer, _, _ = load_prepared(lima_data, tiny_checkpoint)
     base = load_model(tiny_checkpoint)
     add_special_tokens(base, tokenizer)  # the rows as training starts them
-    start = {"wte": base.transformer.wte.weight[1024:1025], "lm_head": base.lm_head.weight[1024:1025]}
-    config = {"lora": {"lora": LoRAConfig(dropout=0.0)}, "adapter": {"adapter": AdapterConfig()}}[method]
+    before = {name: tensor.clone() for name, tensor in base.state_dict().items()}
+    config = {"lora": {"lora": LoRAConfig(dropout=0.0)}, "adapter": {"adapter": AdapterConfig()}, "full": {}}[method]
     lr = 1e-3
     for scale in (0.0, 1.0, 10.0):
         out_dir = tmp_path / f"{method}{scale}"
@@ -170,20 +171,26 @@ def test_token_rows_learn_at_the_scaled_rate(tiny_checkpoint, lima_data, tmp_pat
             data_dir=lima_data, checkpoint_dir=tiny_checkpoint, out_dir=out_dir, **config,
             train=TrainArgs(learning_rate=lr, max_iters=1, warmup_iters=1, global_batch_size=2, micro_batch_size=2,
                             eval_iters=1, token_lr_scale=scale))
-        trained = load_state_dict(out_dir / f"lit_model_{method}.pth")
+        if method == "full":  # a plain checkpoint dir: the rows are folded into wte and lm_head
+            trained = load_model(out_dir).state_dict()
+            rows = {name: trained[f"{prefix}.weight"][1024:1025] for name, prefix in (("wte", "transformer.wte"),
+                                                                                      ("lm_head", "lm_head"))}
+            others = {name: trained[name] - before[name] for name in ("transformer.h.0.attn.c_attn.weight",
+                                                                      "transformer.h.3.mlp.c_proj.weight")}
+            others["lm_head.weight"] = (trained["lm_head.weight"] - before["lm_head.weight"])[:1024]
+        else:
+            trained = load_state_dict(out_dir / f"lit_model_{method}.pth")
+            rows = {name: trained[f"token_rows.{name}"] for name in ("wte", "lm_head")}
+            # these start at zero: what they hold is their step
+            others = {name: tensor for name, tensor in trained.items() if name.endswith(("lora_B", "gating_factor"))}
         for name in ("wte", "lm_head"):
-            step = (trained[f"token_rows.{name}"] - start[name]).abs()
+            step = (rows[name] - before[f"{'transformer.wte' if name == 'wte' else 'lm_head'}.weight"][1024:1025]).abs()
             assert step.max().item() == pytest.approx(lr * scale, rel=1e-3, abs=1e-9), (scale, name)
-        others = [(name, tensor) for name, tensor in trained.items()
-                  if name.endswith(("lora_B", "gating_factor"))]  # start at zero: what they hold is their step
-        assert others and all(tensor.abs().max().item() == pytest.approx(lr, rel=1e-3) for _, tensor in others)
+        assert others and all(step.abs().max().item() == pytest.approx(lr, rel=1e-3) for step in others.values())
 
 
-def test_token_lr_scale_errors(tiny_checkpoint, lima_data, tmp_path):
-    with pytest.raises(ValueError, match="--train.token_lr_scale 10.0: full fine-tuning trains the special tokens' rows"):
-        load_script("finetune/full.py").setup(data_dir=lima_data, checkpoint_dir=tiny_checkpoint, out_dir=tmp_path / "full",
-                                              train=TrainArgs(token_lr_scale=10.0))
+def test_a_negative_token_lr_scale_is_refused(tiny_checkpoint, lima_data, tmp_path):
     with pytest.raises(ValueError, match="--train.token_lr_scale must be >= 0, got -1"):
         load_script("finetune/lora.py").setup(data_dir=lima_data, checkpoint_dir=tiny_checkpoint, out_dir=tmp_path / "lora",
                                               train=TrainArgs(token_lr_scale=-1))
-    assert not (tmp_path / "full").exists() and not (tmp_path / "lora").exists()
+    assert not (tmp_path / "lora").exists()
