@@ -27,8 +27,9 @@ def ours_step(config: LLaMAConfig, method: str, device: torch.device, dtype: tor
 
     model = build_ours(config, device, dtype)
     prepare_model(model, method, LORA if method == "lora" else None, [EOT_ID])
-    # padding rows of wte and lm_head (never scored) train too under full fine-tuning; not counted
-    padding = 2 * (config.padded_vocab_size - config.vocab_size) * config.n_embd if method == "full" else 0
+    # under full fine-tuning, the padding rows of wte and lm_head (never scored) and the EOT's rows there
+    # (model.token_rows stands in for them) are parameters without a gradient; not counted
+    padding = 2 * (config.padded_vocab_size - config.vocab_size + 1) * config.n_embd if method == "full" else 0
 
     def loss(ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         targets = next_token_targets(labels)  # (B, T): position t predicts t + 1
