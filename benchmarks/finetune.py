@@ -26,10 +26,12 @@ def ours_step(config: LLaMAConfig, method: str, device: torch.device, dtype: tor
     from lit_llama.training import n_targets, next_token_targets, prepare_model
 
     model = build_ours(config, device, dtype)
-    prepare_model(model, method, LORA if method == "lora" else None, [EOT_ID])
-    # under full fine-tuning, the padding rows of wte and lm_head (never scored) and the EOT's rows there
-    # (model.token_rows stands in for them) are parameters without a gradient; not counted
-    padding = 2 * (config.padded_vocab_size - config.vocab_size + 1) * config.n_embd if method == "full" else 0
+    special_ids = [EOT_ID]
+    prepare_model(model, method, LORA if method == "lora" else None, special_ids)
+    # under full fine-tuning, the padding rows of wte and lm_head (never scored) and the special tokens'
+    # rows there (model.token_rows stands in for them) are parameters without a gradient; not counted
+    unscored = config.padded_vocab_size - config.vocab_size + len(special_ids)
+    padding = 2 * unscored * config.n_embd if method == "full" else 0
 
     def loss(ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         targets = next_token_targets(labels)  # (B, T): position t predicts t + 1
