@@ -14,8 +14,11 @@ setup(
         "jsonargparse[signatures]>=4.27",
         "tqdm",
         "safetensors",  # Hugging Face checkpoints in and out
+        "matplotlib",  # the loss plot every run draws
     ],
     extras_require={
-        "test": ["pytest", "transformers>=5", "hypothesis"],
+        "tensorboard": ["tensorboard"],  # --logger_name tensorboard
+        "wandb": ["wandb"],  # --logger_name wandb
+        "test": ["pytest", "transformers>=5", "hypothesis", "tensorboard"],
     },
 )

@@ -13,7 +13,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lit_llama.cli import run
 from lit_llama.lora import LoRAConfig
-from lit_llama.training import TrainArgs, TrainPrecision, finetune
+from lit_llama.metrics import LoggerName
+from lit_llama.precision import TrainPrecision
+from lit_llama.training import TrainArgs, finetune
 
 
 def setup(
@@ -28,6 +30,7 @@ def setup(
     activation_checkpointing: bool = False,
     token_init: str = "mean",
     resume: bool = False,
+    logger_name: LoggerName = "csv",
     lora: LoRAConfig = LoRAConfig(),
     train: TrainArgs = TrainArgs(token_lr_scale=10.0),
 ) -> None:
@@ -40,17 +43,20 @@ def setup(
         accelerator: cpu, cuda, ... or auto
         devices: devices per node
         num_nodes: machines taking part
-        precision: bf16-true, bf16-mixed, 16-mixed or 32-true (default: bf16-true on a GPU that has it, else 32-true)
-        strategy: auto, ddp, or fsdp (shards per transformer block)
-        activation_checkpointing: under fsdp, recompute each block's activations in the backward pass
+        precision: bf16-true, bf16-mixed, 16-mixed or 32-true (default: bf16-true on a GPU that has it, else
+            32-true); what trains is kept in fp32 under all of them (howto/finetune_lora.md, "Precision")
+        strategy: auto, ddp, or fsdp (FSDP2: weights, gradients and optimizer state sharded per transformer block)
+        activation_checkpointing: recompute each block's activations in the backward pass instead of
+            keeping them: less memory, about a third more compute
         token_init: how the special tokens' embedding and head rows start: mean, mean_noise, normal,
             copy:<piece> or describe:<text> (see howto/special_tokens.md)
         resume: continue from the training state saved in out_dir
+        logger_name: csv (out_dir/metrics.csv, always written), or also tensorboard or wandb (files under out_dir)
         lora: which layers get LoRA, and its rank
         train: optimisation settings (the special tokens' rows learn at 10x the learning rate)
     """
     finetune("lora", lora, data_dir, checkpoint_dir, out_dir, accelerator, devices, num_nodes, precision, strategy,
-             activation_checkpointing, token_init, resume, train)
+             activation_checkpointing, token_init, resume, logger_name, train)
 
 
 if __name__ == "__main__":

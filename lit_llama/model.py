@@ -15,6 +15,7 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from lit_llama.files import write_atomic
 
@@ -327,6 +328,7 @@ class LLaMA(nn.Module):
         ))
         self.token_rows: Optional[TokenRows] = None  # set by lit_llama.vocab for fine-tuning
         self.rope_cache: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # built on first use, on the right device
+        self.activation_checkpointing = False  # training: keep each block's input only, recompute the rest
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -377,7 +379,11 @@ class LLaMA(nn.Module):
         if self.token_rows is not None:
             x = self.token_rows.embed(idx, x)
         for block in self.transformer.h:
-            x = block(x, cos, sin, mask, input_pos)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                # the backward pass runs the block again (same dropout draws) instead of storing its activations
+                x = checkpoint(block, x, cos, sin, mask, input_pos, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, mask, input_pos)
         if last_only:
             x = x[:, -1:]  # (B, 1, C)
         x = self.transformer.ln_f(x)

@@ -6,8 +6,6 @@ token of the whole step, linear warmup then cosine decay, periodic validation wi
 generation, a progress bar, metrics.csv and, at the end, a loss plot.
 """
 
-import csv
-import io
 import itertools
 import math
 import signal
@@ -19,22 +17,27 @@ from typing import Literal, Optional, Union
 import lightning as L
 import torch
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from lit_llama.adapter import AdapterConfig, inject_adapter, is_adapter_name
 from lit_llama.checkpoint import CONFIG_FILE, HPARAMS_FILE, WEIGHTS_FILES, atomic_save, check_writable, load_model, write_json
 from lit_llama.data import IGNORE_INDEX, TokenDataset, collate, load_prepared, shuffled_indices
-from lit_llama.files import replace_durably, temporary_name, write_atomic
+from lit_llama.files import replace_durably, temporary_name
 from lit_llama.generate import generate, stop_reason
 from lit_llama.lora import LoRAConfig, inject_lora, is_lora_name
-from lit_llama.model import Block, LLaMA
+from lit_llama.metrics import LoggerName, make_loggers, plot_losses, truncate_metrics
+from lit_llama.model import LLaMA
+from lit_llama.parallel import (check_devices, device_type, full_state_dict, gather_objects, make_strategy,
+                                rng_state, set_rng_state, trained_checksum)
+from lit_llama.precision import (TrainPrecision, compute_dtype, default_precision, grad_scaler, precision_plugin,
+                                 set_training_dtypes)
 from lit_llama.tokenizer import Tokenizer
 from lit_llama.vocab import add_special_tokens, attach_token_rows, fold_token_rows
 
 Method = Literal["lora", "adapter", "full"]
-TrainPrecision = Literal["bf16-true", "bf16-mixed", "16-mixed", "32-true"]
 RESUME_FILE = "training_state.pth"
-METRICS = ["step", "train_loss", "val_loss", "learning_rate", "tokens_per_sec", "elapsed_sec"]
+MAX_SKIPPED_STEPS = 50  # consecutive fp16 overflows before the run gives up
 
 
 @dataclass
@@ -93,13 +96,6 @@ def check_token_lr_scale(token_lr_scale: float) -> None:
         raise ValueError(f"--train.token_lr_scale must be >= 0, got {token_lr_scale}")
 
 
-def default_precision() -> str:
-    """bf16 weights on a GPU that supports it, fp32 elsewhere."""
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return "bf16-true"
-    return "32-true"
-
-
 def lr_at_step(step: int, args: TrainArgs, total_steps: int) -> float:
     """Linear warmup over `warmup_iters` steps, then cosine decay to `min_learning_rate` at `total_steps`."""
     if step < args.warmup_iters:
@@ -118,35 +114,14 @@ def n_targets(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
-def check_devices(accelerator: str, devices: int) -> None:
-    """A device count the machine doesn't have fails here, in one line, instead of deep in the launch.
-    On CPU each device is a process, so any count runs."""
-    if devices < 1:
-        raise ValueError(f"--devices {devices}: give the number of devices per node, at least 1")
-    if accelerator in ("cuda", "gpu") or (accelerator == "auto" and torch.cuda.is_available()):
-        available = torch.cuda.device_count()
-        if available == 0:
-            raise ValueError(f"--accelerator {accelerator}: no CUDA device is visible; check the driver and "
-                             "CUDA_VISIBLE_DEVICES, or train with --accelerator cpu")
-        if devices > available:
-            raise ValueError(f"--devices {devices}: this machine has {available} CUDA device(s) visible; use "
-                             f"--devices {available} or fewer (across machines: --num_nodes)")
-
-
-def make_fabric(accelerator: str, devices: int, num_nodes: int, precision: Optional[TrainPrecision], strategy: str,
-                activation_checkpointing: bool) -> L.Fabric:
-    check_devices(accelerator, devices)
-    if strategy == "fsdp":
-        from lightning.fabric.strategies import FSDPStrategy
-
-        # shard per transformer block; "full" state dicts so checkpoints load anywhere
-        strategy = FSDPStrategy(auto_wrap_policy={Block}, state_dict_type="full", limit_all_gathers=True,
-                                activation_checkpointing_policy={Block} if activation_checkpointing else None)
-    elif strategy not in ("auto", "ddp"):
-        raise ValueError(f"--strategy {strategy!r} is not one of auto, ddp, fsdp")
+def make_fabric(accelerator: str, devices: int, num_nodes: int, precision: TrainPrecision, strategy: str,
+                logger_name: LoggerName, out_dir: Path) -> L.Fabric:
+    plugin = precision_plugin(precision, device_type(accelerator))
+    strategy = make_strategy(strategy, devices, num_nodes, compute_dtype(precision))
+    loggers = make_loggers(logger_name, out_dir)
     try:
-        return L.Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes,
-                        precision=precision or default_precision(), strategy=strategy)
+        return L.Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes, plugins=[plugin],
+                        strategy=strategy, loggers=loggers)
     except ValueError as e:  # an accelerator name Lightning doesn't know; its message names the value, not the flag
         raise ValueError(f"--accelerator {accelerator}: {e}") from None
 
@@ -182,19 +157,25 @@ def param_groups(model: torch.nn.Module, token_lr_scale: float) -> list[dict]:
 
 @torch.no_grad()
 def validate(fabric: L.Fabric, model: torch.nn.Module, data: TokenDataset, args: TrainArgs, pad_id: int) -> float:
-    """Mean loss per supervised token over the first `eval_iters` micro-batches of `data`."""
+    """Mean loss per supervised token over the first `eval_iters` micro-batches of `data` (all of them
+    with eval_iters 0). Each rank scores its own share of them, and the sums are added across ranks."""
     model.eval()
     starts = range(0, len(data), args.micro_batch_size)
     if args.eval_iters:
         starts = starts[: args.eval_iters]
-    total, count = torch.zeros((), device=fabric.device), 0
-    for start in starts:
-        samples = [data[i] for i in range(start, min(start + args.micro_batch_size, len(data)))]
+    mine = starts[fabric.global_rank :: fabric.world_size]
+    sums = torch.zeros(2, device=fabric.device)  # loss, supervised tokens
+    for i in range(math.ceil(len(starts) / fabric.world_size)):
+        # a rank whose share is used up scores the first batch again, uncounted: under ddp and fsdp
+        # every rank must run every forward pass
+        start, counted = (mine[i], 1.0) if i < len(mine) else (starts[0], 0.0)
+        samples = [data[j] for j in range(start, min(start + args.micro_batch_size, len(data)))]
         input_ids, labels = fabric.to_device(collate(samples, pad_id))
-        total += model(input_ids, targets=next_token_targets(labels))
-        count += n_targets(labels)
+        sums[0] += model(input_ids, targets=next_token_targets(labels)).float() * counted
+        sums[1] += n_targets(labels) * counted
+    loss, count = fabric.all_reduce(sums, reduce_op="sum").tolist()
     model.train()
-    return total.item() / max(count, 1)
+    return loss / max(count, 1)
 
 
 def sample_reply(model: torch.nn.Module, data: TokenDataset, tokenizer: Tokenizer) -> str:
@@ -213,36 +194,50 @@ class OutDir:
     the out dir is a whole checkpoint dir), config, tokenizer, hyperparameters, metrics, and the
     training state that `--resume` continues from."""
 
-    def __init__(self, path: Path, method: Method, trained: set[str]) -> None:
+    def __init__(self, path: Path, method: Method, trained: set[str], base_dtypes: dict[str, torch.dtype]) -> None:
         self.path = Path(path)
         self.trained = trained  # names in the state dict of what trains (and the special ids with it)
         self.is_checkpoint_dir = method == "full"  # its weights are a plain checkpoint, the rows folded in
+        self.base_dtypes = base_dtypes  # a full fine-tune is written in its base's dtypes (fp32 is in the state)
         self.weights = self.path / WEIGHTS_FILES[method]
         self.state = self.path / RESUME_FILE
         self.metrics = self.path / "metrics.csv"
 
-    def save(self, fabric: L.Fabric, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
-        state_dict = fabric.strategy.get_module_state_dict(model)  # gathered under FSDP
+    def save(self, fabric: L.Fabric, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
+             skipped_steps: int) -> None:
+        state_dict = full_state_dict(fabric, model)
+        state = {"model": model, "optimizer": optimizer, "step": step, "skipped_steps": skipped_steps,
+                 "rng": gather_objects(fabric, rng_state())}  # each rank's, for its own dropout draws
+        scaler = grad_scaler(fabric.strategy.precision)
+        if scaler is not None:
+            state["scaler"] = scaler.state_dict()
         tmp = temporary_name(self.state)
-        fabric.save(tmp, {"model": model, "optimizer": optimizer, "step": step, "rng": torch.get_rng_state()},
-                    filter={"model": lambda name, _: name in self.trained})
+        fabric.save(tmp, state, filter={"model": lambda name, _: name in self.trained})
         if fabric.is_global_zero:
             # the weights first, the training state last: a kill in between leaves weights one step ahead
             # of the state, and --resume redoes that step to the same weights
             weights = {k: v for k, v in state_dict.items() if k in self.trained}
-            atomic_save(fold_token_rows(weights) if self.is_checkpoint_dir else weights, self.weights)
+            if self.is_checkpoint_dir:
+                weights = {k: v.to(self.base_dtypes.get(k, v.dtype)) for k, v in fold_token_rows(weights).items()}
+            atomic_save(weights, self.weights)
             replace_durably(tmp, self.state)
         fabric.barrier()
 
-    def resume(self, fabric: L.Fabric, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
-        """Load the latest training state; returns the step it was saved at."""
+    def resume(self, fabric: L.Fabric, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, int]:
+        """Load the latest training state; returns the step it was saved at and the steps skipped so far."""
         if not self.state.is_file():
             raise FileNotFoundError(f"--resume: {self.state} not found: the run in {self.path} stopped before its first "
                                     f"checkpoint (or never ran there); run again without --resume to start from step 0")
-        state = {"model": model, "optimizer": optimizer}
-        rest = fabric.load(self.state, state, strict=False, weights_only=True)
-        torch.set_rng_state(rest["rng"])
-        return rest["step"]
+        rest = fabric.load(self.state, {"model": model, "optimizer": optimizer}, strict=False, weights_only=True)
+        if len(rest["rng"]) == fabric.world_size:
+            set_rng_state(rest["rng"][fabric.global_rank])
+        else:
+            fabric.print(f"{self.state} was saved by {len(rest['rng'])} processes and resumes on {fabric.world_size}: "
+                         "the data order is kept, but dropout draws differ from the uninterrupted run's")
+        scaler = grad_scaler(fabric.strategy.precision)
+        if scaler is not None and "scaler" in rest:
+            scaler.load_state_dict(rest["scaler"])
+        return rest["step"], rest["skipped_steps"]
 
 
 class StopOnSignal:
@@ -275,55 +270,27 @@ class StopOnSignal:
 
 
 
-def write_metrics_row(path: Path, row: dict) -> None:
-    new = not path.is_file()
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, METRICS)
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
 
-
-def truncate_metrics(path: Path, step: int) -> None:
-    """Keep the rows up to `step`: a resumed run writes the later ones again. A row cut short by a kill
-    mid-append is dropped with them."""
-    if not path.is_file():
-        return
-    with open(path, newline="") as f:
-        rows = [r for r in csv.DictReader(f) if None not in r.values() and r["step"].isdigit() and int(r["step"]) <= step]
-    text = io.StringIO()
-    writer = csv.DictWriter(text, METRICS)
-    writer.writeheader()
-    writer.writerows(rows)
-    write_atomic(path, text.getvalue())
-
-
-def plot_losses(metrics: Path, out: Path) -> Optional[str]:
-    """loss.png from metrics.csv; returns why not when matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "matplotlib is not installed: no loss plot (pip install matplotlib)"
-    with open(metrics, newline="") as f:
-        rows = list(csv.DictReader(f))
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([int(r["step"]) for r in rows], [float(r["train_loss"]) for r in rows], label="train")
-    val = [r for r in rows if r["val_loss"]]
-    ax.plot([int(r["step"]) for r in val], [float(r["val_loss"]) for r in val], "o-", label="validation")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss per supervised token")
-    ax.legend()
-    fig.savefig(out, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return None
+def optimizer_step(fabric: L.Fabric, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                   grad_clip: float) -> tuple[float, bool]:
+    """Clip the gradients (0: don't) and step. Returns the gradient norm and whether the step was
+    skipped: under fp16 loss scaling, gradients that overflowed are normal, and the GradScaler skips
+    the step and lowers the scale. Without a scaler, a non-finite norm is an error."""
+    scaler = grad_scaler(fabric.strategy.precision)
+    norm = fabric.clip_gradients(model, optimizer, max_norm=grad_clip if grad_clip > 0 else math.inf,
+                                 error_if_nonfinite=False)  # unscales first under fp16
+    norm = (norm.full_tensor() if isinstance(norm, DTensor) else norm).item()
+    if not math.isfinite(norm) and scaler is None:
+        optimizer.zero_grad(set_to_none=True)
+        raise FloatingPointError(f"gradient norm is {norm}")
+    optimizer.step()  # under fp16, GradScaler's step: skipped if the gradients overflowed
+    optimizer.zero_grad(set_to_none=True)
+    return norm, not math.isfinite(norm)
 
 
 def fit(fabric: L.Fabric, model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_data: TokenDataset,
         val_data: TokenDataset, tokenizer: Tokenizer, args: TrainArgs, out: OutDir, start_step: int = 0,
-        stop: Optional[StopOnSignal] = None) -> dict:
+        skipped_steps: int = 0, stop: Optional[StopOnSignal] = None) -> dict:
     """Train from `start_step` to the last step. Returns the last train and validation losses, and the
     signal that stopped training early (after saving a checkpoint), if one did."""
     accumulation = args.accumulation_steps(fabric.world_size)
@@ -333,6 +300,7 @@ def fit(fabric: L.Fabric, model: torch.nn.Module, optimizer: torch.optim.Optimiz
     order = itertools.islice(shuffled_indices(len(train_data), args.seed),
                              start_step * args.global_batch_size + fabric.global_rank, None, fabric.world_size)
     last = {"train_loss": None, "val_loss": None, "stopped_by": None}
+    skipped_in_a_row = 0
     start_time = time.perf_counter()
     model.train()
     bar = tqdm(range(start_step, total_steps), desc="fine-tuning", unit="step", initial=start_step, total=total_steps,
@@ -342,8 +310,8 @@ def fit(fabric: L.Fabric, model: torch.nn.Module, optimizer: torch.optim.Optimiz
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
         step_start = time.perf_counter()
-        micro_batches = [collate([train_data[next(order)] for _ in range(args.micro_batch_size)], pad_id)
-                         for _ in range(accumulation)]
+        samples = [[train_data[next(order)] for _ in range(args.micro_batch_size)] for _ in range(accumulation)]
+        micro_batches = [collate(batch, pad_id) for batch in samples]
         # normalise by the supervised tokens of the whole step on all ranks, not per micro-batch, so
         # padding and masked turns weigh nothing; x world_size undoes DDP's averaging of gradients
         count = fabric.all_reduce(torch.tensor(sum(n_targets(y) for _, y in micro_batches), device=fabric.device), reduce_op="sum")
@@ -356,31 +324,39 @@ def fit(fabric: L.Fabric, model: torch.nn.Module, optimizer: torch.optim.Optimiz
                 fabric.backward(loss)
             step_loss += loss.detach()
         train_loss = fabric.all_reduce(step_loss, reduce_op="sum").item() / fabric.world_size
-        grad_norm = fabric.clip_gradients(model, optimizer, max_norm=args.grad_clip, error_if_nonfinite=False).item() \
-            if args.grad_clip > 0 else 0.0
-        if not math.isfinite(train_loss) or not math.isfinite(grad_norm):
-            what = f"training loss is {train_loss}" if not math.isfinite(train_loss) else f"gradient norm is {grad_norm}"
-            raise ValueError(f"the {what} at step {step + 1}; stopped before updating the weights. {out.state} keeps "
-                             f"the last good checkpoint: lower --train.learning_rate or check the data, then --resume true")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        tokens_per_sec = sum(x.numel() for x, _ in micro_batches) * fabric.world_size / (time.perf_counter() - step_start)
+        if not math.isfinite(train_loss):
+            raise ValueError(f"the training loss is {train_loss} at step {step + 1}; stopped before updating "
+                                     f"the weights. {out.state} keeps the last good checkpoint: lower "
+                                     "--train.learning_rate or check the data, then --resume true")
+        try:
+            _, skipped = optimizer_step(fabric, model, optimizer, args.grad_clip)
+        except FloatingPointError as e:
+            raise ValueError(f"the {e} at step {step + 1}; stopped before updating the weights. {out.state} "
+                                     "keeps the last good checkpoint: lower --train.learning_rate or check the data, "
+                                     "then --resume true") from None
+        skipped_steps += skipped
+        skipped_in_a_row = skipped_in_a_row + 1 if skipped else 0
+        if skipped_in_a_row == MAX_SKIPPED_STEPS:
+            raise ValueError(f"the gradients overflowed fp16 in {MAX_SKIPPED_STEPS} steps in a row, up to step "
+                                     f"{step + 1}: train with --precision bf16-mixed or 32-true, or lower "
+                                     "--train.learning_rate")
+        real_tokens = sum(len(ids) for batch in samples for ids, _ in batch)  # not the padding
+        tokens_per_sec = real_tokens * fabric.world_size / (time.perf_counter() - step_start)
         last["train_loss"] = train_loss
-        row = {"step": step + 1, "train_loss": f"{train_loss:.4f}", "val_loss": "", "learning_rate": f"{lr:.3g}",
-               "tokens_per_sec": f"{tokens_per_sec:.0f}", "elapsed_sec": f"{time.perf_counter() - start_time:.1f}"}
+        metrics = {"train_loss": train_loss, "learning_rate": lr, "tokens_per_sec": tokens_per_sec,
+                   "skipped_steps": skipped_steps, "elapsed_sec": time.perf_counter() - start_time}
         done = step + 1 == total_steps
         if (step + 1) % args.eval_interval == 0 or done:
-            last["val_loss"] = validate(fabric, model, val_data, args, pad_id)
-            row["val_loss"] = f"{last['val_loss']:.4f}"
-            sample = sample_reply(model, val_data, tokenizer)  # every rank decodes: under FSDP all must take part
+            last["val_loss"] = metrics["val_loss"] = validate(fabric, model, val_data, args, pad_id)
+            sample = sample_reply(model, val_data, tokenizer)  # every rank decodes: under fsdp all must take part
             if fabric.is_global_zero:
                 bar.write(f"step {step + 1}: val loss {last['val_loss']:.4f}; sample {sample}")
-        bar.set_postfix(loss=f"{train_loss:.3f}", val=row["val_loss"] or "-", tok_s=f"{tokens_per_sec:.0f}")
-        if fabric.is_global_zero:
-            write_metrics_row(out.metrics, row)
+        bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{metrics['val_loss']:.3f}" if "val_loss" in metrics else "-",
+                        tok_s=f"{tokens_per_sec:.0f}", **({"skipped": skipped_steps} if skipped_steps else {}))
+        fabric.log_dict(metrics, step=step + 1)
         stop_signal = stop.received(fabric) if stop else None
         if done or stop_signal or (args.save_interval and (step + 1) % args.save_interval == 0):
-            out.save(fabric, model, optimizer, step + 1)
+            out.save(fabric, model, optimizer, step + 1, skipped_steps)
         if stop_signal:
             last["stopped_by"] = stop_signal
             break
@@ -391,15 +367,17 @@ def fit(fabric: L.Fabric, model: torch.nn.Module, optimizer: torch.optim.Optimiz
 def finetune(method: Method, method_config: Union[LoRAConfig, AdapterConfig, None], data_dir: Path,
              checkpoint_dir: Path, out_dir: Path, accelerator: str, devices: int, num_nodes: int,
              precision: Optional[TrainPrecision], strategy: str, activation_checkpointing: bool, token_init: str,
-             resume: bool, train: TrainArgs) -> dict:
+             resume: bool, logger_name: LoggerName, train: TrainArgs) -> dict:
     """Everything a finetune script does after parsing its flags. Returns the last losses."""
     check_token_lr_scale(train.token_lr_scale)
     tokenizer, train_data, val_data = load_prepared(data_dir, checkpoint_dir)  # bad paths fail before any launch
-    fabric = make_fabric(accelerator, devices, num_nodes, precision, strategy, activation_checkpointing)
+    check_devices(accelerator, devices)
+    precision = precision or default_precision()
+    fabric = make_fabric(accelerator, devices, num_nodes, precision, strategy, logger_name, out_dir)
     fabric.launch()
     try:
         return train_on_this_rank(fabric, method, method_config, tokenizer, train_data, val_data, checkpoint_dir,
-                                  data_dir, out_dir, precision, token_init, resume, train)
+                                  data_dir, out_dir, precision, activation_checkpointing, token_init, resume, train)
     finally:
         # with several processes, the process group's threads must stop before the interpreter does, or
         # C++ may abort the exit ("terminate called without an active exception")
@@ -409,33 +387,37 @@ def finetune(method: Method, method_config: Union[LoRAConfig, AdapterConfig, Non
 
 def train_on_this_rank(fabric: L.Fabric, method: Method, method_config: Union[LoRAConfig, AdapterConfig, None],
                        tokenizer: Tokenizer, train_data: TokenDataset, val_data: TokenDataset, checkpoint_dir: Path,
-                       data_dir: Path, out_dir: Path, precision: Optional[TrainPrecision], token_init: str,
-                       resume: bool, train: TrainArgs) -> dict:
+                       data_dir: Path, out_dir: Path, precision: TrainPrecision, activation_checkpointing: bool,
+                       token_init: str, resume: bool, train: TrainArgs) -> dict:
     """`finetune` once the processes are launched: load, train and save, on every rank."""
     fabric.seed_everything(train.seed)
     train.accumulation_steps(fabric.world_size)  # a bad batch size fails now, not after loading
     model = load_model(checkpoint_dir)
+    base_dtypes = {name: t.dtype for name, t in model.state_dict().items()}
     special_ids = add_special_tokens(model, tokenizer, token_init, seed=train.seed)
     prepare_model(model, method, method_config, special_ids)
+    set_training_dtypes(model, precision)
+    model.activation_checkpointing = activation_checkpointing
     trainable = [p for p in model.parameters() if p.requires_grad]
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
     if model.token_rows is not None:
         trained.add("token_rows.ids")
-    out = OutDir(out_dir, method, trained)
+    out = OutDir(out_dir, method, trained, base_dtypes)
     if fabric.is_global_zero:
         # weights, AdamW's two states, and a new state file written beside the old one
         trained_bytes = sum(p.numel() * p.element_size() for p in trainable)
         check_writable(out.path, need_bytes=7 * trained_bytes)
     fabric.print(f"{method}: training {sum(p.numel() for p in trainable):,} of {sum(p.numel() for p in model.parameters()):,} "
-                 f"parameters ({len(special_ids)} special-token rows); {len(train_data)} train / {len(val_data)} val samples")
+                 f"parameters ({len(special_ids)} special-token rows) in {precision}; "
+                 f"{len(train_data)} train / {len(val_data)} val samples")
     model = fabric.setup_module(model)
     optimizer = torch.optim.AdamW(param_groups(model, train.token_lr_scale), lr=train.learning_rate,
                                   weight_decay=train.weight_decay, betas=(0.9, 0.95))
     optimizer = fabric.setup_optimizers(optimizer)
 
-    start_step = 0
+    start_step = skipped_steps = 0
     if resume:
-        start_step = out.resume(fabric, model, optimizer)
+        start_step, skipped_steps = out.resume(fabric, model, optimizer)
         total_steps = train.total_steps(len(train_data))
         if start_step >= total_steps:  # killed after its last checkpoint: only the loss plot may be missing
             if fabric.is_global_zero and out.metrics.is_file():
@@ -452,22 +434,22 @@ def train_on_this_rank(fabric: L.Fabric, method: Method, method_config: Union[Lo
         model.config.save(out.path / CONFIG_FILE)
         tokenizer.save(out.path)
         hparams = {"method": method, "checkpoint_dir": Path(checkpoint_dir).resolve(), "data_dir": Path(data_dir).resolve(),
-                   "precision": precision or default_precision(), "token_init": token_init, "train": asdict(train)}
+                   "precision": precision, "token_init": token_init, "train": asdict(train)}
         if method_config is not None:
             hparams[method] = asdict(method_config)
         write_json(hparams, out.path / HPARAMS_FILE)
     with StopOnSignal() as stop:
-        losses = fit(fabric, model, optimizer, train_data, val_data, tokenizer, train, out, start_step, stop)
+        losses = fit(fabric, model, optimizer, train_data, val_data, tokenizer, train, out, start_step, skipped_steps,
+                     stop)
     if losses["stopped_by"]:
         fabric.print(f"{losses['stopped_by']}: saved a checkpoint in {out.path} and stopped; continue with --resume true")
         raise SystemExit(130)
 
-    if fabric.world_size > 1:  # DDP must have kept the replicas equal; cheap to check, costly to miss
-        checksum = sum(p.detach().double().sum() for p in model.parameters() if p.requires_grad)
-        sums = fabric.all_gather(checksum)
+    if fabric.world_size > 1:  # the ranks must hold the same weights; cheap to check, costly to miss
+        sums = torch.tensor(gather_objects(fabric, trained_checksum(model).item()), dtype=torch.float64)
         fabric.print(f"trained weights agree across {fabric.world_size} ranks: {bool(torch.allclose(sums, sums[0]))}")
     if fabric.is_global_zero:
-        note = plot_losses(out.metrics, out.path / "loss.png")
-        fabric.print(note or f"loss plot: {out.path / 'loss.png'}")
+        plot_losses(out.metrics, out.path / "loss.png")
+        fabric.print(f"loss plot: {out.path / 'loss.png'}")
         fabric.print(f"final train loss {losses['train_loss']:.4f}, val loss {losses['val_loss']:.4f}; saved to {out.path}")
     return losses

@@ -126,8 +126,8 @@ def install_snapshot(directory: Path) -> None:
 
     save = OutDir.save
 
-    def save_and_copy(self, fabric, model, optimizer, step):
-        save(self, fabric, model, optimizer, step)
+    def save_and_copy(self, fabric, model, optimizer, step, *rest):
+        save(self, fabric, model, optimizer, step, *rest)
         for path in (self.weights, self.state):
             shutil.copyfile(path, Path(directory) / f"{step}.{path.name}")
 

@@ -322,8 +322,8 @@ def test_checkpoint_files_reach_the_disk_before_they_are_renamed(tmp_path, monke
                                                          replace(src, dst))[1])
     fabric = L.Fabric(accelerator="cpu", devices=1)
     model = torch.nn.Linear(4, 4)
-    out = OutDir(tmp_path, "lora", trained={"weight"})
-    out.save(fabric, model, torch.optim.AdamW(model.parameters()), step=1)
+    out = OutDir(tmp_path, "lora", trained={"weight"}, base_dtypes={})
+    out.save(fabric, model, torch.optim.AdamW(model.parameters()), step=1, skipped_steps=0)
     directory = tmp_path.stat().st_ino
     renames = [(i, event) for i, event in enumerate(events) if event[0] == "rename"]
     assert [name for _, (_, _, name) in renames] == [WEIGHTS, STATE]  # the training state last

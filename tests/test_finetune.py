@@ -112,7 +112,10 @@ def run_script(*args: str, **kwargs) -> subprocess.Popen:
 
 
 def test_killed_run_resumes_to_the_same_weights(tiny_checkpoint, lima_data, tmp_path):
-    flags = ["--data_dir", str(lima_data), "--checkpoint_dir", str(tiny_checkpoint), "--train.learning_rate", "1e-2",
+    """With LoRA dropout on: the random state (CPU, and every CUDA device where there are some) is saved
+    with each checkpoint, so the resumed run draws the same dropout masks."""
+    flags = ["--data_dir", str(lima_data), "--checkpoint_dir", str(tiny_checkpoint), "--lora.dropout", "0.1",
+             "--train.learning_rate", "1e-2",
              "--train.max_iters", "10", "--train.warmup_iters", "2", "--train.global_batch_size", "4",
              "--train.micro_batch_size", "2", "--train.save_interval", "2", "--train.eval_interval", "5", "--train.eval_iters", "1"]
     uninterrupted = tmp_path / "whole"
@@ -125,8 +128,10 @@ def test_killed_run_resumes_to_the_same_weights(tiny_checkpoint, lima_data, tmp_
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    saved_step = torch.load(killed / "training_state.pth", weights_only=True)["step"]
+    state = torch.load(killed / "training_state.pth", weights_only=True)
+    saved_step = state["step"]
     assert saved_step < 10  # killed mid-way
+    assert len(state["rng"]) == 1 and state["rng"][0].keys() == ({"cpu", "cuda"} if torch.cuda.is_available() else {"cpu"})
     resumed = run_script("finetune/lora.py", *flags, "--out_dir", str(killed), "--resume", "true")
     output = resumed.communicate()[0]
     assert resumed.returncode == 0, output

@@ -70,3 +70,31 @@ def test_sequence_longer_than_block_size_is_refused():
         model(torch.zeros(1, 17, dtype=torch.long))
     with pytest.raises(ValueError, match="exceeds the model's block_size=16"):
         model.set_kv_cache(1, 17)
+
+
+def test_activation_checkpointing_recomputes_each_block_and_keeps_the_gradients():
+    """With it on, the backward pass runs every block a second time, and every gradient is the same,
+    dropout included (the recomputation replays the forward's random draws)."""
+    from lit_llama.lora import LoRAConfig, inject_lora
+    from lit_llama.vocab import attach_token_rows
+
+    idx = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(1))
+    targets = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(2))
+    grads, calls = [], []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = LLaMA(small_config())
+        attach_token_rows(model, [99])
+        inject_lora(model, LoRAConfig(r=4, dropout=0.1, mlp=True))
+        model.activation_checkpointing = checkpointing
+        runs = []
+        for block in model.transformer.h:
+            block.register_forward_pre_hook(lambda *_: runs.append(1))
+        torch.manual_seed(3)
+        model(idx, targets=targets).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+        calls.append(len(runs))
+    assert calls == [2, 4]
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=0, atol=0)

@@ -1,0 +1,115 @@
+"""Training on several processes: the strategies, and the few things that must see the whole run
+(full tensors to save and compare, each rank's random state).
+
+    auto   one device
+    ddp    a replica per process; gradients are averaged
+    fsdp   FSDP2 (`fully_shard`) per transformer block, through Lightning's ModelParallelStrategy:
+           each process keeps 1/N of the weights, gradients and optimizer state
+
+Both run on CPU over gloo, so the multi-GPU path is the one the tests take.
+"""
+
+from functools import partial
+from typing import Any, Optional, Union
+
+import lightning as L
+import torch
+from lightning.fabric.strategies import ModelParallelStrategy, Strategy
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+from lit_llama.model import LLaMA
+
+
+def device_type(accelerator: str) -> str:
+    """The torch device type `--accelerator` stands for ("auto": cuda when there is one)."""
+    if accelerator == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cuda" if accelerator == "gpu" else accelerator
+
+
+def check_devices(accelerator: str, devices: int) -> None:
+    """A device count the machine doesn't have fails here, in one line, instead of deep in the launch.
+    On CPU each device is a process, so any count runs."""
+    if devices < 1:
+        raise ValueError(f"--devices {devices}: give the number of devices per node, at least 1")
+    if device_type(accelerator) == "cuda":
+        available = torch.cuda.device_count()
+        if available == 0:
+            raise ValueError(f"--accelerator {accelerator}: no CUDA device is visible; check the driver and "
+                             "CUDA_VISIBLE_DEVICES, or train with --accelerator cpu")
+        if devices > available:
+            raise ValueError(f"--devices {devices}: this machine has {available} CUDA device(s) visible; use "
+                             f"--devices {available} or fewer (across machines: --num_nodes)")
+
+
+def shard_per_block(model: LLaMA, device_mesh: Any, compute_dtype: Optional[torch.dtype] = None) -> LLaMA:
+    """FSDP2: each transformer block is its own unit (gathered just before it runs, freed after), and
+    the root holds the rest (embeddings, head, final norm, the special-token rows). With a half
+    `compute_dtype`, weights are gathered in it, so the fp32 trained weights never exist whole in fp32
+    on one device, and gradients are reduced in fp32."""
+    mesh = device_mesh["data_parallel"]
+    policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32 if compute_dtype else None)
+    for block in model.transformer.h:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    return model
+
+
+def make_strategy(strategy: str, devices: int, num_nodes: int, compute_dtype: Optional[torch.dtype]) -> Union[str, Strategy]:
+    if strategy == "fsdp":
+        # every process shards (no tensor parallelism); saves gather full tensors into one file
+        return ModelParallelStrategy(partial(shard_per_block, compute_dtype=compute_dtype),
+                                     data_parallel_size=devices * num_nodes, tensor_parallel_size=1,
+                                     save_distributed_checkpoint=False)
+    if strategy not in ("auto", "ddp"):
+        raise ValueError(f"--strategy {strategy!r} is not one of auto, ddp, fsdp")
+    return strategy
+
+
+def is_sharded(fabric: L.Fabric) -> bool:
+    return isinstance(fabric.strategy, ModelParallelStrategy)
+
+
+def full_state_dict(fabric: L.Fabric, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict as whole tensors on the CPU of rank 0 (other ranks: {} under fsdp).
+    Every rank must call it: under fsdp it gathers."""
+    if is_sharded(fabric):
+        return get_model_state_dict(model.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return fabric.strategy.get_module_state_dict(model)
+
+
+@torch.no_grad()
+def trained_checksum(model: torch.nn.Module) -> torch.Tensor:
+    """The sum of every trained weight, taken over whole tensors (gathered one at a time under fsdp),
+    in fp64: ranks that hold the same weights get the same number."""
+    total = torch.zeros((), dtype=torch.float64)
+    for param in model.parameters():
+        if param.requires_grad:
+            whole = param.full_tensor() if isinstance(param, DTensor) else param
+            total += whole.double().sum().cpu()
+    return total
+
+
+def gather_objects(fabric: L.Fabric, obj: Any) -> list:
+    """`obj` from every rank, in rank order."""
+    if fabric.world_size == 1:
+        return [obj]
+    objects = [None] * fabric.world_size
+    torch.distributed.all_gather_object(objects, obj)
+    return objects
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's random state: the CPU's and every CUDA device's (dropout draws from the device's)."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

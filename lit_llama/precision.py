@@ -1,0 +1,59 @@
+"""The dtype each tensor trains in, and the plugin that tells Fabric.
+
+Whatever the precision, what trains (LoRA, adapter, the special-token rows, or every weight under
+full fine-tuning) is stored in fp32, and so are its gradients and AdamW's state. An AdamW step is
+about the learning rate, 1e-5 for full fine-tuning, while half a bf16 step of a weight of 0.02 is
+6e-5: in bf16 such updates would round away, in fp32 they add up. Only the frozen base is stored in
+half precision. A trained parameter costs 16 bytes (weight, gradient, AdamW's two moments); a
+frozen one 2 in bf16.
+
+    --precision  frozen base   trained   compute               loss scaling
+    bf16-true    bf16          fp32      bf16 (autocast)       -
+    bf16-mixed   fp32          fp32      bf16 (autocast)       -
+    16-mixed     fp32          fp32      fp16 (autocast)       GradScaler: overflowing steps skipped
+    32-true      fp32          fp32      fp32                  -
+"""
+
+from typing import Literal, Optional
+
+import torch
+from lightning.fabric.plugins.precision import MixedPrecision, Precision
+
+TrainPrecision = Literal["bf16-true", "bf16-mixed", "16-mixed", "32-true"]
+
+
+def default_precision() -> TrainPrecision:
+    """bf16 weights on a GPU that supports it, fp32 elsewhere."""
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16-true"
+    return "32-true"
+
+
+def set_training_dtypes(model: torch.nn.Module, precision: TrainPrecision) -> None:
+    """Store what trains (`requires_grad`) in fp32, and the frozen rest in bf16 under bf16-true, in
+    fp32 otherwise. Call it once the method has marked what trains, before Fabric sets the model up."""
+    frozen = torch.bfloat16 if precision == "bf16-true" else torch.float32
+    for param in model.parameters():
+        param.data = param.data.to(torch.float32 if param.requires_grad else frozen)
+
+
+def precision_plugin(precision: TrainPrecision, device_type: str) -> Precision:
+    """Fabric's plugin for `precision` on `device_type` ("cpu", "cuda"): autocast for all but 32-true.
+    bf16-true and bf16-mixed compute alike, and differ only in how the frozen base is stored. The
+    plugin is built here, not from the string, so that fp16 on CPU is fp16 (Fabric's string turns it
+    into bf16 there) and fsdp takes the same plugins as ddp."""
+    if precision in ("bf16-true", "bf16-mixed"):
+        return MixedPrecision("bf16-mixed", device_type)
+    if precision == "16-mixed":
+        return MixedPrecision("16-mixed", device_type)
+    return Precision()
+
+
+def compute_dtype(precision: TrainPrecision) -> Optional[torch.dtype]:
+    """The dtype autocast runs the matmuls in; None under 32-true."""
+    return {"bf16-true": torch.bfloat16, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
+
+
+def grad_scaler(plugin: Precision) -> Optional[torch.amp.GradScaler]:
+    """The loss scaler of a 16-mixed run, None otherwise."""
+    return getattr(plugin, "scaler", None)

@@ -1,0 +1,113 @@
+"""Two CPU processes over gloo, the path multi-GPU runs take: ddp and fsdp (FSDP2, per block) train to
+the weights one process reaches, validate a share each, save whole tensors that every generate
+script loads, and an fsdp run killed mid-way resumes to the uninterrupted run's weights."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, load_script
+from lit_llama.checkpoint import WEIGHTS_FILES, load_state_dict
+
+FLAGS = ["--accelerator", "cpu", "--train.max_iters", "6", "--train.warmup_iters", "2", "--train.global_batch_size", "4",
+         "--train.micro_batch_size", "2", "--train.eval_interval", "3", "--train.eval_iters", "0",
+         "--train.save_interval", "2"]
+LAYOUTS = {  # name -> flags; activation checkpointing rides along on one ddp and one fsdp run
+    "one": [],
+    "ddp": ["--devices", "2", "--strategy", "ddp"],
+    "fsdp": ["--devices", "2", "--strategy", "fsdp"],
+}
+
+
+def command(method: str, data: Path, checkpoint: Path, out_dir: Path, *extra: str) -> list[str]:
+    dropout = ["--lora.dropout", "0"] if method == "lora" else []
+    return [sys.executable, f"finetune/{method}.py", "--data_dir", str(data), "--checkpoint_dir", str(checkpoint),
+            "--out_dir", str(out_dir), *FLAGS, *dropout, *extra]
+
+
+def run(cmd: list[str]) -> str:
+    # one thread per process: two processes share this machine's cores
+    proc = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_checkpoint, lima_data, tmp_path_factory) -> dict[tuple[str, str], tuple[Path, str]]:
+    """(method, layout) -> (out dir, output) for LoRA and full fine-tuning on every layout."""
+    root = tmp_path_factory.mktemp("layouts")
+    done = {}
+    for method in ("lora", "full"):
+        for layout, flags in LAYOUTS.items():
+            checkpointing = (method, layout) in (("lora", "ddp"), ("full", "fsdp"))
+            out_dir = root / f"{method}_{layout}"
+            extra = [*flags, "--activation_checkpointing", str(checkpointing).lower()]
+            done[method, layout] = out_dir, run(command(method, lima_data, tiny_checkpoint, out_dir, *extra))
+    return done
+
+
+def val_losses(out_dir: Path) -> list[float]:
+    with open(out_dir / "metrics.csv", newline="") as f:
+        return [float(row["val_loss"]) for row in csv.DictReader(f) if row["val_loss"]]
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+@pytest.mark.parametrize("layout", ["ddp", "fsdp"])
+def test_two_processes_end_on_the_one_process_weights(runs, method, layout):
+    one_dir, _ = runs[method, "one"]
+    out_dir, output = runs[method, layout]
+    assert "trained weights agree across 2 ranks: True" in output
+    assert "terminate called" not in output
+    one = load_state_dict(one_dir / WEIGHTS_FILES[method])
+    two = load_state_dict(out_dir / WEIGHTS_FILES[method])
+    assert one.keys() == two.keys()
+    for name in one:  # whole tensors, not shards
+        assert two[name].shape == one[name].shape, name
+        torch.testing.assert_close(two[name], one[name], atol=1e-5, rtol=0)
+    moved = load_state_dict(one_dir / WEIGHTS_FILES[method])["token_rows.lm_head" if method == "lora" else "lm_head.weight"]
+    assert moved.abs().sum() > 0
+    # each rank scored half the validation split: the sums add up to the one-process loss
+    assert val_losses(out_dir) == pytest.approx(val_losses(one_dir), abs=1e-4)
+    assert len(val_losses(out_dir)) == 2
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_an_fsdp_out_dir_generates(runs, method, capsys):
+    out_dir, _ = runs[method, "fsdp"]
+    flag = {"lora": "lora_path", "full": "checkpoint_dir"}[method]
+    load_script(f"generate/{method}.py").main(prompt="What is rain?", **{flag: out_dir}, max_new_tokens=8, temperature=0)
+    assert capsys.readouterr().err.startswith("stop reason: ")
+
+
+def test_a_killed_fsdp_run_resumes_to_the_uninterrupted_weights(runs, tiny_checkpoint, lima_data, tmp_path):
+    whole_dir, _ = runs["full", "fsdp"]
+    out_dir = tmp_path / "killed"
+    cmd = command("full", lima_data, tiny_checkpoint, out_dir, *LAYOUTS["fsdp"], "--activation_checkpointing", "true")
+    # its own process group: the kill takes both ranks at once, as a node failure would
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 300
+    while not (out_dir / "training_state.pth").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    state = torch.load(out_dir / "training_state.pth", weights_only=True)
+    saved_step = state["step"]
+    assert saved_step < 6
+    assert len(state["rng"]) == 2  # each rank's random state
+
+    output = run(cmd + ["--resume", "true"])
+    assert f"resuming from step {saved_step}" in output
+    whole, resumed = load_state_dict(whole_dir / "lit_model.pth"), load_state_dict(out_dir / "lit_model.pth")
+    for name in whole:
+        torch.testing.assert_close(resumed[name], whole[name], atol=1e-6, rtol=0)
+    with open(out_dir / "metrics.csv", newline="") as f:
+        assert [row["step"] for row in csv.DictReader(f)] == [str(i) for i in range(1, 7)]
