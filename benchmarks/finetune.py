@@ -22,10 +22,12 @@ from lit_llama.model import LLaMAConfig
 LORA = LoRAConfig(r=8, alpha=16, dropout=0.0, query=True, value=True)
 
 
-def ours_step(config: LLaMAConfig, method: str, device: torch.device, dtype: torch.dtype, fused: bool):
+def ours_step(config: LLaMAConfig, method: str, device: torch.device, dtype: torch.dtype, fused: bool,
+              checkpointing: bool):
     from lit_llama.training import n_targets, next_token_targets, prepare_model
 
     model = build_ours(config, device, dtype)
+    model.activation_checkpointing = checkpointing
     special_ids = [EOT_ID]
     prepare_model(model, method, LORA if method == "lora" else None, special_ids)
     # under full fine-tuning, the padding rows of wte and lm_head (never scored) and the special tokens'
@@ -43,8 +45,10 @@ def ours_step(config: LLaMAConfig, method: str, device: torch.device, dtype: tor
     return model, loss, padding
 
 
-def hf_step(config: LLaMAConfig, method: str, device: torch.device, dtype: torch.dtype):
+def hf_step(config: LLaMAConfig, method: str, device: torch.device, dtype: torch.dtype, checkpointing: bool):
     model = build_hf(config, device, dtype)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if method == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -72,14 +76,14 @@ def train_flops(config: LLaMAConfig, n_trained: int, method: str, batch_size: in
 
 
 def worker(impl: str, method: str, size: str, batch_size: int, seq_len: int, warmup: int, runs: int, threads: int,
-           device: str, profile: bool) -> dict:
+           device: str, profile: bool, checkpointing: bool) -> dict:
     device = setup(threads, device)
     dtype = default_dtype(device)
     config = model_config(size)
     if impl == "hf":
-        model, loss_fn, uncounted = hf_step(config, method, device, dtype)
+        model, loss_fn, uncounted = hf_step(config, method, device, dtype, checkpointing)
     else:
-        model, loss_fn, uncounted = ours_step(config, method, device, dtype, fused=impl == "ours")
+        model, loss_fn, uncounted = ours_step(config, method, device, dtype, impl == "ours", checkpointing)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trained = sum(p.numel() for p in trainable) - uncounted
@@ -112,7 +116,8 @@ def worker(impl: str, method: str, size: str, batch_size: int, seq_len: int, war
 
 def main(method: Literal["lora", "full"] = "lora", size: str = "30M", batch_size: int = 2, seq_len: int = 512,
          warmup: int = 1, runs: int = 3, threads: int = 2, device: str = "cpu",
-         impl: Optional[Literal["ours", "ours-logits", "hf"]] = None, profile: bool = False) -> None:
+         impl: Optional[Literal["ours", "ours-logits", "hf"]] = None, profile: bool = False,
+         activation_checkpointing: bool = False) -> None:
     """Time fine-tuning steps of ours and of transformers + peft, each in its own process.
 
     Args:
@@ -127,12 +132,15 @@ def main(method: Literal["lora", "full"] = "lora", size: str = "30M", batch_size
         impl: run one implementation in this process and print its result as JSON: ours (the loss by
             `model(ids, targets=...)`, as training does), ours-logits (whole logits, then cross-entropy) or hf
         profile: with --impl, print torch.profiler's table of the timed steps
+        activation_checkpointing: recompute each block in the backward pass (transformers: gradient checkpointing)
     """
     if impl is not None:
-        report(worker(impl, method, size, batch_size, seq_len, warmup, runs, threads, device, profile))
+        report(worker(impl, method, size, batch_size, seq_len, warmup, runs, threads, device, profile,
+                      activation_checkpointing))
         return
     args = ["--method", method, "--size", size, "--batch_size", str(batch_size), "--seq_len", str(seq_len),
-            "--warmup", str(warmup), "--runs", str(runs), "--threads", str(threads), "--device", device]
+            "--warmup", str(warmup), "--runs", str(runs), "--threads", str(threads), "--device", device,
+            "--activation_checkpointing", str(activation_checkpointing).lower()]
     ours, logits, hf = (run_worker("finetune.py", [*args, "--impl", name]) for name in ("ours", "ours-logits", "hf"))
     for other in (logits, hf):
         if other["trainable"] != ours["trainable"]:
