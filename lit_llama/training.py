@@ -2,8 +2,10 @@
 (LoRA, adapter or full), the training loop, checkpoints that resume exactly, and the out dir.
 
 The loop: gradient accumulation (no gradient sync until the last micro-batch), loss per supervised
-token of the whole step, linear warmup then cosine decay, periodic validation with one sample
-generation, a progress bar, metrics.csv and, at the end, a loss plot.
+token of the whole step, linear warmup then cosine decay, fp16 steps that overflow skipped, periodic
+validation with one sample generation, a progress bar, a metrics row per step and, at the end, a
+loss plot. The rooms beside it: `precision.py` (what dtype trains), `parallel.py` (ddp and fsdp),
+`metrics.py` (what a run records).
 """
 
 import itertools
@@ -269,8 +271,6 @@ class StopOnSignal:
         return (self.signal or "a signal on another rank") if anyone.item() else None
 
 
-
-
 def optimizer_step(fabric: L.Fabric, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                    grad_clip: float) -> tuple[float, bool]:
     """Clip the gradients (0: don't) and step. Returns the gradient norm and whether the step was
@@ -325,21 +325,20 @@ def fit(fabric: L.Fabric, model: torch.nn.Module, optimizer: torch.optim.Optimiz
             step_loss += loss.detach()
         train_loss = fabric.all_reduce(step_loss, reduce_op="sum").item() / fabric.world_size
         if not math.isfinite(train_loss):
-            raise ValueError(f"the training loss is {train_loss} at step {step + 1}; stopped before updating "
-                                     f"the weights. {out.state} keeps the last good checkpoint: lower "
-                                     "--train.learning_rate or check the data, then --resume true")
+            raise ValueError(f"the training loss is {train_loss} at step {step + 1}; stopped before updating the "
+                             f"weights. {out.state} keeps the last good checkpoint: lower --train.learning_rate or "
+                             "check the data, then --resume true")
         try:
             _, skipped = optimizer_step(fabric, model, optimizer, args.grad_clip)
         except FloatingPointError as e:
-            raise ValueError(f"the {e} at step {step + 1}; stopped before updating the weights. {out.state} "
-                                     "keeps the last good checkpoint: lower --train.learning_rate or check the data, "
-                                     "then --resume true") from None
+            raise ValueError(f"the {e} at step {step + 1}; stopped before updating the weights. {out.state} keeps "
+                             "the last good checkpoint: lower --train.learning_rate or check the data, then "
+                             "--resume true") from None
         skipped_steps += skipped
         skipped_in_a_row = skipped_in_a_row + 1 if skipped else 0
         if skipped_in_a_row == MAX_SKIPPED_STEPS:
             raise ValueError(f"the gradients overflowed fp16 in {MAX_SKIPPED_STEPS} steps in a row, up to step "
-                                     f"{step + 1}: train with --precision bf16-mixed or 32-true, or lower "
-                                     "--train.learning_rate")
+                             f"{step + 1}: train with --precision bf16-mixed or 32-true, or lower --train.learning_rate")
         real_tokens = sum(len(ids) for batch in samples for ids, _ in batch)  # not the padding
         tokens_per_sec = real_tokens * fabric.world_size / (time.perf_counter() - step_start)
         last["train_loss"] = train_loss

@@ -3,6 +3,7 @@ the weights one process reaches, validate a share each, save whole tensors that 
 script loads, and an fsdp run killed mid-way resumes to the uninterrupted run's weights."""
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -24,6 +25,7 @@ LAYOUTS = {  # name -> flags; activation checkpointing rides along on one ddp an
     "ddp": ["--devices", "2", "--strategy", "ddp"],
     "fsdp": ["--devices", "2", "--strategy", "fsdp"],
 }
+DDP_CONFIG = "devices: 2\nstrategy: ddp\nlora:\n  r: 4\ntrain:\n  max_iters: 6\n"  # LoRA under ddp reads its layout from a file
 
 
 def command(method: str, data: Path, checkpoint: Path, out_dir: Path, *extra: str) -> list[str]:
@@ -50,6 +52,11 @@ def runs(tiny_checkpoint, lima_data, tmp_path_factory) -> dict[tuple[str, str], 
             checkpointing = (method, layout) in (("lora", "ddp"), ("full", "fsdp"))
             out_dir = root / f"{method}_{layout}"
             extra = [*flags, "--activation_checkpointing", str(checkpointing).lower()]
+            if method == "lora":
+                extra += ["--lora.r", "4"]
+                if layout == "ddp":
+                    (root / "ddp.yaml").write_text(DDP_CONFIG)
+                    extra = ["--config", str(root / "ddp.yaml"), "--activation_checkpointing", "true"]
             done[method, layout] = out_dir, run(command(method, lima_data, tiny_checkpoint, out_dir, *extra))
     return done
 
@@ -74,6 +81,10 @@ def test_two_processes_end_on_the_one_process_weights(runs, method, layout):
         torch.testing.assert_close(two[name], one[name], atol=1e-5, rtol=0)
     moved = load_state_dict(one_dir / WEIGHTS_FILES[method])["token_rows.lm_head" if method == "lora" else "lm_head.weight"]
     assert moved.abs().sum() > 0
+    if (method, layout) == ("lora", "ddp"):  # the config file's values, and the defaults where it is silent
+        hparams = json.loads((out_dir / "hyperparameters.json").read_text())
+        assert hparams["lora"]["r"] == 4 and hparams["train"]["max_iters"] == 6
+        assert hparams["train"]["learning_rate"] == 3e-4
     # each rank scored half the validation split: the sums add up to the one-process loss
     assert val_losses(out_dir) == pytest.approx(val_losses(one_dir), abs=1e-4)
     assert len(val_losses(out_dir)) == 2

@@ -1,6 +1,6 @@
-"""The three finetune scripts on the tiny model: training, what they save, resuming, accumulation, DDP."""
+"""The three finetune scripts on the tiny model: training, what they save, resuming, accumulation
+(several processes: tests/test_distributed.py)."""
 
-import json
 import signal
 import subprocess
 import sys
@@ -142,21 +142,6 @@ def test_killed_run_resumes_to_the_same_weights(tiny_checkpoint, lima_data, tmp_
         torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0)
     steps = [line.split(",")[0] for line in (killed / "metrics.csv").read_text().splitlines()[1:]]
     assert steps == [str(i) for i in range(1, 11)]  # each step once
-
-
-def test_ddp_on_two_cpu_processes_with_a_config_file(tiny_checkpoint, lima_data, tmp_path):
-    config = tmp_path / "config.yaml"
-    config.write_text(f"data_dir: {lima_data}\ncheckpoint_dir: {tiny_checkpoint}\nout_dir: {tmp_path / 'ddp'}\n"
-                      "accelerator: cpu\ndevices: 2\nstrategy: ddp\nlora:\n  r: 4\n"
-                      "train:\n  max_iters: 3\n  global_batch_size: 4\n  micro_batch_size: 1\n  eval_iters: 1\n  save_interval: 0\n")
-    proc = run_script("finetune/lora.py", "--config", str(config))
-    output = proc.communicate(timeout=300)[0]
-    assert proc.returncode == 0, output
-    assert "trained weights agree across 2 ranks: True" in output
-    assert "terminate called" not in output  # the process group is closed before the interpreter exits
-    hparams = json.loads((tmp_path / "ddp" / "hyperparameters.json").read_text())
-    assert hparams["lora"]["r"] == 4 and hparams["train"]["max_iters"] == 3  # the config file's values
-    assert hparams["train"]["learning_rate"] == 3e-4  # defaults stay where the file is silent
 
 
 @pytest.mark.parametrize("method", ["lora", "adapter", "full"])

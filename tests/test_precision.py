@@ -98,7 +98,7 @@ def test_fp16_finetune_skips_overflowing_steps_counts_them_and_trains_on(tiny_ch
                                                                          monkeypatch):
     monkeypatch.setattr(training, "precision_plugin", fp16_from(2.0 ** 24))
     out_dir = tmp_path / "fp16"
-    losses = load_script("finetune/lora.py").setup(
+    load_script("finetune/lora.py").setup(
         data_dir=lima_data, checkpoint_dir=tiny_checkpoint, out_dir=out_dir, precision="16-mixed",
         lora=LoRAConfig(dropout=0.0), train=TrainArgs(max_iters=12, learning_rate=1e-2, **SHORT))
     with open(out_dir / "metrics.csv", newline="") as f:
