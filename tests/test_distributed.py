@@ -122,3 +122,51 @@ def test_a_killed_fsdp_run_resumes_to_the_uninterrupted_weights(runs, tiny_check
         torch.testing.assert_close(resumed[name], whole[name], atol=1e-6, rtol=0)
     with open(out_dir / "metrics.csv", newline="") as f:
         assert [row["step"] for row in csv.DictReader(f)] == [str(i) for i in range(1, 7)]
+
+
+class RankStub:
+    """What `validate` asks of Fabric, as rank `rank` of `world_size` sees it (all_reduce: this rank's part)."""
+
+    def __init__(self, rank: int, world_size: int) -> None:
+        self.global_rank, self.world_size, self.device = rank, world_size, torch.device("cpu")
+
+    def to_device(self, batch):
+        return batch
+
+    def all_reduce(self, tensor, reduce_op):
+        return tensor
+
+
+def test_each_rank_validates_its_own_share(lima_data, tiny_checkpoint):
+    """5 micro-batches over 2 ranks: rank 0 scores 0, 2, 4 and rank 1 scores 1, 3, then runs one more
+    forward pass, uncounted, so that both run as many (under ddp and fsdp every forward is collective)."""
+    from lit_llama.data import collate, load_prepared
+    from lit_llama.training import TrainArgs, n_targets, validate
+
+    _, _, val_data = load_prepared(lima_data, tiny_checkpoint)
+    assert len(val_data) == 10
+
+    class Recorder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.sums = []
+
+        def forward(self, input_ids, targets):
+            self.sums.append(int(input_ids.sum()))  # tells the batches apart
+            return torch.tensor(1.0)
+
+    args = TrainArgs(micro_batch_size=2, eval_iters=0)
+    seen, losses = [], []
+    for rank in range(2):
+        model = Recorder()
+        losses.append(validate(RankStub(rank, 2), model, val_data, args, pad_id=0))
+        seen.append(model.sums)
+    every = Recorder()
+    validate(RankStub(0, 1), every, val_data, args, pad_id=0)
+    assert len(set(every.sums)) == 5
+    assert seen[0] == [every.sums[i] for i in (0, 2, 4)]
+    assert seen[1] == [every.sums[i] for i in (1, 3, 0)]  # the last one uncounted
+    # each batch "loses" 1.0: a rank's sums hold its own batches' supervised tokens only
+    tokens = [n_targets(collate([val_data[j] for j in range(i, i + 2)])[1]) for i in range(0, 10, 2)]
+    assert losses[0] == pytest.approx(3 / (tokens[0] + tokens[2] + tokens[4]))
+    assert losses[1] == pytest.approx(2 / (tokens[1] + tokens[3]))
