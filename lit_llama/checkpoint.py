@@ -123,20 +123,27 @@ def save_checkpoint_dir(model: LLaMA, tokenizer: Tokenizer, directory: Path) -> 
     tokenizer.save(directory)
 
 
-def load_finetuned(out_dir: Path, checkpoint_dir: Optional[Path] = None,
-                   dtype: Optional[torch.dtype] = None) -> tuple[LLaMA, Tokenizer]:
-    """Rebuild a fine-tune from its out dir alone: the base checkpoint it names (or `checkpoint_dir`),
-    the extended vocabulary, the method's settings and trained weights. LoRA updates and special-token
-    rows are merged into the weights, ready for inference."""
+def read_hparams(out_dir: Path) -> dict:
+    """The hyperparameters.json of a finetune/*.py out dir; "method" says which script wrote it."""
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
         raise FileNotFoundError(f"{out_dir} not found: {GIVE_OUT_DIR}")
     hparams_path = require_file(out_dir / HPARAMS_FILE, "is this a finetune/*.py out dir?")
     try:
         hparams = json.loads(hparams_path.read_text())
-        method = hparams["method"]
+        hparams["method"]
     except (ValueError, KeyError, TypeError):
         raise ValueError(f"{hparams_path} is damaged (not the JSON a finetune/*.py run writes)") from None
+    return hparams
+
+
+def load_finetuned(out_dir: Path, checkpoint_dir: Optional[Path] = None,
+                   dtype: Optional[torch.dtype] = None) -> tuple[LLaMA, Tokenizer]:
+    """Rebuild a fine-tune from its out dir alone: the base checkpoint it names (or `checkpoint_dir`),
+    the extended vocabulary, the method's settings and trained weights. LoRA updates and special-token
+    rows are merged into the weights, ready for inference."""
+    hparams = read_hparams(out_dir)
+    method = hparams["method"]
     tokenizer = Tokenizer.from_dir(out_dir)
     if method == "full":
         return load_model(out_dir, dtype), tokenizer

@@ -402,20 +402,47 @@ def hf_config(config: LLaMAConfig, tokenizer: Tokenizer, dtype: torch.dtype) -> 
         "tie_word_embeddings": False,
         "vocab_size": config.vocab_size,
         "bos_token_id": tokenizer.bos_id,
-        "eos_token_id": tokenizer.eos_id,
+        "eos_token_id": tokenizer.stop_ids[0],  # the EOT when there is one: converters (llama.cpp's) read it here
         "torch_dtype": str(dtype).removeprefix("torch."),
     }
 
 
+def chat_template(eot: str) -> str:
+    """lit_llama/prompts.py's format as a Jinja chat template: <bos> [system <EOT>] user <EOT> assistant
+    <EOT> ... An optional system message first, then user and assistant alternating, user first;
+    anything else raises. With add_generation_prompt the conversation must end with a user turn, and
+    nothing is added: the format has no role markers, the model's turn simply comes next."""
+    return (
+        "{%- set offset = 1 if messages and messages[0]['role'] == 'system' else 0 -%}"
+        "{{ bos_token }}"
+        "{%- for message in messages -%}"
+        "{%- set expected = 'system' if loop.index0 < offset else ['user', 'assistant'][(loop.index0 - offset) % 2] -%}"
+        "{%- if message['role'] != expected -%}"
+        "{{ raise_exception('message ' ~ loop.index0 ~ ' has role ' ~ message['role'] ~ ', expected ' ~ expected"
+        " ~ ': an optional system message first, then user and assistant alternating, user first') }}"
+        "{%- endif -%}"
+        "{{ message['content'] }}" + eot +
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt and (messages | length == offset or messages[-1]['role'] != 'user') -%}"
+        "{{ raise_exception('add_generation_prompt needs a conversation that ends with a user message') }}"
+        "{%- endif -%}"
+    )
+
+
 def hf_tokenizer_files(tokenizer: Tokenizer, block_size: int) -> dict[str, dict]:
     """tokenizer_config.json and special_tokens_map.json for transformers' LlamaTokenizer, which reads
-    our tokenizer.model with the same ids. Our special tokens (the EOT) become special added tokens."""
+    our tokenizer.model with the same ids. Our special tokens (the EOT) become special added tokens.
+    With an EOT, it is the eos token, as in chat fine-tunes: tools that stop on a single eos (llama.cpp,
+    through its converter) stop on it; unk pads batches."""
     piece = tokenizer.processor.id_to_piece
     roles = {"unk_token": tokenizer.processor.unk_id(), "bos_token": tokenizer.bos_id, "eos_token": tokenizer.eos_id}
     named = {role: piece(i) for role, i in roles.items() if i >= 0}
     special = {**{piece(i): i for i in roles.values() if i >= 0}, **tokenizer.special_tokens}
     added = {str(i): {"content": content, "special": True, "normalized": False, "lstrip": False, "rstrip": False,
                       "single_word": False} for content, i in sorted(special.items(), key=lambda item: item[1])}
+    if tokenizer.eot_id is not None:
+        named["eos_token"] = piece(tokenizer.eot_id)
+        named["pad_token"] = named.get("unk_token", piece(tokenizer.eos_id))
     tokenizer_config = {
         "tokenizer_class": "LlamaTokenizer",
         **named,
@@ -430,18 +457,15 @@ def hf_tokenizer_files(tokenizer: Tokenizer, block_size: int) -> dict[str, dict]
         "additional_special_tokens": list(tokenizer.special_tokens),
     }
     if tokenizer.eot_id is not None:
-        # lit_llama/prompts.py's format: <bos> turn <EOT> turn <EOT> ...
-        eot = piece(tokenizer.eot_id)
-        tokenizer_config["chat_template"] = ("{{ bos_token }}{% for message in messages %}{{ message['content'] }}"
-                                             + eot + "{% endfor %}")
+        tokenizer_config["chat_template"] = chat_template(piece(tokenizer.eot_id))
     special_tokens_map = {**named, "additional_special_tokens": list(tokenizer.special_tokens)}
     return {"tokenizer_config.json": tokenizer_config, "special_tokens_map.json": special_tokens_map}
 
 
 def export_hf_checkpoint(checkpoint_dir: Path, output_dir: Path, dtype: Optional[DType] = None) -> None:
     """Write our checkpoint dir as a Hugging Face model dir that transformers loads and generates
-    with: model.safetensors, config.json, generation_config.json (stopping on EOT, then EOS) and the
-    tokenizer files. `dtype` casts the weights; None keeps ours."""
+    with: model.safetensors, config.json (eos: the EOT), generation_config.json (stopping on EOT, then
+    EOS) and the tokenizer files (eos: the EOT; a chat template that checks roles). `dtype` casts the weights; None keeps ours."""
     checkpoint_dir = require_dir(checkpoint_dir, "--checkpoint_dir", "give a checkpoint dir of this repo "
                                  "(lit_model.pth, model_config.json, tokenizer.model)")
     output_dir = Path(output_dir)
@@ -456,9 +480,12 @@ def export_hf_checkpoint(checkpoint_dir: Path, output_dir: Path, dtype: Optional
     save_file(tensors, weights.with_name(weights.name + ".tmp"), metadata={"format": "pt"})
     os.replace(weights.with_name(weights.name + ".tmp"), weights)
     write_json(hf_config(config, tokenizer, tensors["lm_head.weight"].dtype), output_dir / HF_CONFIG_FILE)
-    write_json({"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.stop_ids},
-               output_dir / "generation_config.json")
+    hf_files = hf_tokenizer_files(tokenizer, config.block_size)
+    generation = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.stop_ids}
+    if tokenizer.eot_id is not None:
+        generation["pad_token_id"] = tokenizer.processor.piece_to_id(hf_files["tokenizer_config.json"]["pad_token"])
+    write_json(generation, output_dir / "generation_config.json")
     tokenizer.save(output_dir)  # tokenizer.model, and special_tokens.json so converting back keeps the EOT
-    for name, content in hf_tokenizer_files(tokenizer, config.block_size).items():
+    for name, content in hf_files.items():
         write_json(content, output_dir / name)
     print(f"wrote {output_dir}: {config.vocab_size} token ids, stops on {tokenizer.stop_ids}")

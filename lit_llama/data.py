@@ -315,7 +315,7 @@ def encode_rows(layouts: Iterable[list[Segment]], tokenizer: Tokenizer, max_seq_
 
 def prepare_data(data_path: Path, layout: Callable[[dict, Tokenizer], list[Segment]], checkpoint_dir: Path,
                  destination_path: Path, max_seq_length: Optional[int], val_split_fraction: float, seed: int,
-                 overlong: Overlong, eot_token: str, repurpose_eot: Optional[str], allow_repurposed_in_data: bool,
+                 overlong: Overlong, eot_token: Optional[str], repurpose_eot: Optional[str], allow_repurposed_in_data: bool,
                  extra_special_tokens: Optional[list[str]], strict: bool, settings: dict) -> PrepareReport:
     """What every prepare script does once it can lay out a row (`layout` raises BadRow for one it
     can't): extend the checkpoint's tokenizer with the end-of-turn token; read, encode and fit every
@@ -336,13 +336,14 @@ def prepare_data(data_path: Path, layout: Callable[[dict, Tokenizer], list[Segme
         raise ValueError(f"--max_seq_length {max_seq_length} exceeds the model's block_size {block_size}")
     base = Tokenizer.from_dir(checkpoint_dir)
     tokenizer = extend_tokenizer(base, eot_token, repurpose_eot, extra_special_tokens or [])
+    repurposing = repurpose_eot is not None and base.eot_id is None  # not a second round's EOT, already there
 
     check_writable(destination_path, 0, "--destination_path")  # before the work, not after it
 
     report = PrepareReport()
     rows = read_rows(data_path, report, lambda row: layout(row, tokenizer))
-    data, repurposed = encode_rows(rows, tokenizer, max_seq_length, report, overlong, base if repurpose_eot is not None else None)
-    if repurpose_eot is not None:
+    data, repurposed = encode_rows(rows, tokenizer, max_seq_length, report, overlong, base if repurposing else None)
+    if repurposing:
         piece = base.processor.id_to_piece(tokenizer.eot_id)
         if repurposed and not allow_repurposed_in_data:
             raise ValueError(f"{data_path}: the repurposed piece {piece!r} occurs {repurposed} times in the data; pick a rarer "
@@ -362,11 +363,12 @@ def prepare_data(data_path: Path, layout: Callable[[dict, Tokenizer], list[Segme
     data.select(order[:n_val]).save(destination_path / "val.pt")
     tokenizer.save(destination_path)
     write_json({"data_path": data_path.resolve(), "checkpoint_dir": checkpoint_dir.resolve(), **settings,
-                "max_seq_length": max_seq_length, "overlong": overlong, "special_tokens": [asdict(t) for t in tokenizer.special],
+                "max_seq_length": max_seq_length, "overlong": overlong, "special_tokens": [t.as_json() for t in tokenizer.special],
                 "eot_id": tokenizer.eot_id, "train": len(data) - n_val, "val": n_val, "report": asdict(report)},
                destination_path / "prepare.json")
     eot = next(t for t in tokenizer.special if t.id == tokenizer.eot_id)
-    print(f"{len(data) - n_val} train and {n_val} val samples, EOT {eot.content!r} = id {eot.id} ({eot.mode}), "
+    how = "the checkpoint's own, from an earlier round" if base.eot_id is not None else eot.mode
+    print(f"{len(data) - n_val} train and {n_val} val samples, EOT {eot.content!r} = id {eot.id} ({how}), "
           f"written to {destination_path}")
     return report
 

@@ -1,19 +1,26 @@
 """Sentencepiece tokenizer that can carry special tokens (the end-of-turn token above all).
 
 A special token is either appended (a new CONTROL piece at the next free id) or repurposed (an
-existing piece of the base vocabulary, turned into a CONTROL piece and given the role). Either way
-the saved `tokenizer.model` is a plain sentencepiece file that other tools read with the same ids,
-and text never encodes to a special id: sentencepiece does not match CONTROL pieces in text, so a
-literal "<|eot|>" typed by a user is ordinary characters, and text that used to encode to a
-repurposed piece now encodes to other pieces, losslessly. Special ids enter a sequence only where
-the formatting code (`lit_llama/prompts.py`) puts them, by id.
+existing piece of the base vocabulary, ordinary or a reserved control piece such as "[control_20]",
+turned into a CONTROL piece at its own id and renamed to the token's name, e.g. "<|eot|>"). Either
+way the saved `tokenizer.model` is a plain sentencepiece file that other tools read with the same
+ids, and text never encodes to a special id: sentencepiece does not match CONTROL pieces in text, so
+a literal "<|eot|>" typed by a user is ordinary characters, and text that used to encode to a
+repurposed piece now encodes to other pieces, losslessly. The rename is for the other tools:
+transformers matches special tokens by their text, so a repurposed "▁pizza" kept under its name
+would turn every typed "pizza" into the end-of-turn id. Special ids enter a sequence only where the
+formatting code (`lit_llama/prompts.py`) puts them, by id.
 
-`special_tokens.json` next to `tokenizer.model` records each special token (content, id, mode), the
-end-of-turn id, the ids that stop generation, and which base tokenizer was extended.
+`special_tokens.json` next to `tokenizer.model` records each special token (content, id, mode, and
+a repurposed one's original piece), the end-of-turn id, the ids that stop generation, and which base
+tokenizer was extended. A tokenizer that already has them (a fine-tune's, for a second round) keeps
+them: extending it again adds only new tokens.
 """
 
 import hashlib
 import json
+import re
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal, Optional, Union
@@ -29,11 +36,19 @@ SPECIAL_TOKENS_FILE = "special_tokens.json"
 Piece = sentencepiece_model_pb2.ModelProto.SentencePiece
 
 
+# names sentencepiece vocabularies give pieces held in reserve, free to take a role
+RESERVED_NAME = re.compile(r"control|unused|reserved|extra_id|placeholder", re.IGNORECASE)
+
+
 @dataclass(frozen=True)
 class SpecialToken:
-    content: str
+    content: str  # its name, in tokenizer.model too
     id: int
     mode: Literal["appended", "repurposed"]
+    piece: Optional[str] = None  # a repurposed token's piece in the base vocabulary, before the rename
+
+    def as_json(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
 
 
 class Tokenizer:
@@ -89,29 +104,36 @@ class Tokenizer:
             raise ValueError(f"{piece!r} is not a piece of the tokenizer (pieces spell a leading space as '▁')")
         return i
 
-    def with_special_tokens(self, append: list[str] = (), repurpose: list[Union[str, int]] = (),
-                            eot: Optional[Union[str, int]] = None) -> "Tokenizer":
-        """A new tokenizer with the `append` tokens added as CONTROL pieces at the next ids and the
-        `repurpose` pieces (text or id) made CONTROL pieces in place. `eot` names the one that ends
-        turns, by content (or, for a repurposed piece, as given in `repurpose`)."""
-        if self.special:
-            raise ValueError("this tokenizer already has special tokens; extend the base tokenizer instead")
+    def with_special_tokens(self, append: list[str] = (), repurpose: Optional[dict[Union[str, int], str]] = None,
+                            eot: Optional[str] = None) -> "Tokenizer":
+        """A new tokenizer with the `append` tokens added as CONTROL pieces at the next ids, and the
+        pieces of `repurpose` (text or id -> the name it takes) made CONTROL pieces of that name in
+        place. `eot` names the one that ends turns. Special tokens this tokenizer already has stay."""
+        if eot is not None and self.eot_id is not None:
+            raise ValueError(f"this tokenizer already has an end-of-turn token (id {self.eot_id})")
         proto = sentencepiece_model_pb2.ModelProto()
         proto.ParseFromString(self.model_proto)
-        special = []
-        names = {}  # how the caller may name each special token: its content, or a repurposed piece as given
-        for piece in repurpose:
+        special = list(self.special)
+        existing = {p.piece for p in proto.pieces}
+        roles = {self.bos_id, self.eos_id, self.processor.unk_id(), self.processor.pad_id()}
+        for piece, name in (repurpose or {}).items():
             i = self.piece_id(piece)
             entry = proto.pieces[i]
-            if entry.type not in (Piece.NORMAL, Piece.USER_DEFINED, Piece.UNUSED):
-                kind = Piece.Type.Name(entry.type).lower()
-                raise ValueError(f"cannot repurpose {entry.piece!r} (id {i}): it is a {kind} piece"
-                                 + (" (bos/eos/unk/pad keep their roles)" if kind in ("control", "unknown") else
-                                    " that byte fallback needs to encode arbitrary text") + "; pick a rarely used ordinary piece")
-            entry.type = Piece.CONTROL  # from now on text never encodes to it
-            special.append(SpecialToken(entry.piece, i, "repurposed"))
-            names[str(piece)] = i
-        existing = {p.piece for p in proto.pieces}
+            if i in roles or i in self.special_tokens.values():
+                raise ValueError(f"cannot repurpose {entry.piece!r} (id {i}): the tokenizer's bos/eos/unk/pad and special "
+                                 "tokens keep their roles; pick a reserved control piece or a rarely used ordinary one")
+            if entry.type not in (Piece.NORMAL, Piece.USER_DEFINED, Piece.UNUSED, Piece.CONTROL):
+                raise ValueError(f"cannot repurpose {entry.piece!r} (id {i}): it is a {Piece.Type.Name(entry.type).lower()} "
+                                 "piece that byte fallback needs to encode arbitrary text; pick a rarely used ordinary piece")
+            if entry.type == Piece.CONTROL and not RESERVED_NAME.search(entry.piece):
+                print(f"warning: {entry.piece!r} (id {i}) is a control piece whose name suggests a role in the model's "
+                      f"own chat format; repurposing it as {name!r} anyway", file=sys.stderr)
+            if name != entry.piece and name in existing:
+                raise ValueError(f"cannot name the repurposed piece {entry.piece!r} {name!r}: that is already a piece "
+                                 f"of the tokenizer; choose another name")
+            existing.add(name)
+            special.append(SpecialToken(name, i, "repurposed", piece=entry.piece))
+            entry.piece, entry.type = name, Piece.CONTROL  # from now on text never encodes to it, in any tool
         for content in append:
             if content in existing:
                 raise ValueError(f"{content!r} is already a piece of the tokenizer (id {self.processor.piece_to_id(content)}); "
@@ -120,14 +142,15 @@ class Tokenizer:
             proto.pieces.add(piece=content, score=0.0, type=Piece.CONTROL)
             special.append(SpecialToken(content, len(proto.pieces) - 1, "appended"))
 
-        names.update((t.content, t.id) for t in special)
-        eot_id = None if eot is None else names.get(str(eot))
-        if eot is not None and eot_id is None:
-            raise ValueError(f"the end-of-turn token {eot!r} is not among the special tokens {[t.content for t in special]}")
+        eot_id = self.eot_id
+        if eot is not None:
+            eot_id = next((t.id for t in special if eot in (t.content, t.piece)), None)
+            if eot_id is None:
+                raise ValueError(f"the end-of-turn token {eot!r} is not among the special tokens {[t.content for t in special]}")
         return Tokenizer(proto.SerializeToString(), {
-            "base_vocab_size": self.vocab_size,
+            "base_vocab_size": self.base_vocab_size,
             "base_sha256": self.base_sha256,
-            "tokens": [asdict(t) for t in special],
+            "tokens": [t.as_json() for t in special],
             "eot_id": eot_id,
         })
 
@@ -139,7 +162,7 @@ class Tokenizer:
             special = {
                 "base_vocab_size": self.base_vocab_size,
                 "base_sha256": self.base_sha256,
-                "tokens": [asdict(t) for t in self.special],
+                "tokens": [t.as_json() for t in self.special],
                 "eot_id": self.eot_id,
                 "stop_ids": self.stop_ids,
             }
@@ -166,10 +189,21 @@ class Tokenizer:
         return "".join(text + [self.processor.decode(run)])
 
 
-def extend_tokenizer(base: Tokenizer, eot_token: str = DEFAULT_EOT, repurpose_eot: Optional[str] = None,
+def extend_tokenizer(base: Tokenizer, eot_token: Optional[str] = None, repurpose_eot: Optional[str] = None,
                      extra_special_tokens: list[str] = ()) -> Tokenizer:
-    """The base tokenizer with an end-of-turn token: `eot_token` appended as a new id, or, with
-    `repurpose_eot`, an existing piece given the role. `extra_special_tokens` are appended after it."""
+    """The base tokenizer with an end-of-turn token: `eot_token` (default "<|eot|>") appended as a new
+    id, or, with `repurpose_eot`, an existing piece given the role under that name. A base that already
+    has an end-of-turn token (a fine-tune, for a second round) keeps it; asking for another one is an
+    error. `extra_special_tokens` not yet in the tokenizer are appended after it."""
+    extra = [t for t in extra_special_tokens if t not in base.special_tokens]
+    if base.eot_id is not None:
+        eot = next(t for t in base.special if t.id == base.eot_id)
+        asked = repurpose_eot if repurpose_eot is not None else eot_token
+        if asked is not None and asked not in (eot.content, eot.piece):
+            raise ValueError(f"the checkpoint already has an end-of-turn token, {eot.content!r} (id {eot.id}): a second "
+                             f"round reuses it; drop --eot_token/--repurpose_eot, or prepare for the original base checkpoint")
+        return base.with_special_tokens(append=extra) if extra else base
+    eot_token = eot_token or DEFAULT_EOT
     if repurpose_eot is not None:
-        return base.with_special_tokens(append=list(extra_special_tokens), repurpose=[repurpose_eot], eot=repurpose_eot)
-    return base.with_special_tokens(append=[eot_token, *extra_special_tokens], eot=eot_token)
+        return base.with_special_tokens(append=extra, repurpose={repurpose_eot: eot_token}, eot=eot_token)
+    return base.with_special_tokens(append=[eot_token, *extra], eot=eot_token)

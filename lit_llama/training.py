@@ -393,7 +393,8 @@ def train_on_this_rank(fabric: L.Fabric, method: Method, method_config: Union[Lo
     train.accumulation_steps(fabric.world_size)  # a bad batch size fails now, not after loading
     model = load_model(checkpoint_dir)
     base_dtypes = {name: t.dtype for name, t in model.state_dict().items()}
-    special_ids = add_special_tokens(model, tokenizer, token_init, seed=train.seed)
+    learned = Tokenizer.from_dir(checkpoint_dir).special_tokens.values()  # a second round keeps them
+    special_ids = add_special_tokens(model, tokenizer, token_init, seed=train.seed, learned=learned)
     prepare_model(model, method, method_config, special_ids)
     set_training_dtypes(model, precision)
     model.activation_checkpointing = activation_checkpointing

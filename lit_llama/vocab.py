@@ -2,6 +2,7 @@
 the small trainable "token rows" that let LoRA/adapter training learn them with the rest frozen."""
 
 from dataclasses import replace
+from typing import Collection
 
 import torch
 import torch.nn as nn
@@ -48,8 +49,8 @@ def _row_stats(weight: torch.Tensor, n_rows: int, excluded: list[int]) -> tuple[
 
 
 @torch.no_grad()
-def init_special_rows(model: LLaMA, tokenizer: Tokenizer, method: str = "mean", seed: int = 0) -> None:
-    """Re-initialise the rows of every special token in `wte` and in `lm_head`, each matrix from its
+def init_special_rows(model: LLaMA, tokenizer: Tokenizer, ids: list[int], method: str = "mean", seed: int = 0) -> None:
+    """Re-initialise the rows of the special tokens `ids` in `wte` and in `lm_head`, each matrix from its
     own rows, in fp32, over the real rows only (the base vocabulary without the special ids):
 
     - mean: the mean row. A mean head row scores the new token at the mean logit, an ordinary token,
@@ -60,16 +61,18 @@ def init_special_rows(model: LLaMA, tokenizer: Tokenizer, method: str = "mean", 
     - copy:<piece>: the row of an existing piece (its exact text, e.g. "▁end", or its id).
     - describe:<text>: the mean of the rows of the pieces `text` encodes to, e.g. "describe:end of turn".
     """
-    ids = [t.id for t in tokenizer.special]
     base = tokenizer.base_vocab_size
-    excluded = [i for i in ids if i < base]  # repurposed rows hold an old meaning, not a real row any more
+    # repurposed rows hold an old meaning (or a role an earlier round taught), not a real row any more
+    excluded = [t.id for t in tokenizer.special if t.id < base]
     kind, _, arg = method.partition(":")
     if kind in ("copy", "describe"):
         sources = [tokenizer.piece_id(arg)] if kind == "copy" else tokenizer.encode(arg)
-        if not sources or any(i in ids or i >= base for i in sources):
+        if not sources or any(i in excluded or i >= base for i in sources):
             raise ValueError(f"--token_init {method!r}: needs pieces of the base vocabulary, got ids {sources}")
     elif kind not in ("mean", "mean_noise", "normal") or arg:
         raise ValueError(f"--token_init {method!r} is not one of {', '.join(TOKEN_INITS)}")
+    if not ids:  # a second round with no new token
+        return
     generator = torch.Generator().manual_seed(seed)
     for weight in (model.transformer.wte.weight, model.lm_head.weight):
         mean, std = _row_stats(weight, base, excluded)
@@ -85,14 +88,19 @@ def init_special_rows(model: LLaMA, tokenizer: Tokenizer, method: str = "mean", 
         weight[ids] = rows.to(weight.dtype)
 
 
-def add_special_tokens(model: LLaMA, tokenizer: Tokenizer, method: str = "mean", seed: int = 0) -> list[int]:
-    """Fit a base model to `tokenizer`'s special tokens: room for appended ids, and fresh rows for
-    every special token, appended or repurposed. Returns the special ids."""
-    if model.config.vocab_size != tokenizer.base_vocab_size:
-        raise ValueError(f"the tokenizer extends a vocabulary of {tokenizer.base_vocab_size} ids but the model has "
+def add_special_tokens(model: LLaMA, tokenizer: Tokenizer, method: str = "mean", seed: int = 0,
+                       learned: Collection[int] = ()) -> list[int]:
+    """Fit a model to `tokenizer`'s special tokens: room for appended ids, and fresh rows for every
+    special token, appended or repurposed, except the `learned` ones, whose rows an earlier round of
+    fine-tuning trained (the model is then that round's checkpoint) and which are kept. Returns all
+    the special ids."""
+    new = [t.id for t in tokenizer.special if t.id not in learned]
+    known = tokenizer.vocab_size - sum(i >= tokenizer.base_vocab_size for i in new)  # ids the model must have
+    if model.config.vocab_size != known:
+        raise ValueError(f"the tokenizer extends a vocabulary of {known} ids but the model has "
                          f"{model.config.vocab_size}: data and checkpoint do not belong together")
     grow_vocab(model, tokenizer.vocab_size)
-    init_special_rows(model, tokenizer, method, seed)
+    init_special_rows(model, tokenizer, new, method, seed)
     return sorted(t.id for t in tokenizer.special)
 
 

@@ -21,7 +21,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lit_llama.cli import run
 from lit_llama.data import Overlong, alpaca_turns, prepare_data
 from lit_llama.prompts import PromptStyle, conversation_segments
-from lit_llama.tokenizer import DEFAULT_EOT
 
 
 def prepare(
@@ -34,7 +33,7 @@ def prepare(
     seed: int = 42,
     mask_inputs: bool = True,
     overlong: Overlong = "drop",
-    eot_token: str = DEFAULT_EOT,
+    eot_token: Optional[str] = None,
     repurpose_eot: Optional[str] = None,
     allow_repurposed_in_data: bool = False,
     extra_special_tokens: Optional[list[str]] = None,
@@ -55,9 +54,11 @@ def prepare(
         mask_inputs: train only on the output (and its end-of-turn token), not on the prompt
         overlong: what to do with a row longer than max_seq_length: drop it (cut_turns drops it too, as
             a row is a single exchange)
-        eot_token: the end-of-turn token's text, appended to the vocabulary as a new id
-        repurpose_eot: give the end-of-turn role to an existing piece instead, named by its exact text
-            (e.g. "▁zebra") or id; the vocabulary keeps its size
+        eot_token: the end-of-turn token's name (default <|eot|>), appended to the vocabulary as a new id;
+            a checkpoint that already has one (for a second round of fine-tuning) keeps its own
+        repurpose_eot: give the end-of-turn role to an existing piece instead, by its exact text or id:
+            a rare ordinary piece ("▁zebra") or a reserved control piece ("[control_20]"). It is renamed
+            to the end-of-turn name, so no tool finds it in text; the vocabulary keeps its size
         allow_repurposed_in_data: prepare even when the data contains the repurposed piece (its text is
             then encoded with other pieces)
         extra_special_tokens: more special tokens to append after the end-of-turn token

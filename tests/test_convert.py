@@ -15,9 +15,10 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llam
 
 from conftest import FIXTURES, REPO, load_script
 from lit_llama.checkpoint import load_model, save_checkpoint_dir
-from lit_llama.convert import interleaved_to_half
+from lit_llama.convert import hf_tokenizer_files, interleaved_to_half
 from lit_llama.model import apply_rope, build_rope_cache
 from lit_llama.prompts import encode_prompt
+from lit_llama.tokenizer import extend_tokenizer
 from lit_llama.vocab import add_special_tokens
 
 convert_hf = load_script("scripts/convert_hf_checkpoint.py").main
@@ -208,6 +209,7 @@ def eot_export(tmp_path_factory, tokenizer):
 
 
 PROMPT = "How do plants drink water?"
+TWENTY = 823  # "▁twenty" in the tiny tokenizer
 TEXTS = ["Hello world", "How do plants drink water?\nThey use their roots.", "numbers 12345 and café 你好 🙂",
          "almost special: <|eot| and </s", "two  spaces\tand a tab "]
 
@@ -227,12 +229,59 @@ def test_exported_tokenizer_gives_our_ids(eot_export, tokenizer):
     messages = [{"role": ("user", "assistant")[i % 2], "content": text} for i, text in enumerate(turns)]
     chat = hf_tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False)
     assert list(chat) == encode_prompt(tokenizer, turns)
+    ready = hf_tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False, add_generation_prompt=True)
+    assert list(ready) == encode_prompt(tokenizer, turns)  # no role markers: the reply simply comes next
+    system = [{"role": "system", "content": "Be brief."}, *messages]
+    assert list(hf_tokenizer.apply_chat_template(system, tokenize=True, return_dict=False)) == \
+        encode_prompt(tokenizer, turns, system="Be brief.")
+
+
+@pytest.mark.parametrize("roles, why", [
+    (["assistant", "user"], "message 0 has role assistant, expected user"),
+    (["user", "user"], "message 1 has role user, expected assistant"),
+    (["user", "system"], "message 1 has role system, expected assistant"),
+    (["system", "assistant"], "message 1 has role assistant, expected user"),
+    (["user", "assistant"], "add_generation_prompt needs a conversation that ends with a user message"),
+])
+def test_the_chat_template_refuses_roles_out_of_order(eot_export, roles, why):
+    hf_tokenizer = AutoTokenizer.from_pretrained(eot_export[1])
+    messages = [{"role": role, "content": "hi"} for role in roles]
+    with pytest.raises(Exception, match=why):
+        hf_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def test_every_file_a_tool_reads_the_eos_from_names_the_eot(eot_export, tokenizer):
+    """Tools that stop on one eos id (llama.cpp's converter reads config.json's) stop on the EOT."""
+    exported = eot_export[1]
+    assert json.loads((exported / "config.json").read_text())["eos_token_id"] == tokenizer.eot_id
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        files = json.loads((exported / name).read_text())
+        assert files["eos_token"] == "<|eot|>" and files["pad_token"] == "<unk>", name
+    assert json.loads((exported / "generation_config.json").read_text())["pad_token_id"] == 0
+    hf_tokenizer = AutoTokenizer.from_pretrained(exported)
+    assert hf_tokenizer.eos_token_id == tokenizer.eot_id and hf_tokenizer.pad_token_id == 0
+
+
+def test_a_repurposed_eot_exports_as_safely_as_an_appended_one(base_tokenizer, tmp_path):
+    """The repurposed piece is renamed to the EOT's name in the written tokenizer.model: transformers,
+    which matches special tokens by text, never finds it in ordinary text, the word included."""
+    tokenizer = extend_tokenizer(base_tokenizer, repurpose_eot="▁twenty")
+    assert tokenizer.eot_id == TWENTY and tokenizer.special[0].piece == "▁twenty"
+    tokenizer.save(tmp_path)
+    for name, content in hf_tokenizer_files(tokenizer, block_size=256).items():
+        (tmp_path / name).write_text(json.dumps(content))
+    hf_tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    assert hf_tokenizer.convert_tokens_to_ids("<|eot|>") == TWENTY == hf_tokenizer.eos_token_id
+    for text in [*TEXTS[:4], "twenty", "twenty-one is twenty plus one", "Twenty\ntwenty!", "def twenty(x):\n    return 20  # twenty"]:
+        ids = hf_tokenizer.encode(text, add_special_tokens=False)
+        assert ids == tokenizer.encode(text) and TWENTY not in ids, text
 
 
 def test_exported_model_matches_ours_and_stops_on_eot(eot_export, tokenizer):
     model, exported = eot_export
     assert json.loads((exported / "generation_config.json").read_text())["eos_token_id"] == [1024, 2]
     hf_model = AutoModelForCausalLM.from_pretrained(exported).eval()
+    assert hf_model.generation_config.eos_token_id == [1024, 2]
     prompt = torch.tensor([encode_prompt(tokenizer, [PROMPT])])
     with torch.no_grad():
         ours = model(prompt)

@@ -4,6 +4,7 @@ import csv
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -134,3 +135,42 @@ def test_both_modes_learn_to_halt_on_eot(tiny_checkpoint, tmp_path, repurpose_eo
                for r in short]
     halted = [r for r in results if stop_reason(r, tokenizer) == "eot" and len(r.tokens) >= 3]
     assert len(halted) >= 7, [(stop_reason(r, tokenizer), len(r.tokens)) for r in results]
+
+
+def test_a_second_round_reuses_the_eot_and_its_trained_rows(tiny_checkpoint, tmp_path, capsys):
+    """Round 1 (LoRA) -> merge -> prepare other data for the merged checkpoint -> round 2 (LoRA) on it:
+    the same EOT id, no new token, rows kept (even with --token_init normal, which applies only to new
+    tokens), and the replies still end on EOT."""
+    rows = [json.loads(line) for line in (REPO / "data" / "lima_sample.jsonl").open()]
+    short = [r for r in rows if len(r["conversations"]) == 2 and len(r["conversations"][1].split()) < 25]
+    prepare = load_script("scripts/prepare_lima.py").prepare
+    train = TrainArgs(learning_rate=3e-3, max_iters=200, warmup_iters=10, global_batch_size=4, micro_batch_size=4,
+                      eval_interval=200, eval_iters=1)
+    lora = LoRAConfig(mlp=True, projection=True)
+    for round_, part, base in ((1, short[:8], tiny_checkpoint), (2, short[8:16], tmp_path / "merged")):
+        (tmp_path / f"round{round_}.jsonl").write_text("\n".join(json.dumps(r) for r in part))
+        prepare(data_path=tmp_path / f"round{round_}.jsonl", checkpoint_dir=base, destination_path=tmp_path / f"data{round_}")
+        load_script("finetune/lora.py").setup(data_dir=tmp_path / f"data{round_}", checkpoint_dir=base,
+                                              out_dir=tmp_path / f"out{round_}", lora=lora, token_init="normal",
+                                              train=replace(train, max_iters=200 if round_ == 1 else 60))
+        if round_ == 1:
+            load_script("scripts/merge_lora.py").main(lora_path=tmp_path / "out1", out_dir=tmp_path / "merged")
+    assert "EOT '<|eot|>' = id 1024 (the checkpoint's own, from an earlier round)" in capsys.readouterr().out
+    assert Tokenizer.from_dir(tmp_path / "data2").special == Tokenizer.from_dir(tmp_path / "merged").special
+    merged_rows = load_model(tmp_path / "merged").lm_head.weight[1024]
+    trained = torch.load(tmp_path / "out2" / "lit_model_lora.pth", weights_only=True)
+    # trained further from the merged row: a normal draw would sit about 1 away in every dimension
+    assert 0 < (trained["token_rows.lm_head"][0] - merged_rows).abs().max() < 0.2
+
+    model, tokenizer = load_finetuned(tmp_path / "out2")
+    results = [generate(model.eval(), encode_prompt(tokenizer, [r["conversations"][0]]), 100,
+                        stop_ids=tuple(tokenizer.stop_ids)) for r in short[8:16]]
+    assert sum(stop_reason(r, tokenizer) == "eot" for r in results) >= 7, [stop_reason(r, tokenizer) for r in results]
+
+
+def test_merging_an_adapter_is_refused_in_one_line(tiny_checkpoint, lima_data, tmp_path):
+    load_script("finetune/adapter.py").setup(data_dir=lima_data, checkpoint_dir=tiny_checkpoint, out_dir=tmp_path / "a",
+                                             train=TrainArgs(max_iters=1, global_batch_size=2, micro_batch_size=2, eval_iters=1))
+    with pytest.raises(ValueError, match=r"is an adapter out dir: .* Generate with generate/adapter.py --adapter_path"):
+        load_script("scripts/merge_lora.py").main(lora_path=tmp_path / "a", out_dir=tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()

@@ -19,6 +19,7 @@ from conftest import REPO, load_script
 from lit_llama.checkpoint import load_finetuned, load_state_dict
 from lit_llama.lora import LoRAConfig
 from lit_llama.prompts import encode_conversation
+from lit_llama.tokenizer import extend_tokenizer
 from lit_llama.training import TrainArgs
 
 QUICK = dict(warmup_iters=1, global_batch_size=2, micro_batch_size=2, eval_interval=100, eval_iters=1)
@@ -157,7 +158,7 @@ text_strategy = st.lists(st.one_of(st.sampled_from(SPELLINGS), st.text(max_size=
 def tokenizers(base_tokenizer):
     return [
         base_tokenizer.with_special_tokens(append=["<|eot|>", "<|user|>"], eot="<|eot|>"),
-        base_tokenizer.with_special_tokens(repurpose=["▁twenty"], append=["<|user|>"], eot="▁twenty"),
+        extend_tokenizer(base_tokenizer, repurpose_eot="▁twenty", extra_special_tokens=["<|user|>"]),
     ]
 
 

@@ -4,7 +4,8 @@ import pytest
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
 
-from lit_llama.tokenizer import DEFAULT_EOT, Tokenizer
+from conftest import REPO
+from lit_llama.tokenizer import DEFAULT_EOT, Tokenizer, extend_tokenizer
 
 
 def test_base_ids_are_llama_like(base_tokenizer):
@@ -59,11 +60,11 @@ def test_unicode_and_byte_fallback_round_trip(tokenizer):
     assert tokenizer.decode(tokenizer.encode(text)) == text
 
 
-def test_refuses_an_existing_piece_and_double_extension(base_tokenizer, tokenizer):
+def test_refuses_an_existing_piece_and_a_second_eot(base_tokenizer, tokenizer):
     with pytest.raises(ValueError, match="already a piece"):
         base_tokenizer.with_special_tokens(["<s>"], eot="<s>")
-    with pytest.raises(ValueError, match="already has special tokens"):
-        tokenizer.with_special_tokens(["<|user|>"])
+    with pytest.raises(ValueError, match="already has an end-of-turn token"):
+        tokenizer.with_special_tokens(["<|end|>"], eot="<|end|>")
 
 
 TWENTY = 823  # "▁twenty": a piece the shipped LIMA sample never uses
@@ -71,19 +72,21 @@ TWENTY = 823  # "▁twenty": a piece the shipped LIMA sample never uses
 
 @pytest.mark.parametrize("piece", ["▁twenty", 823, "823"])
 def test_repurpose_an_existing_piece_by_text_or_id(base_tokenizer, tmp_path, piece):
-    tokenizer = base_tokenizer.with_special_tokens(repurpose=[piece], eot=piece)
+    tokenizer = extend_tokenizer(base_tokenizer, repurpose_eot=piece)
     assert tokenizer.eot_id == TWENTY and tokenizer.vocab_size == 1024  # the vocabulary does not grow
-    assert tokenizer.special_tokens == {"▁twenty": TWENTY} and tokenizer.special[0].mode == "repurposed"
+    assert tokenizer.special_tokens == {DEFAULT_EOT: TWENTY} and tokenizer.special[0].mode == "repurposed"
     tokenizer.save(tmp_path)
     plain = spm.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model"))
-    assert plain.is_control(TWENTY) and plain.id_to_piece(TWENTY) == "▁twenty"
+    # renamed in the written model, so that no tool matching special tokens by text finds it in text
+    assert plain.is_control(TWENTY) and plain.id_to_piece(TWENTY) == DEFAULT_EOT
     special = json.loads((tmp_path / "special_tokens.json").read_text())
-    assert special["tokens"] == [{"content": "▁twenty", "id": TWENTY, "mode": "repurposed"}]
+    assert special["tokens"] == [{"content": DEFAULT_EOT, "id": TWENTY, "mode": "repurposed", "piece": "▁twenty"}]
     assert special["stop_ids"] == [TWENTY, 2]
+    assert Tokenizer.from_dir(tmp_path).special == tokenizer.special
 
 
 def test_text_that_used_to_encode_to_the_repurposed_piece_now_avoids_it(base_tokenizer):
-    tokenizer = base_tokenizer.with_special_tokens(repurpose=["▁twenty"], eot="▁twenty")
+    tokenizer = extend_tokenizer(base_tokenizer, repurpose_eot="▁twenty")
     text = "twenty-one is twenty plus one; twenty"
     assert TWENTY in base_tokenizer.encode(text)
     ids = tokenizer.encode(text)
@@ -98,8 +101,50 @@ def test_text_that_used_to_encode_to_the_repurposed_piece_now_avoids_it(base_tok
     ("▁nonexistent_piece", "not a piece"), (5000, "outside the vocabulary"),
 ])
 def test_repurpose_refuses_special_byte_and_unknown_pieces(base_tokenizer, piece, reason):
+    reason = {"control piece": "bos/eos/unk/pad and special tokens keep their roles",
+              "unknown piece": "bos/eos/unk/pad and special tokens keep their roles"}.get(reason, reason)
     with pytest.raises(ValueError, match=reason):
-        base_tokenizer.with_special_tokens(repurpose=[piece], eot=piece)
+        extend_tokenizer(base_tokenizer, repurpose_eot=piece)
+
+
+@pytest.fixture(scope="module")
+def reserved_tokenizer(tmp_path_factory) -> Tokenizer:
+    """A tokenizer like Mistral v0.3's: control pieces held in reserve, and role pieces of its own format."""
+    prefix = tmp_path_factory.mktemp("reserved") / "spm"
+    spm.SentencePieceTrainer.train(input=str(REPO / "data" / "tiny" / "corpus.txt"), model_prefix=str(prefix),
+                                   vocab_size=400, model_type="bpe", byte_fallback=True, unk_id=0, bos_id=1, eos_id=2,
+                                   pad_id=3, control_symbols=["[INST]", "[/INST]", *(f"[control_{i}]" for i in range(8))],
+                                   minloglevel=2)
+    return Tokenizer(prefix.with_suffix(".model").read_bytes())
+
+
+def test_a_reserved_control_piece_can_be_repurposed(reserved_tokenizer, capsys):
+    i = reserved_tokenizer.piece_id("[control_5]")
+    tokenizer = extend_tokenizer(reserved_tokenizer, repurpose_eot="[control_5]")
+    assert tokenizer.eot_id == i and tokenizer.vocab_size == reserved_tokenizer.vocab_size
+    assert tokenizer.special[0].piece == "[control_5]" and tokenizer.processor.id_to_piece(i) == DEFAULT_EOT
+    assert tokenizer.processor.is_control(i) and i not in tokenizer.encode("[control_5] <|eot|> text")
+    assert capsys.readouterr().err == ""
+    # one named like a role of the model's own format is allowed, with a warning
+    inst = reserved_tokenizer.piece_id("[INST]")
+    assert extend_tokenizer(reserved_tokenizer, repurpose_eot="[INST]").eot_id == inst
+    assert "warning: '[INST]'" in capsys.readouterr().err
+    # bos, eos, unk and pad keep their roles
+    for role in ("<pad>", "<s>", "</s>", "<unk>"):
+        with pytest.raises(ValueError, match="keep their roles"):
+            extend_tokenizer(reserved_tokenizer, repurpose_eot=role)
+
+
+def test_a_tokenizer_with_an_eot_keeps_it_for_a_second_round(tokenizer):
+    assert extend_tokenizer(tokenizer) is tokenizer
+    assert extend_tokenizer(tokenizer, eot_token=DEFAULT_EOT) is tokenizer
+    more = extend_tokenizer(tokenizer, extra_special_tokens=["<|user|>"])  # only new tokens are added
+    assert more.special_tokens == {DEFAULT_EOT: 1024, "<|user|>": 1025} and more.eot_id == 1024
+    assert more.base_vocab_size == 1024 and more.base_sha256 == tokenizer.base_sha256
+    with pytest.raises(ValueError, match=r"already has an end-of-turn token, '<\|eot\|>' \(id 1024\): a second round reuses it"):
+        extend_tokenizer(tokenizer, eot_token="<|end|>")
+    with pytest.raises(ValueError, match="a second round reuses it"):
+        extend_tokenizer(tokenizer, repurpose_eot="▁twenty")
 
 
 def test_several_appended_tokens(base_tokenizer, tmp_path):

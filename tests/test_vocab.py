@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from lit_llama.model import LLaMA, LLaMAConfig
+from lit_llama.tokenizer import extend_tokenizer
 from lit_llama.vocab import add_special_tokens, attach_token_rows, grow_vocab, merge_token_rows
 
 
@@ -107,7 +108,7 @@ def test_bad_init_methods_are_named(tokenizer, method, message):
 
 
 def test_repurposed_row_is_reinitialised_without_growing(base_tokenizer):
-    tokenizer = base_tokenizer.with_special_tokens(repurpose=["▁twenty"], eot="▁twenty")
+    tokenizer = extend_tokenizer(base_tokenizer, repurpose_eot="▁twenty")
     model, wte, head = init_rows(tokenizer, "mean")
     assert model.config.vocab_size == 1024 and model.lm_head.weight.shape == (1024, 128)
     others = torch.arange(1024) != 823
