@@ -1,5 +1,7 @@
 """Fold a LoRA fine-tune into a plain checkpoint dir (LoRA updates and the trained special-token rows
-written into the weights), which generate/full.py, chat, evaluate_halting.py and the HF export load.
+written into the weights), which generate/full.py, chat, evaluate_halting.py, the HF export and a
+second round of fine-tuning load. An adapter out dir can't be folded (it adds attention to learned
+prompts) and is refused.
 
     python scripts/merge_lora.py --lora_path out/lora --out_dir checkpoints/merged
 """

@@ -115,3 +115,20 @@ def test_repurposed_row_is_reinitialised_without_growing(base_tokenizer):
     for new, old in ((model.transformer.wte.weight, wte), (model.lm_head.weight, head)):
         torch.testing.assert_close(new[823], old[others].mean(0))  # the mean of the other rows only
         assert torch.equal(new[others], old[others])
+
+
+def test_learned_special_rows_are_kept_and_only_new_tokens_initialised(base_tokenizer):
+    """A second round: the model already has the EOT (trained rows); a token new in this round is
+    initialised, the EOT's rows are not."""
+    first = base_tokenizer.with_special_tokens(append=["<|eot|>"], eot="<|eot|>")
+    torch.manual_seed(0)
+    model = LLaMA(LLaMAConfig.from_name("tiny", vocab_size=1024, n_layer=1))
+    add_special_tokens(model, first)
+    with torch.no_grad():
+        model.lm_head.weight[1024] = 7.0  # as if trained
+    second = first.with_special_tokens(append=["<|user|>"])
+    assert add_special_tokens(model, second, "normal", learned=[1024]) == [1024, 1025]
+    assert torch.all(model.lm_head.weight[1024] == 7.0) and model.config.vocab_size == 1026
+    assert model.lm_head.weight[1025].abs().sum() > 0
+    with pytest.raises(ValueError, match="extends a vocabulary of 1025 ids but the model has 1026"):
+        add_special_tokens(model, second.with_special_tokens(append=["<|x|>"]), learned=[1024])
