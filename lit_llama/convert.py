@@ -407,11 +407,14 @@ def hf_config(config: LLaMAConfig, tokenizer: Tokenizer, dtype: torch.dtype) -> 
     }
 
 
-def chat_template(eot: str) -> str:
+def chat_template(eot: str, roles: dict[str, str]) -> str:
     """lit_llama/prompts.py's format as a Jinja chat template: <bos> [system <EOT>] user <EOT> assistant
-    <EOT> ... An optional system message first, then user and assistant alternating, user first;
-    anything else raises. With add_generation_prompt the conversation must end with a user turn, and
-    nothing is added: the format has no role markers, the model's turn simply comes next."""
+    <EOT> ..., each turn after its role token when the tokenizer has them (`roles`: role -> token). An
+    optional system message first, then user and assistant alternating, user first; anything else
+    raises. add_generation_prompt needs a conversation that ends with a user turn, and adds the
+    assistant's role token (without role tokens, nothing: the model's turn simply comes next)."""
+    marker = ("{{ " + repr(roles) + "[message['role']] }}") if roles else ""
+    opening = roles.get("assistant", "")
     return (
         "{%- set offset = 1 if messages and messages[0]['role'] == 'system' else 0 -%}"
         "{{ bos_token }}"
@@ -421,10 +424,12 @@ def chat_template(eot: str) -> str:
         "{{ raise_exception('message ' ~ loop.index0 ~ ' has role ' ~ message['role'] ~ ', expected ' ~ expected"
         " ~ ': an optional system message first, then user and assistant alternating, user first') }}"
         "{%- endif -%}"
-        "{{ message['content'] }}" + eot +
+        + marker + "{{ message['content'] }}" + eot +
         "{%- endfor -%}"
-        "{%- if add_generation_prompt and (messages | length == offset or messages[-1]['role'] != 'user') -%}"
+        "{%- if add_generation_prompt -%}"
+        "{%- if messages | length == offset or messages[-1]['role'] != 'user' -%}"
         "{{ raise_exception('add_generation_prompt needs a conversation that ends with a user message') }}"
+        "{%- endif -%}" + opening +
         "{%- endif -%}"
     )
 
@@ -457,7 +462,8 @@ def hf_tokenizer_files(tokenizer: Tokenizer, block_size: int) -> dict[str, dict]
         "additional_special_tokens": list(tokenizer.special_tokens),
     }
     if tokenizer.eot_id is not None:
-        tokenizer_config["chat_template"] = chat_template(piece(tokenizer.eot_id))
+        roles = {role: piece(i) for role, i in tokenizer.roles.items()}
+        tokenizer_config["chat_template"] = chat_template(piece(tokenizer.eot_id), roles)
     special_tokens_map = {**named, "additional_special_tokens": list(tokenizer.special_tokens)}
     return {"tokenizer_config.json": tokenizer_config, "special_tokens_map.json": special_tokens_map}
 

@@ -316,11 +316,13 @@ def encode_rows(layouts: Iterable[list[Segment]], tokenizer: Tokenizer, max_seq_
 def prepare_data(data_path: Path, layout: Callable[[dict, Tokenizer], list[Segment]], checkpoint_dir: Path,
                  destination_path: Path, max_seq_length: Optional[int], val_split_fraction: float, seed: int,
                  overlong: Overlong, eot_token: Optional[str], repurpose_eot: Optional[str], allow_repurposed_in_data: bool,
-                 extra_special_tokens: Optional[list[str]], strict: bool, settings: dict) -> PrepareReport:
+                 extra_special_tokens: Optional[list[str]], strict: bool, settings: dict,
+                 role_tokens: bool = False) -> PrepareReport:
     """What every prepare script does once it can lay out a row (`layout` raises BadRow for one it
     can't): extend the checkpoint's tokenizer with the end-of-turn token; read, encode and fit every
     row; print the summary; split into train and val; write both, the tokenizer and prepare.json
-    (the settings and the summary) to `destination_path`."""
+    (the settings and the summary) to `destination_path`. `settings["system_text"]`, which the layout
+    may set while rows are read, says whether any row had a system text; the tokenizer records it."""
     data_path, checkpoint_dir, destination_path = Path(data_path), Path(checkpoint_dir), Path(destination_path)
     if data_path.is_dir():
         raise IsADirectoryError(f"--data_path {data_path} is a directory: give the data file itself")
@@ -335,7 +337,7 @@ def prepare_data(data_path: Path, layout: Callable[[dict, Tokenizer], list[Segme
     if max_seq_length > block_size:
         raise ValueError(f"--max_seq_length {max_seq_length} exceeds the model's block_size {block_size}")
     base = Tokenizer.from_dir(checkpoint_dir)
-    tokenizer = extend_tokenizer(base, eot_token, repurpose_eot, extra_special_tokens or [])
+    tokenizer = extend_tokenizer(base, eot_token, repurpose_eot, extra_special_tokens or [], role_tokens)
     repurposing = repurpose_eot is not None and base.eot_id is None  # not a second round's EOT, already there
 
     check_writable(destination_path, 0, "--destination_path")  # before the work, not after it
@@ -361,6 +363,7 @@ def prepare_data(data_path: Path, layout: Callable[[dict, Tokenizer], list[Segme
     destination_path.mkdir(parents=True, exist_ok=True)
     data.select(order[n_val:]).save(destination_path / "train.pt")
     data.select(order[:n_val]).save(destination_path / "val.pt")
+    tokenizer.system_text = settings.get("system_text")  # known once the rows are read: the layout records it
     tokenizer.save(destination_path)
     write_json({"data_path": data_path.resolve(), "checkpoint_dir": checkpoint_dir.resolve(), **settings,
                 "max_seq_length": max_seq_length, "overlong": overlong, "special_tokens": [t.as_json() for t in tokenizer.special],

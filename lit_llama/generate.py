@@ -20,7 +20,7 @@ import torch
 
 from lit_llama.checkpoint import GIVE_OUT_DIR, load_finetuned, load_model, require_dir
 from lit_llama.model import LLaMA
-from lit_llama.prompts import encode_prompt
+from lit_llama.prompts import encode_prompt, system_warning
 from lit_llama.tokenizer import Tokenizer
 
 Precision = Literal["32-true", "bf16-true", "16-true"]
@@ -296,6 +296,8 @@ class Chat:
             raise ValueError("the tokenizer has no end-of-turn token (a base checkpoint?): chat with a fine-tune "
                              "(--lora_path, --adapter_path, or a full or merged checkpoint); continue plain text "
                              "with generate/base.py")
+        if system is not None and (warning := system_warning(tokenizer)):
+            print(warning, file=sys.stderr)
         self.tokenizer, self.system, self.max_new_tokens, self.sampling = tokenizer, system, max_new_tokens, sampling
         self.stop_ids = resolve_stop_ids(tokenizer) if stop_ids is None else tuple(stop_ids)
         self.decoder = Decoder(model, 1, max_seq_length, compile_step(model) if compile else None)
@@ -485,6 +487,8 @@ def reply(model: LLaMA, tokenizer: Tokenizer, prompt: str = "How do plants drink
                       num_samples, stop_ids, batch_size, compile)
         return
     ids = prompt_ids(tokenizer, [prompt], system, raw)
+    if system is not None and (warning := system_warning(tokenizer)):
+        print(warning, file=sys.stderr)
     room = room_for(model, len(ids), max_new_tokens)
     device = model.lm_head.weight.device
     with torch.inference_mode(), Decoder(model, 1, model.config.block_size if compile else len(ids) + room,

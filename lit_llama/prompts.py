@@ -2,6 +2,8 @@
 
     <bos> user <EOT> assistant <EOT> user <EOT> assistant <EOT> ...
     <bos> system <EOT> user <EOT> assistant <EOT> ...          (with a system text)
+    <bos> <|SYSTEM|> system <EOT> <|USER|> user <EOT> <|ASSISTANT|> assistant <EOT> ...
+                                                               (with role tokens, opt-in when preparing)
 
 Each turn is encoded on its own and closed by the end-of-turn id, inserted by id (never parsed from
 text). In training labels the system text, the user turns and their EOT are masked; every assistant
@@ -61,12 +63,28 @@ def conversation_segments(tokenizer: Tokenizer, turns: list[str], mask_inputs: b
     eot = require_eot(tokenizer)
     segments = [Segment(special_id=tokenizer.bos_id)]
     if system is not None:
-        segments += [Segment(system), Segment(special_id=eot)]
+        segments += [*role_marker(tokenizer, "system"), Segment(system), Segment(special_id=eot)]
     for i, text in enumerate(turns):
         is_assistant = i % 2 == 1
         label = is_assistant or not mask_inputs
-        segments += [Segment(text, label=label), Segment(special_id=eot, label=label, ends="reply" if is_assistant else "turn")]
+        segments += [*role_marker(tokenizer, "assistant" if is_assistant else "user"), Segment(text, label=label),
+                     Segment(special_id=eot, label=label, ends="reply" if is_assistant else "turn")]
     return segments
+
+
+def role_marker(tokenizer: Tokenizer, role: str) -> list[Segment]:
+    """The role token that opens a `role` turn, when the tokenizer has role tokens; never trained (the
+    assistant's is part of the prompt the reply follows)."""
+    return [Segment(special_id=tokenizer.roles[role])] if tokenizer.roles else []
+
+
+def system_warning(tokenizer: Tokenizer) -> Optional[str]:
+    """Why a system text may mislead this model, if it may: without role tokens the format has no
+    role markers, so a system text it never saw in training shifts which turn it reads as its own."""
+    if tokenizer.roles or tokenizer.system_text is not False:
+        return None
+    return ("warning: this model was fine-tuned without system texts and without role tokens: a system text "
+            "shifts which turn it reads as its own (prepare data with system messages, or with --role_tokens true)")
 
 
 def encode_conversation(tokenizer: Tokenizer, turns: list[str], mask_inputs: bool = True,
@@ -79,7 +97,8 @@ def encode_prompt(tokenizer: Tokenizer, turns: list[str], system: Optional[str] 
     """Ids of a conversation that ends with a user turn, ready for the assistant's reply."""
     if len(turns) % 2 != 1:
         raise ValueError(f"a prompt needs an odd number of turns ending with the user's, got {len(turns)}")
-    return encode_conversation(tokenizer, turns, system=system).ids
+    opening = [tokenizer.roles["assistant"]] if tokenizer.roles else []  # the reply's role token
+    return encode_conversation(tokenizer, turns, system=system).ids + opening
 
 
 def alpaca_user_turn(instruction: str, input_text: str = "", style: PromptStyle = "plain") -> str:

@@ -31,6 +31,7 @@ from sentencepiece import sentencepiece_model_pb2
 from lit_llama.files import write_atomic
 
 DEFAULT_EOT = "<|eot|>"
+ROLE_TOKENS = {"system": "<|SYSTEM|>", "user": "<|USER|>", "assistant": "<|ASSISTANT|>"}  # StableLM's, opt-in
 MODEL_FILE = "tokenizer.model"
 SPECIAL_TOKENS_FILE = "special_tokens.json"
 Piece = sentencepiece_model_pb2.ModelProto.SentencePiece
@@ -61,6 +62,10 @@ class Tokenizer:
         special = special or {}
         self.special: list[SpecialToken] = [SpecialToken(**t) for t in special.get("tokens", [])]
         self.eot_id: Optional[int] = special.get("eot_id")
+        # with role tokens, the format marks each turn's role: role -> id (lit_llama/prompts.py)
+        self.roles: dict[str, int] = special.get("roles", {})
+        # whether the data prepared with this tokenizer had system texts (None: not recorded)
+        self.system_text: Optional[bool] = special.get("system_text")
         # the tokenizer this one extends (itself when nothing was added)
         self.base_vocab_size: int = special.get("base_vocab_size", self.vocab_size)
         self.base_sha256: str = special.get("base_sha256", hashlib.sha256(model_proto).hexdigest())
@@ -105,21 +110,22 @@ class Tokenizer:
         return i
 
     def with_special_tokens(self, append: list[str] = (), repurpose: Optional[dict[Union[str, int], str]] = None,
-                            eot: Optional[str] = None) -> "Tokenizer":
+                            eot: Optional[str] = None, roles: Optional[dict[str, str]] = None) -> "Tokenizer":
         """A new tokenizer with the `append` tokens added as CONTROL pieces at the next ids, and the
         pieces of `repurpose` (text or id -> the name it takes) made CONTROL pieces of that name in
-        place. `eot` names the one that ends turns. Special tokens this tokenizer already has stay."""
+        place. `eot` names the one that ends turns, `roles` (role -> name) the ones that mark each
+        turn's role. Special tokens this tokenizer already has stay."""
         if eot is not None and self.eot_id is not None:
             raise ValueError(f"this tokenizer already has an end-of-turn token (id {self.eot_id})")
         proto = sentencepiece_model_pb2.ModelProto()
         proto.ParseFromString(self.model_proto)
         special = list(self.special)
         existing = {p.piece for p in proto.pieces}
-        roles = {self.bos_id, self.eos_id, self.processor.unk_id(), self.processor.pad_id()}
+        keep_roles = {self.bos_id, self.eos_id, self.processor.unk_id(), self.processor.pad_id()}
         for piece, name in (repurpose or {}).items():
             i = self.piece_id(piece)
             entry = proto.pieces[i]
-            if i in roles or i in self.special_tokens.values():
+            if i in keep_roles or i in self.special_tokens.values():
                 raise ValueError(f"cannot repurpose {entry.piece!r} (id {i}): the tokenizer's bos/eos/unk/pad and special "
                                  "tokens keep their roles; pick a reserved control piece or a rarely used ordinary one")
             if entry.type not in (Piece.NORMAL, Piece.USER_DEFINED, Piece.UNUSED, Piece.CONTROL):
@@ -147,11 +153,17 @@ class Tokenizer:
             eot_id = next((t.id for t in special if eot in (t.content, t.piece)), None)
             if eot_id is None:
                 raise ValueError(f"the end-of-turn token {eot!r} is not among the special tokens {[t.content for t in special]}")
+        role_ids = dict(self.roles)
+        for role, name in (roles or {}).items():
+            role_ids[role] = next((t.id for t in special if t.content == name), None)
+            if role_ids[role] is None:
+                raise ValueError(f"the {role} role token {name!r} is not among the special tokens")
         return Tokenizer(proto.SerializeToString(), {
             "base_vocab_size": self.base_vocab_size,
             "base_sha256": self.base_sha256,
             "tokens": [t.as_json() for t in special],
             "eot_id": eot_id,
+            "roles": role_ids,
         })
 
     def save(self, directory: Path) -> None:
@@ -165,6 +177,8 @@ class Tokenizer:
                 "tokens": [t.as_json() for t in self.special],
                 "eot_id": self.eot_id,
                 "stop_ids": self.stop_ids,
+                **({"roles": self.roles} if self.roles else {}),
+                **({"system_text": self.system_text} if self.system_text is not None else {}),
             }
             write_atomic(directory / SPECIAL_TOKENS_FILE, json.dumps(special, indent=2, ensure_ascii=False) + "\n")
 
@@ -190,20 +204,23 @@ class Tokenizer:
 
 
 def extend_tokenizer(base: Tokenizer, eot_token: Optional[str] = None, repurpose_eot: Optional[str] = None,
-                     extra_special_tokens: list[str] = ()) -> Tokenizer:
+                     extra_special_tokens: list[str] = (), role_tokens: bool = False) -> Tokenizer:
     """The base tokenizer with an end-of-turn token: `eot_token` (default "<|eot|>") appended as a new
     id, or, with `repurpose_eot`, an existing piece given the role under that name. A base that already
     has an end-of-turn token (a fine-tune, for a second round) keeps it; asking for another one is an
-    error. `extra_special_tokens` not yet in the tokenizer are appended after it."""
-    extra = [t for t in extra_special_tokens if t not in base.special_tokens]
+    error. With `role_tokens`, <|SYSTEM|>, <|USER|> and <|ASSISTANT|> are appended to mark each turn's
+    role (a base that has them keeps them). `extra_special_tokens` not yet in the tokenizer are
+    appended after them."""
+    roles = ROLE_TOKENS if role_tokens and not base.roles else {}
+    extra = [t for t in [*roles.values(), *extra_special_tokens] if t not in base.special_tokens]
     if base.eot_id is not None:
         eot = next(t for t in base.special if t.id == base.eot_id)
         asked = repurpose_eot if repurpose_eot is not None else eot_token
         if asked is not None and asked not in (eot.content, eot.piece):
             raise ValueError(f"the checkpoint already has an end-of-turn token, {eot.content!r} (id {eot.id}): a second "
                              f"round reuses it; drop --eot_token/--repurpose_eot, or prepare for the original base checkpoint")
-        return base.with_special_tokens(append=extra) if extra else base
+        return base.with_special_tokens(append=extra, roles=roles) if extra else base
     eot_token = eot_token or DEFAULT_EOT
     if repurpose_eot is not None:
-        return base.with_special_tokens(append=extra, repurpose={repurpose_eot: eot_token}, eot=eot_token)
-    return base.with_special_tokens(append=[eot_token, *extra], eot=eot_token)
+        return base.with_special_tokens(append=extra, repurpose={repurpose_eot: eot_token}, eot=eot_token, roles=roles)
+    return base.with_special_tokens(append=[eot_token, *extra], eot=eot_token, roles=roles)

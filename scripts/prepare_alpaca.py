@@ -38,6 +38,7 @@ def prepare(
     allow_repurposed_in_data: bool = False,
     extra_special_tokens: Optional[list[str]] = None,
     strict: bool = False,
+    role_tokens: bool = False,
 ) -> None:
     """Write train.pt, val.pt, tokenizer.model, special_tokens.json and prepare.json to `destination_path`.
 
@@ -63,14 +64,16 @@ def prepare(
             then encoded with other pieces)
         extra_special_tokens: more special tokens to append after the end-of-turn token
         strict: fail (exit code 2) when any row is dropped, instead of only counting it
+        role_tokens: mark each turn with a role token, <|SYSTEM|>, <|USER|> or <|ASSISTANT|>, appended to the
+            vocabulary (StableLM\'s); generation, chat and the export then format prompts with them
     """
     prepare_data(
         data_path, lambda row, tokenizer: conversation_segments(tokenizer, alpaca_turns(row, prompt_style), mask_inputs),
         checkpoint_dir=checkpoint_dir, destination_path=destination_path, max_seq_length=max_seq_length,
         val_split_fraction=val_split_fraction, seed=seed, overlong=overlong, eot_token=eot_token,
         repurpose_eot=repurpose_eot, allow_repurposed_in_data=allow_repurposed_in_data,
-        extra_special_tokens=extra_special_tokens, strict=strict,
-        settings={"format": "alpaca", "prompt_style": prompt_style, "mask_inputs": mask_inputs})
+        extra_special_tokens=extra_special_tokens, strict=strict, role_tokens=role_tokens,
+        settings={"format": "alpaca", "prompt_style": prompt_style, "mask_inputs": mask_inputs, "system_text": False})
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ def prepare(
     allow_repurposed_in_data: bool = False,
     extra_special_tokens: Optional[list[str]] = None,
     strict: bool = False,
+    role_tokens: bool = False,
 ) -> None:
     """Write train.pt, val.pt, tokenizer.model, special_tokens.json and prepare.json to `destination_path`.
 
@@ -67,11 +68,17 @@ def prepare(
         extra_special_tokens: more special tokens to append after the end-of-turn token, for segments
             to place (e.g. role tokens)
         strict: fail (exit code 2) when any row is dropped, instead of only counting it
+        role_tokens: mark each turn with a role token, <|SYSTEM|>, <|USER|> or <|ASSISTANT|>, appended to the
+            vocabulary (StableLM\'s); generation, chat and the export then format prompts with them
     """
+
+    settings = {"format": "conversations", "mask_inputs": mask_inputs, "segments_bos": segments_bos,
+                "parse_special_in_text": parse_special_in_text, "system_text": False}
 
     def layout(row: dict, tokenizer: Tokenizer) -> list[Segment]:
         if "messages" in row:
             system, turns = message_turns(row)
+            settings["system_text"] |= system is not None
             return conversation_segments(tokenizer, turns, mask_inputs, system)
         if "segments" in row:
             bos_id = tokenizer.bos_id if segments_bos else None
@@ -82,9 +89,8 @@ def prepare(
         data_path, layout, checkpoint_dir=checkpoint_dir, destination_path=destination_path,
         max_seq_length=max_seq_length, val_split_fraction=val_split_fraction, seed=seed, overlong=overlong,
         eot_token=eot_token, repurpose_eot=repurpose_eot, allow_repurposed_in_data=allow_repurposed_in_data,
-        extra_special_tokens=extra_special_tokens, strict=strict,
-        settings={"format": "conversations", "mask_inputs": mask_inputs, "segments_bos": segments_bos,
-                  "parse_special_in_text": parse_special_in_text})
+        extra_special_tokens=extra_special_tokens, strict=strict, role_tokens=role_tokens,
+        settings=settings)
 
 
 if __name__ == "__main__":

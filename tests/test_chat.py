@@ -90,3 +90,18 @@ def test_chat_cli(model, tokenizer, tmp_path, monkeypatch, capsys):
     assert out == f"{expected}\n{expected}\n"
     assert len([line for line in err.splitlines() if line.startswith("[")]) == 2  # a stats line per reply
     assert "(new conversation)" in err and next(lines) == "never read"
+
+
+def test_a_system_text_on_a_model_that_never_saw_one_is_warned_about(model, tokenizer, base_tokenizer, capsys):
+    from lit_llama.tokenizer import extend_tokenizer
+
+    trained_without = copy.copy(tokenizer)
+    trained_without.system_text = False
+    new_chat(model, trained_without, system="Be brief.")
+    assert capsys.readouterr().err.startswith("warning: this model was fine-tuned without system texts and without "
+                                              "role tokens: a system text shifts which turn it reads as its own")
+    new_chat(model, trained_without)  # no system text: nothing to warn about
+    with_roles = extend_tokenizer(base_tokenizer, role_tokens=True)
+    with_roles.system_text = False
+    new_chat(LLaMA(LLaMAConfig.from_name("tiny", vocab_size=with_roles.vocab_size, n_layer=1)), with_roles, system="Be brief.")
+    assert capsys.readouterr().err == ""

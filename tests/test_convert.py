@@ -262,6 +262,21 @@ def test_every_file_a_tool_reads_the_eos_from_names_the_eot(eot_export, tokenize
     assert hf_tokenizer.eos_token_id == tokenizer.eot_id and hf_tokenizer.pad_token_id == 0
 
 
+def test_the_chat_template_places_role_tokens(base_tokenizer, tmp_path):
+    """With role tokens (--role_tokens true when preparing), the export's template gives our prompt ids."""
+    tokenizer = extend_tokenizer(base_tokenizer, role_tokens=True)
+    tokenizer.save(tmp_path)
+    for name, content in hf_tokenizer_files(tokenizer, block_size=256).items():
+        (tmp_path / name).write_text(json.dumps(content))
+    hf_tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    turns = [PROMPT, "With their roots.", "And then?"]
+    messages = [{"role": "system", "content": "Be brief."},
+                *({"role": ("user", "assistant")[i % 2], "content": text} for i, text in enumerate(turns))]
+    ids = hf_tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False, add_generation_prompt=True)
+    assert list(ids) == encode_prompt(tokenizer, turns, system="Be brief.")
+    assert list(ids)[-1] == tokenizer.roles["assistant"]
+
+
 def test_a_repurposed_eot_exports_as_safely_as_an_appended_one(base_tokenizer, tmp_path):
     """The repurposed piece is renamed to the EOT's name in the written tokenizer.model: transformers,
     which matches special tokens by text, never finds it in ordinary text, the word included."""

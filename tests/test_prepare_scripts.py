@@ -243,3 +243,21 @@ def test_shipped_samples_round_trip(checkpoint_dir, tmp_path, script, sample):
     samples = prepared(tmp_path)
     assert all(ids[0] == BOS and ids[-1] == EOT and mask[-1] for ids, mask in samples)
     assert sorted(tokenizer.decode(ids, skip_special=False) for ids, _ in samples) == sorted(map(source_text, rows))
+
+
+def test_role_tokens_and_the_system_text_record_travel_with_the_data(checkpoint_dir, tmp_path):
+    write_jsonl(tmp_path / "lima.jsonl", [{"conversations": PAIR}, {"conversations": PAIR}])
+    load_script("scripts/prepare_lima.py").prepare(data_path=tmp_path / "lima.jsonl", checkpoint_dir=checkpoint_dir,
+                                                   destination_path=tmp_path / "roles", role_tokens=True)
+    tokenizer = Tokenizer.from_dir(tmp_path / "roles")
+    assert tokenizer.roles == {"system": 1025, "user": 1026, "assistant": 1027} and tokenizer.system_text is False
+    ids, mask = prepared(tmp_path / "roles")[0]
+    assert ids[:2] == [1, 1026] and ids.count(1027) == 1 and not mask[ids.index(1027)]
+    assert json.loads((tmp_path / "roles" / "prepare.json").read_text())["system_text"] is False
+
+    write_jsonl(tmp_path / "messages.jsonl", [{"messages": [{"role": "system", "content": "Be brief."},
+                                                            {"role": "user", "content": PAIR[0]},
+                                                            {"role": "assistant", "content": PAIR[1]}]}] * 2)
+    load_script("scripts/prepare_conversations.py").prepare(data_path=tmp_path / "messages.jsonl",
+                                                            checkpoint_dir=checkpoint_dir, destination_path=tmp_path / "sys")
+    assert Tokenizer.from_dir(tmp_path / "sys").system_text is True and not Tokenizer.from_dir(tmp_path / "sys").roles

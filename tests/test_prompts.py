@@ -102,3 +102,17 @@ def test_segments_encode_as_written(tokenizer):
     [sample] = encode_segments(tokenizer, [layout])
     lima = encode_conversation(tokenizer, ["Hi there!", "Hello! How can I help?"])
     assert (sample.ids, sample.loss_mask, sample.turn_ends, sample.reply_ends) == (lima.ids, lima.loss_mask, [7, 18], [18])
+
+
+def test_role_tokens_open_every_turn_and_the_reply(base_tokenizer):
+    from lit_llama.tokenizer import extend_tokenizer
+
+    tokenizer = extend_tokenizer(base_tokenizer, role_tokens=True)
+    SYSTEM, USER, ASSISTANT = (tokenizer.roles[r] for r in ("system", "user", "assistant"))
+    assert (EOT, SYSTEM, USER, ASSISTANT) == (1024, 1025, 1026, 1027)
+    sample = encode_conversation(tokenizer, ["Hi there!", "Hello! How can I help?"], system="Hi there!")
+    assert sample.ids == [BOS, SYSTEM, *HI, EOT, USER, *HI, EOT, ASSISTANT, *HELLO, EOT]
+    # role tokens are never targets: the assistant's is part of the prompt its reply follows
+    assert sample.loss_mask == [False] * 16 + [True] * 11
+    assert encode_prompt(tokenizer, ["Hi there!"]) == [BOS, USER, *HI, EOT, ASSISTANT]
+    assert encode_prompt(tokenizer, ["Hi there!"]) == sample.ids[:1] + sample.ids[8:16]
