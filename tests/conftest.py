@@ -66,6 +66,8 @@ OPT_IN = {
     "soak": "long fault-injection loops: python -m pytest -m soak tests/test_faults.py (30 kills), or --soak N",
     "docs": "every command of README.md and howto/*.md, run in a copy of the repo: python -m pytest -m docs "
             "tests/test_docs.py (about 7 minutes)",
+    "engines": "other engines on an export: LLAMA_CPP_CONVERT=.../convert_hf_to_gguf.py python -m pytest -m engines "
+               "tests/test_engines.py (needs llama-cpp-python)",
 }
 
 
