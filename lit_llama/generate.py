@@ -14,7 +14,7 @@ import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Optional, Sequence
+from typing import Any, Callable, Iterator, Literal, Optional, Sequence, Union
 
 import torch
 
@@ -120,15 +120,17 @@ class Decoder:
         self.prefilled = len(prompts[0]) - keep
         return self.feed(torch.tensor([p[keep:] for p in prompts], device=self.device))
 
-    def decode(self, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling, stop_ids: Sequence[int] = (),
-               generators: Optional[list[Optional[torch.Generator]]] = None) -> Iterator[list[int]]:
-        """The ids each row samples, step by step. A row is done once it sampled a stop id (what it samples
-        later is to be ignored); decoding ends when every row is done or after `max_new_tokens` steps.
-        Row i samples with `generators[i]`, so its tokens do not depend on the rows beside it."""
+    def decode(self, prompts: list[list[int]], max_new_tokens: Union[int, Sequence[int]], sampling: Sampling,
+               stop_ids: Sequence[int] = (), generators: Optional[list[Optional[torch.Generator]]] = None) -> Iterator[list[int]]:
+        """The ids each row samples, step by step. A row is done once it sampled a stop id or its own
+        `max_new_tokens` (one for all rows, or one per row) ids: what it samples later is to be ignored.
+        Decoding ends when every row is done. Row i samples with `generators[i]`, so its tokens do not
+        depend on the rows beside it."""
         generators = generators or [None] * len(prompts)
+        limits = per_row(max_new_tokens, len(prompts))
         done = [False] * len(prompts)
         logits = self.prefill(prompts)
-        for step in range(max_new_tokens):
+        for step in range(max(limits)):
             if sampling.temperature == 0.0:
                 next_ids = logits.argmax(-1)
             else:
@@ -136,10 +138,18 @@ class Decoder:
                                       for row, g in zip(logits, generators)])
             tokens = next_ids.tolist()
             yield tokens
-            done = [d or t in stop_ids for d, t in zip(done, tokens)]
-            if all(done) or step + 1 == max_new_tokens:
+            done = [d or t in stop_ids or step + 1 == limit for d, t, limit in zip(done, tokens, limits)]
+            if all(done):
                 return
             logits = self.feed(next_ids.unsqueeze(1))
+
+
+def per_row(max_new_tokens: Union[int, Sequence[int]], rows: int) -> list[int]:
+    """`max_new_tokens` as one limit per row."""
+    limits = [max_new_tokens] * rows if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    if len(limits) != rows or min(limits) < 1:
+        raise ValueError(f"max_new_tokens must be at least 1 for each of the {rows} rows, got {max_new_tokens}")
+    return limits
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -160,11 +170,12 @@ def room_for(model: LLaMA, prompt_length: int, max_new_tokens: int) -> int:
     return room
 
 
-def collect(steps: Iterator[list[int]], batch_size: int, stop_ids: Sequence[int]) -> list[Generation]:
-    results = [Generation([], None) for _ in range(batch_size)]
-    for tokens in steps:
-        for result, token in zip(results, tokens):
-            if result.stop_id is not None:
+def collect(steps: Iterator[list[int]], limits: list[int], stop_ids: Sequence[int]) -> list[Generation]:
+    """Each row's Generation from `Decoder.decode`'s steps: its ids up to a stop id or its limit."""
+    results = [Generation([], None) for _ in limits]
+    for n, tokens in enumerate(steps):
+        for result, token, limit in zip(results, tokens, limits):
+            if result.stop_id is not None or n >= limit:
                 continue
             if token in stop_ids:
                 result.stop_id = token
@@ -183,15 +194,18 @@ def generate(model: LLaMA, prompt_ids: list[int], max_new_tokens: int, *, temper
 
 
 @torch.inference_mode()
-def generate_batch(model: LLaMA, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 0.0,
+def generate_batch(model: LLaMA, prompts: list[list[int]], max_new_tokens: Union[int, Sequence[int]], *,
+                   temperature: float = 0.0,
                    top_k: Optional[int] = None, top_p: float = 1.0, stop_ids: Sequence[int] = (),
                    generators: Optional[list[Optional[torch.Generator]]] = None, batch_size: int = 8,
                    compile: bool = False) -> list[Generation]:
-    """`generate` for many prompts, in input order. Prompts of one length share batches of up to
-    `batch_size` rows (the model takes one set of positions for a whole batch, so rows of other lengths
-    would need padding it cannot mask); each row stops on its own. Greedy, a row's tokens are those it
-    gets decoded alone; sampled, too, when each prompt has its own generator."""
+    """`generate` for many prompts, in input order, each with its own `max_new_tokens` when a list is
+    given. Prompts of one length share batches of up to `batch_size` rows (the model takes one set of
+    positions for a whole batch, so rows of other lengths would need padding it cannot mask); each row
+    stops on its own. Greedy, a row's tokens are those it gets decoded alone; sampled, too, when each
+    prompt has its own generator."""
     sampling = Sampling(temperature, top_k, top_p)
+    limits = per_row(max_new_tokens, len(prompts))
     generators = generators or [None] * len(prompts)
     step = compile_step(model) if compile else None
     by_length = defaultdict(list)
@@ -199,14 +213,14 @@ def generate_batch(model: LLaMA, prompts: list[list[int]], max_new_tokens: int, 
         by_length[len(prompt)].append(i)
     results: list[Optional[Generation]] = [None] * len(prompts)
     for length, indices in sorted(by_length.items()):
-        room = room_for(model, length, max_new_tokens)
-        # compiled steps keep one cache shape for every batch; eager ones size it to the need
-        cache_length = model.config.block_size if compile else length + room
         for start in range(0, len(indices), batch_size):
             rows = indices[start : start + batch_size]
+            rooms = [room_for(model, length, limits[i]) for i in rows]
+            # compiled steps keep one cache shape for every batch; eager ones size it to the need
+            cache_length = model.config.block_size if compile else length + max(rooms)
             with Decoder(model, len(rows), cache_length, step) as decoder:
-                steps = decoder.decode([prompts[i] for i in rows], room, sampling, stop_ids, [generators[i] for i in rows])
-                for i, result in zip(rows, collect(steps, len(rows), stop_ids)):
+                steps = decoder.decode([prompts[i] for i in rows], rooms, sampling, stop_ids, [generators[i] for i in rows])
+                for i, result in zip(rows, collect(steps, rooms, stop_ids)):
                     results[i] = result
     return results
 

@@ -1,6 +1,8 @@
 """Does a fine-tune end its turns? For the first user turn of every sample of a prepared split, decode
-a reply and count how it stopped: on the end-of-turn token (EOT) before `max_new_tokens`, on EOS, or
-not at all; and compare the replies' length with the reference answers'.
+a reply and count how it stopped: on the end-of-turn token (EOT), on EOS, or not at all before its
+cap; and compare the replies' length with the reference answers'. Each reply's cap follows its
+reference answer (by default max(64, 2 x its tokens)), so a long reference's reply is not cut short
+and counted as not halting.
 
     python scripts/evaluate_halting.py --lora_path out/lora --data_dir data/lima
     python scripts/evaluate_halting.py --checkpoint_dir out/full --data_dir data/lima --split train
@@ -8,9 +10,10 @@ not at all; and compare the replies' length with the reference answers'.
 The figures print as a table and go to `--output_file` as JSON, with one row per prompt.
 """
 
+import math
 import sys
 from pathlib import Path
-from statistics import mean
+from statistics import mean, median
 from typing import Literal, Optional
 
 # run from a checkout without installing the package
@@ -42,7 +45,9 @@ def main(
     adapter_path: Optional[Path] = None,
     checkpoint_dir: Optional[Path] = None,
     split: Literal["val", "train"] = "val",
-    max_new_tokens: int = 256,
+    max_new_tokens: Optional[int] = None,
+    reference_factor: float = 2.0,
+    min_new_tokens: int = 64,
     temperature: float = 0.0,
     seed: int = 1234,
     batch_size: int = 8,
@@ -59,10 +64,14 @@ def main(
         checkpoint_dir: a checkpoint dir with an end-of-turn token (full fine-tune, merged LoRA), or the
             base checkpoint of --lora_path/--adapter_path (default: the one the out dir names)
         split: which split's prompts: val (held out) or train
-        max_new_tokens: most tokens of one reply; a reply that reaches it did not halt
+        max_new_tokens: one cap for every reply; a reply that reaches its cap did not halt (default: each
+            reply's cap follows its reference answer, as the next two flags say)
+        reference_factor: a reply may be this many times as long as its reference answer ...
+        min_new_tokens: ... and at least this many tokens
         temperature: sampling temperature; 0 (greedy) measures the model's most likely reply
         seed: seed of the sampling (prompt j uses seed + j)
-        batch_size: most prompts decoded together (prompts of equal token length share a batch)
+        batch_size: most prompts decoded together (prompts of equal token length share a batch, each row
+            with its own cap)
         max_samples: evaluate the first this many samples only
         precision: 32-true, bf16-true or 16-true (default: bf16 on a GPU that supports it, else fp32)
         output_file: where the JSON goes (default: halting_<split>.json in the model's dir)
@@ -81,27 +90,35 @@ def main(
     if not exchanges:
         raise ValueError(f"{data_dir / f'{split}.pt'} has no sample with a trained reply to evaluate")
 
+    if reference_factor <= 0 or min_new_tokens < 1 or (max_new_tokens is not None and max_new_tokens < 1):
+        raise ValueError("--reference_factor must be > 0, and --min_new_tokens and --max_new_tokens at least 1")
+    caps = [max_new_tokens or max(min_new_tokens, math.ceil(reference_factor * len(reference))) for _, reference in exchanges]
+    cap_rule = f"max_new_tokens {max_new_tokens}" if max_new_tokens else f"caps max({min_new_tokens}, {reference_factor:g} x reference)"
+
     model = place(model, precision)
     device = model.lm_head.weight.device
-    results = generate_batch(model, [prompt for prompt, _ in exchanges], max_new_tokens, temperature=temperature,
+    results = generate_batch(model, [prompt for prompt, _ in exchanges], caps, temperature=temperature,
                              stop_ids=tuple(tokenizer.stop_ids), batch_size=batch_size,
                              generators=[torch.Generator(device).manual_seed(seed + j) for j in range(len(exchanges))])
-    rows = [{"prompt_tokens": len(prompt), "reference_tokens": len(reference), "new_tokens": len(result.tokens),
-             "stop_reason": stop_reason(result, tokenizer)} for (prompt, reference), result in zip(exchanges, results)]
+    rows = [{"prompt_tokens": len(prompt), "reference_tokens": len(reference), "max_new_tokens": cap,
+             "new_tokens": len(result.tokens), "length_ratio": len(result.tokens) / max(len(reference), 1),
+             "stop_reason": stop_reason(result, tokenizer)}
+            for (prompt, reference), cap, result in zip(exchanges, caps, results)]
     share = {reason: sum(r["stop_reason"] == reason for r in rows) / len(rows) for reason in ("eot", "eos", "max_new_tokens")}
     mean_new, mean_reference = mean(r["new_tokens"] for r in rows), mean(r["reference_tokens"] for r in rows)
     report = {"model": str(lora_path or adapter_path or checkpoint_dir), "data_dir": str(data_dir), "split": split,
-              "prompts": len(rows), "max_new_tokens": max_new_tokens, "temperature": temperature,
+              "prompts": len(rows), "caps": cap_rule, "temperature": temperature,
               "eot_rate": share["eot"], "eos_rate": share["eos"], "max_new_tokens_rate": share["max_new_tokens"],
               "mean_new_tokens": mean_new, "mean_reference_tokens": mean_reference,
-              "length_ratio": mean_new / max(mean_reference, 1e-9), "rows": rows}
+              "length_ratio": mean_new / max(mean_reference, 1e-9),
+              "median_row_length_ratio": median(r["length_ratio"] for r in rows), "rows": rows}
 
-    print(f"halting on {split} prompts of {data_dir} ({len(rows)} prompts, max_new_tokens {max_new_tokens}, "
-          f"temperature {temperature})")
-    for label, key in (("stopped on EOT", "eot"), ("stopped on EOS", "eos"), ("hit max_new_tokens", "max_new_tokens")):
+    print(f"halting on {split} prompts of {data_dir} ({len(rows)} prompts, {cap_rule}, temperature {temperature})")
+    for label, key in (("stopped on EOT", "eot"), ("stopped on EOS", "eos"), ("hit its cap", "max_new_tokens")):
         print(f"  {label:<24}{share[key]:>7.3f}  ({sum(r['stop_reason'] == key for r in rows)})")
     print(f"  {'mean reply length':<24}{mean_new:>7.1f}  tokens")
-    print(f"  {'mean reference length':<24}{mean_reference:>7.1f}  tokens (reply / reference {report['length_ratio']:.2f})")
+    print(f"  {'mean reference length':<24}{mean_reference:>7.1f}  tokens (reply / reference {report['length_ratio']:.2f}; "
+          f"median per prompt {report['median_row_length_ratio']:.2f})")
     output_file = output_file or Path(report["model"]) / f"halting_{split}.json"
     write_json(report, output_file)
     print(f"written to {output_file}")

@@ -69,6 +69,16 @@ def test_each_row_of_a_batch_stops_on_its_own(tokenizer):
     assert model.cached is None
 
 
+def test_each_row_of_a_batch_keeps_its_own_max_new_tokens(tokenizer):
+    eot = tokenizer.eot_id
+    scripts = [[11] * 12, [12, eot] + [7] * 10, [13] * 12, [14] * 12]
+    model = ScriptedModel(scripts, prompt_len=2)
+    results = generate_batch(model, [[1, 5]] * 4, [3, 5, 1, 8], stop_ids=(eot,))
+    assert results == [Generation([11] * 3, None), Generation([12], eot), Generation([13], None), Generation([14] * 8, None)]
+    with pytest.raises(ValueError, match="max_new_tokens must be at least 1 for each of the 2 rows"):
+        generate_batch(model, [[1, 5]] * 2, [3, 0])
+
+
 def test_batch_of_mixed_lengths_equals_decoding_each_prompt_alone():
     model = tiny_model()
     prompts = [[1, 17, 42, 8], [1, 3], [1, 5, 6, 7], [1, 60, 61, 62, 63, 64, 65], [1, 9, 9, 9]]
@@ -76,6 +86,9 @@ def test_batch_of_mixed_lengths_equals_decoding_each_prompt_alone():
     alone = [generate(model, p, 12, stop_ids=stop_ids) for p in prompts]
     assert generate_batch(model, prompts, 12, stop_ids=stop_ids, batch_size=2) == alone
     assert generate_batch(model, prompts, 12, stop_ids=stop_ids) == alone
+    caps = [3, 12, 1, 7, 5]  # each row its own limit: the same tokens as alone with that limit
+    assert generate_batch(model, prompts, caps, stop_ids=stop_ids) == \
+        [generate(model, p, cap, stop_ids=stop_ids) for p, cap in zip(prompts, caps)]
 
     # sampled, each prompt with its own generator: the same tokens batched or alone
     sampling = dict(temperature=1.0, top_k=50, top_p=0.9)

@@ -46,7 +46,18 @@ def test_evaluate_halting_on_the_training_prompts(finetuned, tmp_path, capsys):
     table = capsys.readouterr().out
     assert "stopped on EOT" in table and "mean reference length" in table
 
-    held_out = evaluate(data_dir=data_dir, lora_path=lora_dir, max_new_tokens=100)  # the one val prompt: reported, not judged
+    # by default each reply's cap follows its reference: max(64, 2 x its tokens)
+    capped = evaluate(data_dir=data_dir, lora_path=lora_dir, split="train", reference_factor=0.5, min_new_tokens=3,
+                      output_file=tmp_path / "capped.json")
+    assert capped["caps"] == "caps max(3, 0.5 x reference)"
+    for row in capped["rows"]:
+        assert row["max_new_tokens"] == max(3, -(-row["reference_tokens"] // 2))
+        assert row["new_tokens"] <= row["max_new_tokens"]
+        assert row["stop_reason"] != "max_new_tokens" or row["new_tokens"] == row["max_new_tokens"]
+    assert capped["max_new_tokens_rate"] > 0  # half the reference's length is too short for most replies
+    assert "hit its cap" in capsys.readouterr().out
+
+    held_out = evaluate(data_dir=data_dir, lora_path=lora_dir)  # the one val prompt: reported, not judged
     assert held_out["split"] == "val" and (lora_dir / "halting_val.json").is_file()
     print(f"held-out EOT halt rate {held_out['eot_rate']:.2f} over {held_out['prompts']} prompt(s)")
 
