@@ -15,7 +15,8 @@ from typing import Optional
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lit_llama.cli import run
-from lit_llama.generate import Chat, Precision, Sampling, load_for_inference, peak_memory, place, resolve_stop_ids, stop_reason
+from lit_llama.generate import Chat, Sampling, resolve_stop_ids, stop_reason
+from lit_llama.inference import Precision, load_for_inference, peak_memory, place
 
 
 def main(

@@ -12,7 +12,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lit_llama.cli import run
-from lit_llama.generate import load_for_inference, reply
+from lit_llama.inference import load_for_inference, reply
 
 
 def main(checkpoint_dir: Path = Path("out/full"), **flags: Any) -> None:

@@ -13,7 +13,7 @@ from typing import Any, Optional
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lit_llama.cli import run
-from lit_llama.generate import load_for_inference, reply
+from lit_llama.inference import load_for_inference, reply
 
 
 def main(lora_path: Path = Path("out/lora"), checkpoint_dir: Optional[Path] = None, **flags: Any) -> None:

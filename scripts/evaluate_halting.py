@@ -24,7 +24,8 @@ import torch
 from lit_llama.checkpoint import require_dir, require_file, write_json
 from lit_llama.cli import run
 from lit_llama.data import TokenDataset
-from lit_llama.generate import Precision, generate_batch, load_for_inference, place, stop_reason
+from lit_llama.generate import generate_batch, stop_reason
+from lit_llama.inference import Precision, load_for_inference, place
 from lit_llama.tokenizer import Tokenizer
 
 
