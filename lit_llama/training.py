@@ -8,6 +8,7 @@ loss plot. The rooms beside it: `precision.py` (what dtype trains), `parallel.py
 `metrics.py` (what a run records).
 """
 
+import gc
 import itertools
 import math
 import signal
@@ -379,8 +380,11 @@ def finetune(method: Method, method_config: Union[LoRAConfig, AdapterConfig, Non
                                   data_dir, out_dir, precision, activation_checkpointing, token_init, resume, train)
     finally:
         # with several processes, the process group's threads must stop before the interpreter does, or
-        # C++ may abort the exit ("terminate called without an active exception")
+        # C++ may abort the exit ("terminate called without an active exception"); sharded modules and
+        # fsdp's device mesh hold the group too, so they go first
         if torch.distributed.is_available() and torch.distributed.is_initialized():
+            del fabric
+            gc.collect()
             torch.distributed.destroy_process_group()
 
 
@@ -452,4 +456,5 @@ def train_on_this_rank(fabric: L.Fabric, method: Method, method_config: Union[Lo
         plot_losses(out.metrics, out.path / "loss.png")
         fabric.print(f"loss plot: {out.path / 'loss.png'}")
         fabric.print(f"final train loss {losses['train_loss']:.4f}, val loss {losses['val_loss']:.4f}; saved to {out.path}")
+    fabric.barrier()  # the ranks close their process group together, not one while the other still writes
     return losses
