@@ -57,7 +57,7 @@ class MetricsCSV(Logger):
 
 
 def make_loggers(name: LoggerName, out_dir: Path) -> list[Logger]:
-    """metrics.csv, plus the logger `name` picks (its files under out_dir/logs)."""
+    """metrics.csv, plus the logger `name` picks (tensorboard: out_dir/logs/tensorboard; wandb: out_dir/wandb)."""
     loggers: list[Logger] = [MetricsCSV(Path(out_dir) / "metrics.csv")]
     if name == "tensorboard":
         try:
