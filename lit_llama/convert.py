@@ -434,6 +434,12 @@ def chat_template(eot: str, roles: dict[str, str]) -> str:
     )
 
 
+def hf_pad_id(tokenizer: Tokenizer) -> int:
+    """The export's pad token once the EOT is its eos: unk, which a model never writes (else the old eos)."""
+    unk = tokenizer.processor.unk_id()
+    return unk if unk >= 0 else tokenizer.eos_id
+
+
 def hf_tokenizer_files(tokenizer: Tokenizer, block_size: int) -> dict[str, dict]:
     """tokenizer_config.json and special_tokens_map.json for transformers' LlamaTokenizer, which reads
     our tokenizer.model with the same ids. Our special tokens (the EOT) become special added tokens.
@@ -447,7 +453,7 @@ def hf_tokenizer_files(tokenizer: Tokenizer, block_size: int) -> dict[str, dict]
                       "single_word": False} for content, i in sorted(special.items(), key=lambda item: item[1])}
     if tokenizer.eot_id is not None:
         named["eos_token"] = piece(tokenizer.eot_id)
-        named["pad_token"] = named.get("unk_token", piece(tokenizer.eos_id))
+        named["pad_token"] = piece(hf_pad_id(tokenizer))
     tokenizer_config = {
         "tokenizer_class": "LlamaTokenizer",
         **named,
@@ -486,12 +492,11 @@ def export_hf_checkpoint(checkpoint_dir: Path, output_dir: Path, dtype: Optional
     save_file(tensors, weights.with_name(weights.name + ".tmp"), metadata={"format": "pt"})
     os.replace(weights.with_name(weights.name + ".tmp"), weights)
     write_json(hf_config(config, tokenizer, tensors["lm_head.weight"].dtype), output_dir / HF_CONFIG_FILE)
-    hf_files = hf_tokenizer_files(tokenizer, config.block_size)
     generation = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.stop_ids}
     if tokenizer.eot_id is not None:
-        generation["pad_token_id"] = tokenizer.processor.piece_to_id(hf_files["tokenizer_config.json"]["pad_token"])
+        generation["pad_token_id"] = hf_pad_id(tokenizer)
     write_json(generation, output_dir / "generation_config.json")
     tokenizer.save(output_dir)  # tokenizer.model, and special_tokens.json so converting back keeps the EOT
-    for name, content in hf_files.items():
+    for name, content in hf_tokenizer_files(tokenizer, config.block_size).items():
         write_json(content, output_dir / name)
     print(f"wrote {output_dir}: {config.vocab_size} token ids, stops on {tokenizer.stop_ids}")

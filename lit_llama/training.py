@@ -325,11 +325,9 @@ def fit(fabric: L.Fabric, model: torch.nn.Module, optimizer: torch.optim.Optimiz
                 fabric.backward(loss)
             step_loss += loss.detach()
         train_loss = fabric.all_reduce(step_loss, reduce_op="sum").item() / fabric.world_size
-        if not math.isfinite(train_loss):
-            raise ValueError(f"the training loss is {train_loss} at step {step + 1}; stopped before updating the "
-                             f"weights. {out.state} keeps the last good checkpoint: lower --train.learning_rate or "
-                             "check the data, then --resume true")
         try:
+            if not math.isfinite(train_loss):
+                raise FloatingPointError(f"training loss is {train_loss}")
             _, skipped = optimizer_step(fabric, model, optimizer, args.grad_clip)
         except FloatingPointError as e:
             raise ValueError(f"the {e} at step {step + 1}; stopped before updating the weights. {out.state} keeps "
