@@ -17,7 +17,7 @@ import torch
 from common import (BASE_VOCAB, build_hf, build_ours, default_dtype, environment, gpu_peaks, median, model_config,
                     ratio, report, run_worker, setup, sync, table, timed)
 from lit_llama.cli import run
-from lit_llama.generate import Decoder, Sampling, compile_step, generate
+from lit_llama.generate import Decoder, Request, compile_step, decode, generate
 
 Impl = Literal["ours", "ours-compiled", "hf", "hf-static"]
 IMPLS = {"ours": "ours, eager", "ours-compiled": "ours, compiled steps", "hf": "transformers generate, default cache",
@@ -38,7 +38,7 @@ def decoder(impl: str, size: str, device: torch.device) -> tuple[Callable[[list[
             @torch.inference_mode()
             def decode(prompt: list[int], n: int) -> None:
                 with Decoder(model, 1, config.block_size, step) as decoder:
-                    assert len(list(decoder.decode([prompt], n, Sampling()))) == n
+                    assert len(list(decode(decoder, Request(prompt, n)))) == n
     else:
         model = build_hf(config, device, dtype).eval()
         model.generation_config.eos_token_id = None  # decode every token asked for

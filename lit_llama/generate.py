@@ -2,8 +2,10 @@
 id (the end-of-turn token; EOS as fallback) or `max_new_tokens`.
 
     generate(model, prompt_ids, ...)        -> Generation(tokens, stop_id)
-    generate_batch(model, prompts, ...)     -> [Generation, ...], prompts of equal length decoded together
-    Stream(tokenizer, steps, stop_ids)      the text of a reply as it is decoded
+    generate_batch(model, prompts, ...)     -> [Generation, ...], decoded in a continuous batch
+    Decoder(model, batch_size, ...)         the KV cache: rows of their own lengths, read and stepped
+    ContinuousBatch(decoder)                Requests decoded side by side, each row refilled once done
+    Stream(tokenizer, decoder, request)     the text of a reply as it is decoded
     Chat(model, tokenizer, ...)             turns of a conversation, the KV cache kept across them
 
 What the generate scripts do around it (loading, prompts files, printing) is lit_llama/inference.py.
@@ -11,11 +13,12 @@ What the generate scripts do around it (loading, prompts files, printing) is lit
 
 import sys
 import time
-from collections import defaultdict
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
+from tqdm import tqdm
 
 from lit_llama.model import LLaMA
 from lit_llama.prompts import encode_prompt, system_warning
@@ -69,15 +72,16 @@ def compile_step(model: LLaMA) -> Callable[[torch.Tensor, torch.Tensor], torch.T
 
 class Decoder:
     """A model with a preallocated KV cache of `batch_size` rows and `max_seq_length` positions, and the
-    ids the cache holds. A prompt is read in one forward pass, every token after it in one step, and a
-    prompt that starts with what is cached (the next turn of a chat, another sample) reads only the rest."""
+    ids each row holds. Rows are independent sequences: each has its own length, and a prompt read into
+    one row leaves the others as they are. A prompt that starts with what its row holds (the next turn
+    of a chat, another sample) reads only the rest."""
 
     def __init__(self, model: LLaMA, batch_size: int = 1, max_seq_length: Optional[int] = None,
                  step: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None) -> None:
         self.model = model
         self.max_seq_length = max_seq_length or model.config.block_size
         model.set_kv_cache(batch_size=batch_size, max_seq_length=self.max_seq_length)
-        self.step = model if step is None else step  # what runs one-token steps: the model, or compile_step(model)
+        self.run_step = model if step is None else step  # what runs one-token steps: the model, or compile_step(model)
         self.device = model.lm_head.weight.device
         self.ids: list[list[int]] = [[] for _ in range(batch_size)]  # what each row's cache holds
         self.prefilled = 0  # prompt tokens read by the last `prefill` (the rest came from the cache)
@@ -89,70 +93,137 @@ class Decoder:
     def __exit__(self, *exc: Any) -> None:
         self.model.clear_kv_cache()
 
-    def feed(self, idx: torch.Tensor) -> torch.Tensor:
-        """Append `idx` (B, T) to the cache; the logits (B, V) after its last token."""
-        start, T = len(self.ids[0]), idx.shape[1]
-        if start + T > self.max_seq_length:
-            raise ValueError(f"{start + T} tokens do not fit in the KV cache of {self.max_seq_length}")
-        input_pos = torch.arange(start, start + T, device=self.device)
-        begin = time.perf_counter()
-        logits = (self.step(idx, input_pos) if T == 1 else self.model(idx, input_pos, last_only=True))[:, -1]
-        for row, new in zip(self.ids, idx.tolist()):  # .tolist() waits for the device: the timing is true
-            row.extend(new)
-        if T == 1:
-            self.steps, self.step_seconds = self.steps + 1, self.step_seconds + time.perf_counter() - begin
+    @property
+    def batch_size(self) -> int:
+        return len(self.ids)
+
+    def prefill(self, row: int, prompt: list[int]) -> torch.Tensor:
+        """Make `row` hold `prompt`, reading only what it does not hold yet: positions past the common
+        prefix are overwritten, and the causal mask never lets a token see a stale position after its
+        own. The logits (V,) after the last prompt token."""
+        if not 0 < len(prompt) <= self.max_seq_length:
+            raise ValueError(f"a prompt of {len(prompt)} tokens does not fit in the KV cache of {self.max_seq_length}")
+        cached = self.ids[row]
+        keep = min(common_prefix(cached, prompt), len(prompt) - 1)  # the last token is read again: its logits are needed
+        del cached[keep:]
+        idx = torch.tensor([prompt[keep:]], device=self.device)  # (1, T)
+        input_pos = torch.arange(keep, len(prompt), device=self.device).unsqueeze(0)  # (1, T)
+        logits = self.model(idx, input_pos, last_only=True, row=row)[0, -1]
+        cached.extend(prompt[keep:])
+        self.prefilled = len(prompt) - keep
         return logits
 
-    def prefill(self, prompts: list[list[int]]) -> torch.Tensor:
-        """Make the cache hold `prompts` (one per row, all of one length), reading only what it does not
-        hold yet: positions past the common prefix are overwritten, and the causal mask never lets a
-        token see a stale position after its own. The logits (B, V) after the last prompt token."""
-        keep = min(common_prefix(cached, prompt) for cached, prompt in zip(self.ids, prompts))
-        keep = min(keep, len(prompts[0]) - 1)  # the last token is read again: its logits are needed
-        for row in self.ids:
-            del row[keep:]
-        self.prefilled = len(prompts[0]) - keep
-        return self.feed(torch.tensor([p[keep:] for p in prompts], device=self.device))
+    def feed(self, tokens: list[Optional[int]]) -> torch.Tensor:
+        """Append one token to each row in one step; the logits (B, V) after them. A row given None has
+        nothing to decode: it computes a throwaway token at position 0 and forgets what it held."""
+        positions = []
+        for row, token in zip(self.ids, tokens):
+            if token is None:
+                row.clear()
+            elif len(row) >= self.max_seq_length:
+                raise ValueError(f"a row of {len(row) + 1} tokens does not fit in the KV cache of {self.max_seq_length}")
+            positions.append(len(row))
+        idx = torch.tensor([[0 if t is None else t] for t in tokens], device=self.device)  # (B, 1)
+        input_pos = torch.tensor(positions, device=self.device).unsqueeze(1)  # (B, 1)
+        begin = time.perf_counter()
+        logits = self.run_step(idx, input_pos)[:, -1]
+        for row, token in zip(self.ids, tokens):
+            if token is not None:
+                row.append(token)
+        self.steps, self.step_seconds = self.steps + 1, self.step_seconds + time.perf_counter() - begin
+        return logits
 
-    def decode(self, prompts: list[list[int]], max_new_tokens: Union[int, Sequence[int]], sampling: Sampling,
-               stop_ids: Sequence[int] = (), generators: Optional[list[Optional[torch.Generator]]] = None) -> Iterator[list[int]]:
-        """The ids each row samples, step by step. A row is done once it sampled a stop id or its own
-        `max_new_tokens` (one for all rows, or one per row) ids: what it samples later is to be ignored.
-        Decoding ends when every row is done. Row i samples with `generators[i]`, so its tokens do not
-        depend on the rows beside it."""
-        generators = generators or [None] * len(prompts)
-        limits = per_row(max_new_tokens, len(prompts))
-        done = [False] * len(prompts)
-        logits = self.prefill(prompts)
-        for step in range(max(limits)):
-            if sampling.temperature == 0.0:
-                next_ids = logits.argmax(-1)
+
+@dataclass(eq=False)
+class Request:
+    """A prompt to decode, how to decode it, and what decoding gave so far. Done once it sampled a stop
+    id or `max_new_tokens` ids; `generation` then holds its tokens and stop id."""
+
+    prompt: list[int]
+    max_new_tokens: int
+    sampling: Sampling = Sampling()
+    stop_ids: Sequence[int] = ()
+    generator: Optional[torch.Generator] = None  # its own, so its samples do not depend on its neighbours
+    generation: Generation = field(default_factory=lambda: Generation([], None))
+    done: bool = False
+
+    def add(self, token: int) -> None:
+        if token in self.stop_ids:
+            self.generation.stop_id = token
+        else:
+            self.generation.tokens.append(token)
+        self.done = self.generation.stop_id is not None or len(self.generation.tokens) >= self.max_new_tokens
+
+
+class ContinuousBatch:
+    """Requests decoded together on a `Decoder`, one token each per `step`. A request waits until a row
+    is free; a row whose request is done takes the next waiting one in the next step, so the batch
+    never waits for its slowest row. The cache is the decoder's: rows x max_seq_length, whatever the
+    number of requests."""
+
+    def __init__(self, decoder: Decoder) -> None:
+        self.decoder = decoder
+        self.waiting: deque[Request] = deque()
+        self.rows: list[Optional[Request]] = [None] * decoder.batch_size
+        self.logits: Optional[torch.Tensor] = None  # (B, V): what each row samples its next token from
+
+    def submit(self, request: Request) -> None:
+        if request.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {request.max_new_tokens}")
+        if len(request.prompt) + request.max_new_tokens > self.decoder.max_seq_length:
+            raise ValueError(f"a prompt of {len(request.prompt)} tokens and {request.max_new_tokens} new tokens do not "
+                             f"fit in the KV cache of {self.decoder.max_seq_length}")
+        self.waiting.append(request)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting) or any(self.rows)
+
+    def cancel(self, request: Request) -> None:
+        """Stop decoding `request` (its client left, or a stop string ended it): its row frees up."""
+        request.done = True
+        if request in self.waiting:
+            self.waiting.remove(request)
+        self.rows = [None if r is request else r for r in self.rows]
+
+    def step(self) -> list[tuple[Request, int]]:
+        """Free rows take waiting requests (their prompts are read), then every row samples one token.
+        Returns each request's token; a request that is done afterwards has left the batch."""
+        for row in range(len(self.rows)):
+            if self.rows[row] is None and self.waiting:
+                request = self.waiting.popleft()
+                logits = self.decoder.prefill(row, request.prompt)
+                if self.logits is None:
+                    self.logits = logits.new_zeros(len(self.rows), logits.shape[-1])
+                self.logits[row] = logits
+                self.rows[row] = request
+        active = [(row, request) for row, request in enumerate(self.rows) if request is not None]
+        if not active:
+            return []
+        greedy = self.logits.argmax(-1).tolist()  # one transfer for every greedy row
+        sampled, tokens = [], [None] * len(self.rows)
+        for row, request in active:
+            s = request.sampling
+            token = greedy[row] if s.temperature == 0.0 else \
+                int(sample(self.logits[row], s.temperature, s.top_k, s.top_p, request.generator))
+            request.add(token)
+            sampled.append((request, token))
+            if request.done:
+                self.rows[row] = None
             else:
-                next_ids = torch.cat([sample(row, sampling.temperature, sampling.top_k, sampling.top_p, g)
-                                      for row, g in zip(logits, generators)])
-            tokens = next_ids.tolist()
-            yield tokens
-            done = [d or t in stop_ids or step + 1 == limit for d, t, limit in zip(done, tokens, limits)]
-            if all(done):
-                return
-            logits = self.feed(next_ids.unsqueeze(1))
+                tokens[row] = token
+        if any(self.rows):
+            self.logits = self.decoder.feed(tokens)
+        return sampled
 
 
-def per_row(max_new_tokens: Union[int, Sequence[int]], rows: int) -> list[int]:
-    """`max_new_tokens` as one limit per row."""
-    limits = [max_new_tokens] * rows if isinstance(max_new_tokens, int) else list(max_new_tokens)
-    if len(limits) != rows or min(limits) < 1:
-        raise ValueError(f"max_new_tokens must be at least 1 for each of the {rows} rows, got {max_new_tokens}")
-    return limits
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
+def decode(decoder: Decoder, request: Request) -> Iterator[int]:
+    """The ids `request` samples, one per step, alone on `decoder`: a stop id, if one ends it, last."""
+    batch = ContinuousBatch(decoder)
+    batch.submit(request)
+    while batch.busy:
+        for _, token in batch.step():
+            yield token
 
 
 def room_for(model: LLaMA, prompt_length: int, max_new_tokens: int) -> int:
@@ -164,18 +235,13 @@ def room_for(model: LLaMA, prompt_length: int, max_new_tokens: int) -> int:
     return room
 
 
-def collect(steps: Iterator[list[int]], limits: list[int], stop_ids: Sequence[int]) -> list[Generation]:
-    """Each row's Generation from `Decoder.decode`'s steps: its ids up to a stop id or its limit."""
-    results = [Generation([], None) for _ in limits]
-    for n, tokens in enumerate(steps):
-        for result, token, limit in zip(results, tokens, limits):
-            if result.stop_id is not None or n >= limit:
-                continue
-            if token in stop_ids:
-                result.stop_id = token
-            else:
-                result.tokens.append(token)
-    return results
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 @torch.inference_mode()
@@ -189,34 +255,33 @@ def generate(model: LLaMA, prompt_ids: list[int], max_new_tokens: int, *, temper
 
 @torch.inference_mode()
 def generate_batch(model: LLaMA, prompts: list[list[int]], max_new_tokens: Union[int, Sequence[int]], *,
-                   temperature: float = 0.0,
-                   top_k: Optional[int] = None, top_p: float = 1.0, stop_ids: Sequence[int] = (),
-                   generators: Optional[list[Optional[torch.Generator]]] = None, batch_size: int = 8,
-                   compile: bool = False) -> list[Generation]:
+                   temperature: float = 0.0, top_k: Optional[int] = None, top_p: float = 1.0,
+                   stop_ids: Sequence[int] = (), generators: Optional[list[Optional[torch.Generator]]] = None,
+                   batch_size: int = 8, compile: bool = False, progress: bool = False) -> list[Generation]:
     """`generate` for many prompts, in input order, each with its own `max_new_tokens` when a list is
-    given. Prompts of one length share batches of up to `batch_size` rows (the model takes one set of
-    positions for a whole batch, so rows of other lengths would need padding it cannot mask); each row
-    stops on its own. Greedy, a row's tokens are those it gets decoded alone; sampled, too, when each
-    prompt has its own generator."""
+    given: a continuous batch of up to `batch_size` rows, prompts of any lengths side by side. Greedy,
+    a reply's tokens are those it gets decoded alone; sampled, too, when each prompt has its own
+    generator. `progress` shows a bar of replies done."""
     sampling = Sampling(temperature, top_k, top_p)
-    limits = per_row(max_new_tokens, len(prompts))
+    if isinstance(max_new_tokens, int):
+        max_new_tokens = [max_new_tokens] * len(prompts)
+    if len(max_new_tokens) != len(prompts) or min(max_new_tokens, default=1) < 1:
+        raise ValueError(f"max_new_tokens must be at least 1 for each of the {len(prompts)} prompts, got {max_new_tokens}")
     generators = generators or [None] * len(prompts)
-    step = compile_step(model) if compile else None
-    by_length = defaultdict(list)
-    for i, prompt in enumerate(prompts):
-        by_length[len(prompt)].append(i)
-    results: list[Optional[Generation]] = [None] * len(prompts)
-    for length, indices in sorted(by_length.items()):
-        for start in range(0, len(indices), batch_size):
-            rows = indices[start : start + batch_size]
-            rooms = [room_for(model, length, limits[i]) for i in rows]
-            # compiled steps keep one cache shape for every batch; eager ones size it to the need
-            cache_length = model.config.block_size if compile else length + max(rooms)
-            with Decoder(model, len(rows), cache_length, step) as decoder:
-                steps = decoder.decode([prompts[i] for i in rows], rooms, sampling, stop_ids, [generators[i] for i in rows])
-                for i, result in zip(rows, collect(steps, rooms, stop_ids)):
-                    results[i] = result
-    return results
+    requests = [Request(prompt, room_for(model, len(prompt), limit), sampling, stop_ids, generator)
+                for prompt, limit, generator in zip(prompts, max_new_tokens, generators)]
+    if not requests:
+        return []
+    # compiled steps keep one cache shape whatever the prompts; eager ones size it to the need
+    cache_length = model.config.block_size if compile else max(len(r.prompt) + r.max_new_tokens for r in requests)
+    with Decoder(model, min(batch_size, len(requests)), cache_length, compile_step(model) if compile else None) as decoder, \
+            tqdm(total=len(requests), unit="reply", disable=not progress) as bar:
+        batch = ContinuousBatch(decoder)
+        for request in requests:
+            batch.submit(request)
+        while batch.busy:
+            bar.update(sum(request.done for request, _ in batch.step()))
+    return [request.generation for request in requests]
 
 
 def stop_reason(generation: Generation, tokenizer: Tokenizer) -> str:
@@ -270,20 +335,21 @@ class Detokenizer:
 
 
 class Stream:
-    """One reply as it is decoded: iterate for its text, piece by piece; afterwards `generation` holds
-    its tokens and stop id, as `generate` returns them. `steps` is `Decoder.decode` of one row."""
+    """`request`'s reply as it is decoded alone on `decoder`: iterate for its text, piece by piece;
+    afterwards `generation` holds its tokens and stop id, as `generate` returns them."""
 
-    def __init__(self, tokenizer: Tokenizer, steps: Iterator[list[int]], stop_ids: Sequence[int]) -> None:
-        self.tokenizer, self.steps, self.stop_ids = tokenizer, steps, stop_ids
-        self.generation = Generation([], None)
+    def __init__(self, tokenizer: Tokenizer, decoder: Decoder, request: Request) -> None:
+        self.tokenizer, self.decoder, self.request = tokenizer, decoder, request
+
+    @property
+    def generation(self) -> Generation:
+        return self.request.generation
 
     def __iter__(self) -> Iterator[str]:
         detokenizer = Detokenizer(self.tokenizer)
-        for (token,) in self.steps:
-            if token in self.stop_ids:
-                self.generation.stop_id = token
+        for token in decode(self.decoder, self.request):
+            if token in self.request.stop_ids:
                 break
-            self.generation.tokens.append(token)
             if text := detokenizer.add(token):
                 yield text
         if text := detokenizer.flush():
@@ -339,8 +405,7 @@ class Chat:
         the reply join the history and `last` holds the reply's tokens and stop id."""
         ids = self.prompt(message)
         room = min(self.max_new_tokens, self.decoder.max_seq_length - len(ids))
-        stream = Stream(self.tokenizer, self.decoder.decode([ids], room, self.sampling, self.stop_ids, [self.generator]),
-                        self.stop_ids)
+        stream = Stream(self.tokenizer, self.decoder, Request(ids, room, self.sampling, self.stop_ids, self.generator))
         yield from stream
         self.turns += [message, self.tokenizer.decode(stream.generation.tokens)]
         self.last = stream.generation

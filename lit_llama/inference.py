@@ -18,8 +18,8 @@ from typing import Any, Literal, Optional
 import torch
 
 from lit_llama.checkpoint import GIVE_OUT_DIR, load_finetuned, load_model, require_dir
-from lit_llama.generate import (Decoder, Sampling, Stream, compile_step, generate_batch, resolve_stop_ids, room_for,
-                                stop_reason)
+from lit_llama.generate import (Decoder, Request, Sampling, Stream, compile_step, generate_batch, resolve_stop_ids,
+                                room_for, stop_reason)
 from lit_llama.model import LLaMA
 from lit_llama.prompts import encode_prompt, system_warning
 from lit_llama.tokenizer import Tokenizer
@@ -157,7 +157,7 @@ def reply(model: LLaMA, tokenizer: Tokenizer, prompt: str = "How do plants drink
             ending with a user turn ({"conversations": [...]}, {"messages": [{"role", "content"}, ...]})
         output_file: where the replies to `prompts_file` go, as JSONL (default: stdout); each row is the
             input row with "response", "stop_reason", "prompt_tokens" and "new_tokens" added
-        batch_size: most prompts decoded together (prompts of equal token length share a batch)
+        batch_size: replies decoded side by side (a continuous batch: a finished row takes the next prompt)
         precision: 32-true, bf16-true or 16-true (default: bf16 on a GPU that supports it, else fp32)
         compile: compile the one-token decoding step with torch.compile (same outputs; pays off over
             long generations, the first step waits for the compilation)
@@ -187,7 +187,7 @@ def reply(model: LLaMA, tokenizer: Tokenizer, prompt: str = "How do plants drink
             generator = torch.Generator(device).manual_seed(seed + i)
             steps, seconds = decoder.steps, decoder.step_seconds
             start = time.perf_counter()
-            stream = Stream(tokenizer, decoder.decode([ids], room, sampling, stop_ids, [generator]), stop_ids)
+            stream = Stream(tokenizer, decoder, Request(ids, room, sampling, stop_ids, generator))
             for text in stream:
                 print(text, end="", flush=True)
             print(flush=True)
@@ -208,7 +208,7 @@ def reply_to_file(model: LLaMA, tokenizer: Tokenizer, rows: list[PromptRow], out
     start = time.perf_counter()
     results = generate_batch(model, prompts, max_new_tokens, temperature=sampling.temperature, top_k=sampling.top_k,
                              top_p=sampling.top_p, stop_ids=stop_ids, generators=generators, batch_size=batch_size,
-                             compile=compile)
+                             compile=compile, progress=True)
     elapsed = time.perf_counter() - start
     out = open(output_file, "w", encoding="utf-8") if output_file is not None else sys.stdout
     try:

@@ -118,14 +118,15 @@ def build_rope_cache(seq_len: int, head_size: int, base: float, device: torch.de
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: (B, nh, T, hs); cos, sin: (T, hs)
+    # x: (B, nh, T, hs); cos, sin: (T, hs), or (B, 1, T, hs) when each row has its own positions
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
     return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
 
 
 class KVCache(nn.Module):
-    """Keys and values of every position decoded so far, preallocated to a fixed length."""
+    """Keys and values of every position decoded so far, preallocated to a fixed length. Each row is a
+    sequence of its own: rows of a batch may hold prompts of different lengths."""
 
     def __init__(self, batch_size: int, max_seq_length: int, n_query_groups: int, head_size: int,
                  device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> None:
@@ -134,11 +135,15 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
 
-    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # k, v: (B, G, T, hs) written at positions input_pos (T,)
-        self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
-        self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
-        return self.k, self.v
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               row: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        # k, v: (B, G, T, hs) written at positions input_pos (B, T): in rows 0..B-1, or in cache row `row` (B = 1)
+        cache_k, cache_v = (self.k, self.v) if row is None else (self.k[row : row + 1], self.v[row : row + 1])
+        rows = torch.arange(k.shape[0], device=k.device).unsqueeze(1)  # (B, 1)
+        # indexed by (B, T) slots, the cache's (B, G, S, hs) reads as (B, T, G, hs)
+        cache_k[rows, :, input_pos] = k.transpose(1, 2).to(cache_k.dtype)
+        cache_v[rows, :, input_pos] = v.transpose(1, 2).to(cache_v.dtype)
+        return cache_k, cache_v
 
 
 class CausalSelfAttention(nn.Module):
@@ -169,14 +174,14 @@ class CausalSelfAttention(nn.Module):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: Optional[torch.Tensor] = None, input_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                input_pos: Optional[torch.Tensor] = None, row: Optional[int] = None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.split_qkv(x)
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
         if self.kv_cache is not None:
-            k, v = self.kv_cache.update(input_pos, k, v)  # (B, G, max_seq_length, hs)
+            k, v = self.kv_cache.update(input_pos, k, v, row)  # (B, G, max_seq_length, hs)
         y = self.attend(q, k, v, mask)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, nh * hs)
         return self.c_proj(y)
@@ -203,9 +208,9 @@ class Block(nn.Module):
         self.rms_2 = RMSNorm(config.n_embd, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: Optional[torch.Tensor] = None, input_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
-        x = x + self.attn(self.rms_1(x), cos, sin, mask, input_pos)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                input_pos: Optional[torch.Tensor] = None, row: Optional[int] = None) -> torch.Tensor:
+        x = x + self.attn(self.rms_1(x), cos, sin, mask, input_pos, row)
         return x + self.mlp(self.rms_2(x))
 
 
@@ -356,10 +361,11 @@ class LLaMA(nn.Module):
             block.attn.kv_cache = None
 
     def forward(self, idx: torch.Tensor, input_pos: Optional[torch.Tensor] = None,
-                targets: Optional[torch.Tensor] = None, last_only: bool = False) -> torch.Tensor:
+                targets: Optional[torch.Tensor] = None, last_only: bool = False, row: Optional[int] = None) -> torch.Tensor:
         """idx: (B, T) token ids. Without a KV cache, positions are 0..T-1 and attention is causal.
-        With one (`set_kv_cache`), `input_pos` (T,) says where these tokens sit in the sequence.
-        Returns logits (B, T, vocab_size): the padding rows of the head are never scored; with
+        With one (`set_kv_cache`), `input_pos` (B, T) says where each token sits in its row's sequence,
+        rows 0..B-1 of the cache; given `row`, the one row of idx (B = 1) goes to that cache row (a
+        prompt read into a batch whose other rows are decoding). Returns logits (B, T, vocab_size): the padding rows of the head are never scored; with
         `last_only`, (B, 1, vocab_size) for the last position, all a prompt's prefill needs. Given
         `targets` (B, T), the id each position should predict (-100: none), returns instead the summed
         cross-entropy, computed without the whole logits tensor (`HeadLoss`)."""
@@ -370,10 +376,11 @@ class LLaMA(nn.Module):
                 raise ValueError(f"sequence of length {T} exceeds block_size={self.config.block_size}")
             cos, sin, mask = cos[:T], sin[:T], None
         else:
-            cos, sin = cos[input_pos], sin[input_pos]
+            cos, sin = cos[input_pos].unsqueeze(1), sin[input_pos].unsqueeze(1)  # (B, 1, T, hs): each row its positions
             max_seq_length = self.transformer.h[0].attn.kv_cache.k.shape[2]
-            # (T, max_seq_length): each new token sees the cached positions up to its own
-            mask = torch.arange(max_seq_length, device=idx.device) <= input_pos.unsqueeze(-1)
+            # (B, 1, T, max_seq_length): each new token sees its row's cached positions up to its own, never
+            # what a longer sequence left in the row before
+            mask = (torch.arange(max_seq_length, device=idx.device) <= input_pos.unsqueeze(-1)).unsqueeze(1)
 
         x = self.transformer.wte(idx)  # (B, T, C)
         if self.token_rows is not None:
@@ -383,7 +390,7 @@ class LLaMA(nn.Module):
                 # the backward pass runs the block again (same dropout draws) instead of storing its activations
                 x = checkpoint(block, x, cos, sin, mask, input_pos, use_reentrant=False)
             else:
-                x = block(x, cos, sin, mask, input_pos)
+                x = block(x, cos, sin, mask, input_pos, row)
         if last_only:
             x = x[:, -1:]  # (B, 1, C)
         x = self.transformer.ln_f(x)

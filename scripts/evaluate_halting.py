@@ -71,8 +71,7 @@ def main(
         min_new_tokens: ... and at least this many tokens
         temperature: sampling temperature; 0 (greedy) measures the model's most likely reply
         seed: seed of the sampling (prompt j uses seed + j)
-        batch_size: most prompts decoded together (prompts of equal token length share a batch, each row
-            with its own cap)
+        batch_size: replies decoded side by side (a continuous batch: a finished row takes the next prompt)
         max_samples: evaluate the first this many samples only
         precision: 32-true, bf16-true or 16-true (default: bf16 on a GPU that supports it, else fp32)
         output_file: where the JSON goes (default: halting_<split>.json in the model's dir)
@@ -99,7 +98,7 @@ def main(
     model = place(model, precision)
     device = model.lm_head.weight.device
     results = generate_batch(model, [prompt for prompt, _ in exchanges], caps, temperature=temperature,
-                             stop_ids=tuple(tokenizer.stop_ids), batch_size=batch_size,
+                             stop_ids=tuple(tokenizer.stop_ids), batch_size=batch_size, progress=True,
                              generators=[torch.Generator(device).manual_seed(seed + j) for j in range(len(exchanges))])
     rows = [{"prompt_tokens": len(prompt), "reference_tokens": len(reference), "max_new_tokens": cap,
              "new_tokens": len(result.tokens), "length_ratio": len(result.tokens) / max(len(reference), 1),

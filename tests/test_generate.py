@@ -4,8 +4,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lit_llama.generate import (Decoder, Detokenizer, Generation, Sampling, Stream, generate, generate_batch,
-                                resolve_stop_ids, sample, stop_reason)
+from lit_llama.generate import (ContinuousBatch, Decoder, Detokenizer, Generation, Request, Sampling, Stream, generate,
+                                generate_batch, resolve_stop_ids, sample, stop_reason)
 from lit_llama.model import LLaMA, LLaMAConfig
 
 
@@ -26,11 +26,11 @@ class ScriptedModel(torch.nn.Module):
     def clear_kv_cache(self):
         self.cached = None
 
-    def forward(self, idx, input_pos, last_only=False):
-        assert self.cached is not None and len(input_pos) == idx.shape[1]
+    def forward(self, idx, input_pos, last_only=False, row=None):
+        assert self.cached is not None and input_pos.shape == idx.shape
         logits = torch.zeros(idx.shape[0], 1 if last_only else idx.shape[1], self.config.vocab_size)
-        step = int(input_pos[-1]) + 1 - self.prompt_len
-        for b, script in enumerate(self.scripts):
+        for b, script in enumerate(self.scripts if row is None else [self.scripts[row]]):
+            step = int(input_pos[b, -1]) + 1 - self.prompt_len
             logits[b, -1, script[step]] = 10.0
         return logits
 
@@ -75,7 +75,7 @@ def test_each_row_of_a_batch_keeps_its_own_max_new_tokens(tokenizer):
     model = ScriptedModel(scripts, prompt_len=2)
     results = generate_batch(model, [[1, 5]] * 4, [3, 5, 1, 8], stop_ids=(eot,))
     assert results == [Generation([11] * 3, None), Generation([12], eot), Generation([13], None), Generation([14] * 8, None)]
-    with pytest.raises(ValueError, match="max_new_tokens must be at least 1 for each of the 2 rows"):
+    with pytest.raises(ValueError, match="max_new_tokens must be at least 1 for each of the 2 prompts"):
         generate_batch(model, [[1, 5]] * 2, [3, 0])
 
 
@@ -97,6 +97,61 @@ def test_batch_of_mixed_lengths_equals_decoding_each_prompt_alone():
     assert generate_batch(model, prompts, 12, generators=generators, **sampling) == alone
 
 
+def test_ragged_batch_equals_decoding_each_prompt_alone():
+    model = tiny_model()  # block_size 64
+    rng = random.Random(0)
+    lengths = [1, 2, 3, 4, 5, 7, 9, 11, 13, 15, 17, 19, 22, 25, 28, 31, 35, 39, 43, 48, 53, 58, 62]  # 62: near the context
+    prompts = [[1] + [rng.randrange(3, 100) for _ in range(n - 1)] for n in lengths]
+    rng.shuffle(prompts)
+    stop_ids = (13, 21)
+    alone = [generate(model, p, 12, stop_ids=stop_ids) for p in prompts]
+    assert len(alone[prompts.index(max(prompts, key=len))].tokens) <= 2  # the context cut the longest reply short
+    assert generate_batch(model, prompts, 12, stop_ids=stop_ids, batch_size=8) == alone
+    assert generate_batch(model, prompts, 12, stop_ids=stop_ids, batch_size=16) == alone
+
+    sampling = dict(temperature=1.0, top_k=50, top_p=0.9)
+    alone = [generate(model, p, 12, generator=torch.Generator().manual_seed(i), **sampling) for i, p in enumerate(prompts)]
+    generators = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
+    assert generate_batch(model, prompts, 12, generators=generators, batch_size=8, **sampling) == alone
+
+
+def test_a_finished_row_takes_the_next_waiting_prompt():
+    model = tiny_model()
+    prompts = [[1, 5, 6], [1, 7], [1, 8, 9, 10], [1], [1, 11, 12], [1, 13, 14, 15, 16]]
+    limits = [1, 9, 2, 1, 3, 1]  # no stop ids: each reply is exactly its limit long
+    with torch.inference_mode(), Decoder(model, batch_size=2, max_seq_length=16) as decoder:
+        batch = ContinuousBatch(decoder)
+        requests = [Request(p, n) for p, n in zip(prompts, limits)]
+        for request in requests:
+            batch.submit(request)
+        beside_the_long_one = []
+        while batch.busy:
+            batch.step()
+            beside_the_long_one.append(batch.rows[0])
+        # the 9-token reply kept row 1 while row 0 served the other five in turn: 9 samples, 8 steps
+        assert decoder.steps == 8 and all(len(r.generation.tokens) == n for r, n in zip(requests, limits))
+        assert {r for r in beside_the_long_one if r is not None} == {requests[i] for i in (2, 4)}
+        assert model.transformer.h[0].attn.kv_cache.k.shape[:3] == (2, 2, 16)  # the cache never grew
+        with pytest.raises(ValueError, match="a prompt of 14 tokens and 3 new tokens do not fit in the KV cache of 16"):
+            batch.submit(Request([1] * 14, 3))
+    assert [r.generation for r in requests] == [generate(model, p, n) for p, n in zip(prompts, limits)]
+
+
+def test_a_cancelled_request_frees_its_row():
+    model = tiny_model()
+    with torch.inference_mode(), Decoder(model, batch_size=1, max_seq_length=32) as decoder:
+        batch = ContinuousBatch(decoder)
+        first, second = Request([1, 5], 20), Request([1, 6], 3)
+        batch.submit(first)
+        batch.submit(second)
+        batch.step()
+        batch.cancel(first)
+        while batch.busy:
+            batch.step()
+    assert first.done and len(first.generation.tokens) == 1
+    assert second.generation == generate(model, [1, 6], 3)
+
+
 def test_greedy_kv_cache_decoding_equals_uncached_decoding():
     model = tiny_model()
     prompt = [1, 17, 42, 8]
@@ -112,15 +167,15 @@ def test_a_prompt_extending_the_cache_reads_only_the_new_tokens():
     model = tiny_model()
     history, more = [1, 17, 42, 8, 30], [31, 32, 33]
     with torch.no_grad(), Decoder(model, 1, 32) as decoder:
-        decoder.prefill([history])
+        decoder.prefill(0, history)
         assert decoder.prefilled == 5
-        reused = decoder.prefill([history + more])
+        reused = decoder.prefill(0, history + more)
         assert decoder.prefilled == 3
-        rewound = decoder.prefill([history[:2] + more])  # diverges at position 2: positions after it are rewritten
+        rewound = decoder.prefill(0, history[:2] + more)  # diverges at position 2: positions after it are rewritten
         assert decoder.prefilled == 3 and decoder.ids == [history[:2] + more]
     with torch.no_grad():
-        torch.testing.assert_close(reused, model(torch.tensor([history + more]))[:, -1])
-        torch.testing.assert_close(rewound, model(torch.tensor([history[:2] + more]))[:, -1])
+        torch.testing.assert_close(reused, model(torch.tensor([history + more]))[0, -1])
+        torch.testing.assert_close(rewound, model(torch.tensor([history[:2] + more]))[0, -1])
 
 
 def test_padded_vocabulary_rows_are_never_sampled():
@@ -198,7 +253,7 @@ def test_stream_yields_the_text_of_the_generation(tokenizer):
     tokens = tokenizer.encode("Plants drink 🌵 water through their roots.")
     model = ScriptedModel([tokens + [tokenizer.eot_id]], prompt_len=2)
     with torch.no_grad(), Decoder(model, 1, 64) as decoder:
-        stream = Stream(tokenizer, decoder.decode([[1, 5]], 60, Sampling(), tokenizer.stop_ids), tokenizer.stop_ids)
+        stream = Stream(tokenizer, decoder, Request([1, 5], 60, stop_ids=tokenizer.stop_ids))
         text = "".join(stream)
     assert stream.generation == Generation(tokens, tokenizer.eot_id)
     assert text == tokenizer.decode(tokens) == "Plants drink 🌵 water through their roots."

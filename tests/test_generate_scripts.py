@@ -81,7 +81,7 @@ def test_stop_flags(tiny_checkpoint, capsys):
 
 
 def test_prompts_file_replies_to_every_row_in_batches(eot_checkpoint, tmp_path, capsys):
-    rows = ["How do plants drink water?", "How do cats drink water?",  # of one token length: one batch
+    rows = ["How do plants drink water?", "How do cats drink water?",
             {"prompt": "What is rain?", "id": 7},
             ["What is rain?", "Water that falls from clouds.", "And snow?"],
             {"messages": [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is rain?"}]}]
@@ -95,12 +95,11 @@ def test_prompts_file_replies_to_every_row_in_batches(eot_checkpoint, tmp_path, 
     model, tokenizer = load_model(eot_checkpoint), Tokenizer.from_dir(eot_checkpoint)
     prompts = [encode_prompt(tokenizer, turns) for turns in ([rows[0]], [rows[1]], ["What is rain?"], rows[3])]
     prompts.append(encode_prompt(tokenizer, ["What is rain?"], system="Answer briefly."))
-    assert len(prompts[0]) == len(prompts[1])
     for o, prompt in zip(out, prompts):
         alone = generate(model, prompt, 12, stop_ids=tuple(tokenizer.stop_ids))
         assert o["response"] == tokenizer.decode(alone.tokens) and o["stop_reason"] == stop_reason(alone, tokenizer)
         assert (o["prompt_tokens"], o["new_tokens"]) == (len(prompt), len(alone.tokens))
-    assert capsys.readouterr().err.startswith("5 replies, stop reasons: ")
+    assert capsys.readouterr().err.splitlines()[-1].startswith("5 replies, stop reasons: ")  # after the progress bar
 
     (tmp_path / "bad.jsonl").write_text('"fine"\n{"messages": [{"role": "assistant", "content": "hi"}]}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:2: messages must alternate user, assistant"):

@@ -53,15 +53,33 @@ def test_kv_cache_decoding_equals_full_forward(n_query_groups):
     with torch.no_grad():
         full = model(idx)
         model.set_kv_cache(batch_size=2, max_seq_length=32)
-        prefill = model(idx[:, :12], torch.arange(12))
-        steps = [model(idx[:, t : t + 1], torch.tensor([t])) for t in range(12, 20)]
+        prefill = model(idx[:, :12], torch.arange(12).expand(2, 12))
+        steps = [model(idx[:, t : t + 1], torch.tensor([[t], [t]])) for t in range(12, 20)]
         model.set_kv_cache(batch_size=2, max_seq_length=32)
-        last = model(idx[:, :12], torch.arange(12), last_only=True)  # what a prefill asks for
+        last = model(idx[:, :12], torch.arange(12).expand(2, 12), last_only=True)  # what a prefill asks for
         model.clear_kv_cache()
     cached = torch.cat([prefill, *steps], dim=1)
     torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-5)
     assert last.shape == (2, 1, full.shape[-1])
     torch.testing.assert_close(last, full[:, 11:12], atol=1e-5, rtol=1e-5)
+
+
+def test_rows_of_the_kv_cache_are_sequences_of_their_own_lengths():
+    torch.manual_seed(0)
+    model = LLaMA(small_config(n_query_groups=2)).eval()
+    a, b = torch.randint(0, 100, (1, 9)), torch.randint(0, 100, (1, 16))
+    with torch.no_grad():
+        full_a, full_b = model(a), model(b)
+        model.set_kv_cache(batch_size=2, max_seq_length=24)
+        model(torch.randint(0, 100, (1, 20)), torch.arange(20).unsqueeze(0), row=0)  # stale: 20 positions row 0 forgets
+        prefill_a = model(a[:, :4], torch.arange(4).unsqueeze(0), row=0)  # each prompt read into its own row
+        prefill_b = model(b[:, :11], torch.arange(11).unsqueeze(0), row=1)
+        # both rows step together, each at its own position
+        steps = [model(torch.cat([a[:, 4 + t : 5 + t], b[:, 11 + t : 12 + t]]), torch.tensor([[4 + t], [11 + t]]))
+                 for t in range(5)]
+        model.clear_kv_cache()
+    torch.testing.assert_close(torch.cat([prefill_a, *(s[:1] for s in steps)], dim=1), full_a, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.cat([prefill_b, *(s[1:] for s in steps)], dim=1), full_b, atol=1e-5, rtol=1e-5)
 
 
 def test_sequence_longer_than_block_size_is_refused():
