@@ -19,6 +19,7 @@ setup(
     extras_require={
         "tensorboard": ["tensorboard"],  # --logger_name tensorboard
         "wandb": ["wandb"],  # --logger_name wandb
-        "test": ["pytest", "transformers>=5", "hypothesis", "tensorboard"],
+        "serve": ["fastapi", "uvicorn"],  # generate/serve.py
+        "test": ["pytest", "transformers>=5", "hypothesis", "tensorboard", "fastapi", "uvicorn", "openai", "httpx"],
     },
 )

@@ -12,7 +12,9 @@ REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 sys.path.insert(0, str(REPO))
 
-from lit_llama.tokenizer import DEFAULT_EOT, Tokenizer  # noqa: E402
+from lit_llama.checkpoint import load_model, save_checkpoint_dir  # noqa: E402
+from lit_llama.tokenizer import DEFAULT_EOT, Tokenizer, extend_tokenizer  # noqa: E402
+from lit_llama.vocab import add_special_tokens  # noqa: E402
 
 
 def load_script(relative_path: str) -> ModuleType:
@@ -50,6 +52,17 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out_dir = tmp_path_factory.mktemp("checkpoints") / "tiny"
     load_script("scripts/prepare_tiny.py").main(out_dir=out_dir, steps=200)
     return out_dir
+
+
+@pytest.fixture(scope="session")
+def eot_checkpoint(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny base model with an (untrained) EOT row, as a plain checkpoint dir."""
+    tokenizer = extend_tokenizer(Tokenizer.from_dir(tiny_checkpoint))
+    model = load_model(tiny_checkpoint)
+    add_special_tokens(model, tokenizer)
+    directory = tmp_path_factory.mktemp("checkpoints") / "eot"
+    save_checkpoint_dir(model, tokenizer, directory)
+    return directory
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,8 @@
 - Always: every command names a script that exists, with flags and values that script accepts.
 - With `-m docs`: every block runs, page after page, in a temporary copy of the repo, on the tiny model:
   each command must exit 0, write the files its page says, and print what its page claims ("stop
-  reason: eot", ...). Fine-tunes in the howto pages run a few steps only (their step counts are for
+  reason: eot", ...). A server (generate/serve.py) runs in the background for the commands after it
+  and is stopped with SIGTERM at the end, when it must exit as a drained server does. Fine-tunes in the howto pages run a few steps only (their step counts are for
   real models); README's path runs as written. A block that needs what this machine lacks says so on
   a `# needs ...` line, and its commands are skipped with that reason.
 
@@ -14,11 +15,14 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import pytest
 
@@ -27,7 +31,7 @@ from lit_llama.cli import build_parser
 
 PAGES = ["README.md", "howto/prepare_data.md", "howto/special_tokens.md", "howto/finetune_lora.md",
          "howto/finetune_adapter.md", "howto/finetune_full.md", "howto/inference.md", "howto/chat.md",
-         "howto/download_weights.md", "howto/troubleshooting.md"]  # in the order they run: makers before users
+         "howto/serve.md", "howto/download_weights.md", "howto/troubleshooting.md"]  # in the order they run: makers before users
 
 # a fine-tune in a howto page, cut short (the figures it prints are not what the page is about)
 SHORT_TRAINING = ["--train.epochs", "null", "--train.max_iters", "4", "--train.warmup_iters", "1",
@@ -61,6 +65,9 @@ CLAIMS = {
     ("howto/inference.md", "python scripts/evaluate_halting.py "): ["stopped on EOT", "mean reference length"],
     ("howto/inference.md", "python generate/base.py "): ["stop reason: max_new_tokens after 400 tokens"],
     ("howto/chat.md", "python generate/chat.py --lora_path out/lora"): ["[eot after"],
+    ("howto/serve.md", "curl -s http://127.0.0.1:8000/v1/models "): ['"id":"lora"'],
+    ("howto/serve.md", "curl -s http://127.0.0.1:8000/v1/chat/completions "): ['"object":"chat.completion"',
+                                                                               '"finish_reason":"stop"'],
     ("howto/prepare_data.md", "python scripts/prepare_alpaca.py "): ["read ", "kept ", "dropped: "],
     ("howto/prepare_data.md", "python scripts/prepare_conversations.py "): ["read ", "kept ", "dropped: "],
 }
@@ -173,14 +180,45 @@ def shell_text(command: Command) -> tuple[str, Optional[str]]:
     return " && ".join(kept), None if kept else "installs packages, as the test environment did"
 
 
+@pytest.fixture(scope="module")
+def servers() -> Iterator[list[subprocess.Popen]]:
+    """Servers the pages start; they run until the pages are done."""
+    started: list[subprocess.Popen] = []
+    yield started
+    for server in started:
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=60) in (0, -signal.SIGTERM), server.stdout.read()[-3000:]
+
+
+def serve_in_background(command: Command, text: str, cwd: Path, env: dict, servers: list, capsys) -> None:
+    """Start the page's server and wait until it answers."""
+    [(script, args)] = command.scripts()
+    port = parse(script, args, capsys)["port"]
+    server = subprocess.Popen(["bash", "-c", f"exec {text}"], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    servers.append(server)
+    deadline = time.monotonic() + 120
+    while server.poll() is None and time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=1)
+            return
+        except OSError:
+            time.sleep(0.5)
+    output = server.stdout.read()[-3000:] if server.poll() is not None else "(no answer in 120 s)"
+    pytest.fail(f"{command.where}: `{text}` did not start serving:\n{output}")
+
+
 @pytest.mark.docs
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: c.where)
-def test_a_page_runs_as_written(command, repo_copy, capsys):
+def test_a_page_runs_as_written(command, repo_copy, servers, capsys):
     text, skipped = shell_text(command)
     if skipped:
         pytest.skip(f"{command.where}: {skipped}")
     is_chat = any(script == "generate/chat.py" for script, _ in command.scripts())
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # "python" is ours
+    if any(script == "generate/serve.py" for script, _ in command.scripts()):
+        serve_in_background(command, text, repo_copy, env, servers, capsys)
+        return
     result = subprocess.run(["bash", "-c", text], cwd=repo_copy, env=env, capture_output=True, text=True, timeout=900,
                             input=CHAT_INPUT if is_chat else "")
     output = result.stdout + result.stderr

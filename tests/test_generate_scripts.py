@@ -9,22 +9,10 @@ import pytest
 import torch
 
 from conftest import REPO, load_script
-from lit_llama.checkpoint import load_model, save_checkpoint_dir
+from lit_llama.checkpoint import load_model
 from lit_llama.generate import generate, stop_reason
 from lit_llama.prompts import encode_prompt
-from lit_llama.tokenizer import Tokenizer, extend_tokenizer
-from lit_llama.vocab import add_special_tokens
-
-
-@pytest.fixture(scope="module")
-def eot_checkpoint(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny base model with an (untrained) EOT row, as a plain checkpoint dir."""
-    tokenizer = extend_tokenizer(Tokenizer.from_dir(tiny_checkpoint))
-    model = load_model(tiny_checkpoint)
-    add_special_tokens(model, tokenizer)
-    directory = tmp_path_factory.mktemp("checkpoints") / "eot"
-    save_checkpoint_dir(model, tokenizer, directory)
-    return directory
+from lit_llama.tokenizer import Tokenizer
 
 
 def stats_lines(err: str) -> list[str]:

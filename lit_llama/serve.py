@@ -1,0 +1,299 @@
+"""An OpenAI-compatible chat server over the continuous batch: `GET /v1/models` and
+`POST /v1/chat/completions`, plain or streamed as server-sent events.
+
+    Engine(decoder)                   the batch, stepped by a thread of its own; requests join from any thread
+    ReplyText(tokenizer, stop)        a reply's text as tokens arrive, cut at the first stop string
+    create_app(engine, tokenizer, ...) the FastAPI app; uvicorn serves it (generate/serve.py)
+
+FastAPI and uvicorn, not a serving framework that batches for us: the decoder's continuous batch is
+the scheduler, and a framework's own request batching would sit in front of it and wait. uvicorn
+drains on Ctrl-C or SIGTERM: it stops accepting connections, lets the open replies finish, then the
+app's shutdown stops the engine.
+"""
+
+import asyncio
+import json
+import queue
+import secrets
+import threading
+import time
+import traceback
+import uuid
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Callable, Literal, Optional, Union
+
+import torch
+from fastapi import FastAPI, Request as HTTPRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from lit_llama.generate import ContinuousBatch, Decoder, Detokenizer, Request, Sampling, resolve_stop_ids
+from lit_llama.inference import parse_prompt_row
+from lit_llama.prompts import encode_prompt
+from lit_llama.tokenizer import Tokenizer
+
+Sink = Callable[[Union[tuple[int, bool], BaseException]], None]  # gets (token, done) per step, or the error
+
+
+class Engine:
+    """A `ContinuousBatch` on `decoder`, stepped by a thread of its own while any request is in it.
+    `submit` and `cancel` may be called from any thread; each request's tokens go to its sink, called
+    on the engine's thread."""
+
+    def __init__(self, decoder: Decoder) -> None:
+        self.decoder = decoder
+        self.batch = ContinuousBatch(decoder)
+        self.inbox: queue.SimpleQueue[tuple[str, Optional[Request], Optional[Sink]]] = queue.SimpleQueue()
+        self.sinks: dict[Request, Sink] = {}
+        self.thread = threading.Thread(target=self.run, name="engine", daemon=True)
+        self.running = False
+
+    def start(self) -> None:
+        self.running = True
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.inbox.put(("stop", None, None))
+        self.thread.join()
+
+    def submit(self, request: Request, sink: Sink) -> None:
+        self.inbox.put(("submit", request, sink))
+
+    def cancel(self, request: Request) -> None:
+        self.inbox.put(("cancel", request, None))
+
+    def take(self, block: bool) -> None:
+        """Move what the inbox holds into the batch: waiting for one message first when `block`."""
+        try:
+            message = self.inbox.get(block=block)
+            while True:
+                kind, request, sink = message
+                if kind == "submit":
+                    self.sinks[request] = sink
+                    self.batch.submit(request)
+                elif kind == "cancel" and request in self.sinks:
+                    self.batch.cancel(request)
+                    del self.sinks[request]
+                elif kind == "stop":
+                    self.running = False
+                message = self.inbox.get_nowait()
+        except queue.Empty:
+            pass
+
+    @torch.inference_mode()
+    def run(self) -> None:
+        while self.running:
+            self.take(block=not self.batch.busy)
+            try:
+                events = self.batch.step()
+            except Exception as error:  # a failed step fails the requests in the batch, not the server
+                traceback.print_exc()
+                for sink in self.sinks.values():
+                    sink(error)
+                self.sinks.clear()
+                self.decoder.ids = [[] for _ in self.decoder.ids]
+                self.batch = ContinuousBatch(self.decoder)
+                continue
+            for request, token in events:
+                self.sinks[request]((token, request.done))
+                if request.done:
+                    del self.sinks[request]
+
+
+class ReplyText:
+    """A reply's text as its tokens arrive. It ends before the first of the `stop` strings, which is
+    not part of the reply; text that may be the start of one is held back until it is known not to be."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: list[str]) -> None:
+        self.detokenizer = Detokenizer(tokenizer)
+        self.stop = [s for s in stop if s]
+        self.text, self.sent, self.stopped = "", 0, False
+
+    def add(self, token: int) -> str:
+        if self.stopped:
+            return ""
+        self.text += self.detokenizer.add(token)
+        return self.release(final=False)
+
+    def finish(self) -> str:
+        if not self.stopped:
+            self.text += self.detokenizer.flush()
+        return self.release(final=True)
+
+    def release(self, final: bool) -> str:
+        """The text not sent yet that is sure to be part of the reply (all of it when `final`)."""
+        found = [i for i in (self.text.find(s) for s in self.stop) if i >= 0]
+        if found:
+            self.text, self.stopped = self.text[: min(found)], True
+        end = len(self.text)
+        if not (final or self.stopped):
+            end -= max((k for s in self.stop for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
+        piece, self.sent = self.text[self.sent : end], max(self.sent, end)
+        return piece
+
+
+class Message(BaseModel):
+    role: str
+    content: str
+
+
+class ChatCompletionRequest(BaseModel):
+    """The fields of OpenAI's chat completion request that this server acts on; others are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: Optional[int] = Field(None, ge=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1)  # the newer name of max_tokens
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    stop: Optional[Union[str, list[str]]] = None
+    seed: Optional[int] = None
+    stream: bool = False
+    stream_options: Optional[dict[str, Any]] = None
+    n: int = 1
+
+
+class APIError(Exception):
+    """An error the client caused, answered in OpenAI's error format."""
+
+    def __init__(self, status: int, message: str, code: Optional[str] = None, param: Optional[str] = None,
+                 kind: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.status, self.message, self.code, self.param, self.kind = status, message, code, param, kind
+
+    def response(self) -> JSONResponse:
+        error = {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}
+        return JSONResponse({"error": error}, status_code=self.status)
+
+
+def validation_error(error: RequestValidationError) -> APIError:
+    """A 400 naming each field that is wrong and how ("body": the body as a whole)."""
+    problems, params = [], []
+    for e in error.errors():
+        field = ".".join(str(part) for part in e["loc"][1:])  # loc starts with "body"
+        if e["type"] == "json_invalid":
+            problems.append(f"the request body is not valid JSON ({e['ctx']['error']} at character {e['loc'][-1]})")
+        elif not field:
+            problems.append(f"the request body must be a JSON object: {e['msg']}")
+        else:
+            problems.append(f"{field}: {e['msg']}")
+            params.append(field)
+    return APIError(400, "; ".join(problems), param=params[0] if params else None)
+
+
+def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: Optional[str] = None) -> FastAPI:
+    """The app serving `engine`'s model as `model_name`; with `api_key`, requests must bear it."""
+    stop_ids = resolve_stop_ids(tokenizer)
+    context = engine.decoder.max_seq_length
+    device = engine.decoder.device
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+        yield
+        engine.stop()  # after uvicorn let the open replies finish
+
+    app = FastAPI(title="lit-llama-lima", lifespan=lifespan)
+
+    @app.exception_handler(APIError)
+    async def api_error(request: HTTPRequest, error: APIError) -> JSONResponse:
+        return error.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: HTTPRequest, error: RequestValidationError) -> JSONResponse:
+        # FastAPI answers 422 by default; OpenAI's API answers 400
+        return validation_error(error).response()
+
+    @app.middleware("http")
+    async def authorize(request: HTTPRequest, call_next: Callable) -> Any:
+        if api_key is not None and not secrets.compare_digest(request.headers.get("authorization", ""), f"Bearer {api_key}"):
+            return APIError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'",
+                            "invalid_api_key", kind="authentication_error").response()
+        return await call_next(request)
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
+                                            "owned_by": "lit-llama-lima"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest) -> Any:
+        if body.model != model_name:
+            raise APIError(404, f"the model {body.model!r} does not exist; this server serves {model_name!r}",
+                           "model_not_found", "model")
+        if body.n != 1:
+            raise APIError(400, "only n=1 is supported", param="n")
+        try:
+            row = parse_prompt_row({"messages": [m.model_dump() for m in body.messages]})
+        except ValueError as e:
+            raise APIError(400, str(e), param="messages")
+        ids = encode_prompt(tokenizer, row.turns, row.system)
+        wanted = body.max_completion_tokens or body.max_tokens
+        if len(ids) + (wanted or 1) > context:
+            raise APIError(400, f"the context holds {context} tokens; the messages take {len(ids)}"
+                                + (f" and max_tokens asks for {wanted}" if wanted else ", leaving no room for a reply"),
+                           "context_length_exceeded", "messages")
+        seed = body.seed if body.seed is not None else secrets.randbits(63)
+        request = Request(ids, wanted or context - len(ids), Sampling(body.temperature, None, body.top_p), stop_ids,
+                          torch.Generator(device).manual_seed(seed))
+        text = ReplyText(tokenizer, [body.stop] if isinstance(body.stop, str) else body.stop or [])
+        tokens = submit(request)
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
+
+        def finish_reason() -> str:
+            return "stop" if text.stopped or request.generation.stop_id is not None else "length"
+
+        def usage() -> dict:
+            n = len(request.generation.tokens)
+            return {"prompt_tokens": len(ids), "completion_tokens": n, "total_tokens": len(ids) + n}
+
+        if not body.stream:
+            content = "".join([piece async for piece in pieces(request, tokens, text)])
+            return {**head, "object": "chat.completion", "usage": usage(),
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                                 "finish_reason": finish_reason()}]}
+
+        def chunk(choices: list, **extra: Any) -> str:
+            data = {**head, "object": "chat.completion.chunk", "choices": choices, **extra}
+            return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+        async def events() -> AsyncIterator[str]:
+            yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+            async for piece in pieces(request, tokens, text):
+                yield chunk([{"index": 0, "delta": {"content": piece}, "finish_reason": None}])
+            yield chunk([{"index": 0, "delta": {}, "finish_reason": finish_reason()}])
+            if (body.stream_options or {}).get("include_usage"):
+                yield chunk([], usage=usage())
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    def submit(request: Request) -> asyncio.Queue:
+        """Hand `request` to the engine; its (token, done) pairs, or an error, arrive on the queue returned."""
+        loop, tokens = asyncio.get_running_loop(), asyncio.Queue()
+        engine.submit(request, lambda item: loop.call_soon_threadsafe(tokens.put_nowait, item))
+        return tokens
+
+    async def pieces(request: Request, tokens: asyncio.Queue, text: ReplyText) -> AsyncIterator[str]:
+        """The reply's text as it is decoded; a stop string ends it early, and so does a client that
+        leaves (the request then leaves the batch)."""
+        try:
+            while True:
+                item = await tokens.get()
+                if isinstance(item, BaseException):
+                    raise item
+                token, done = item
+                if token not in stop_ids and (piece := text.add(token)):
+                    yield piece
+                if text.stopped or done:
+                    break
+            if piece := text.finish():
+                yield piece
+        finally:
+            if not request.done:
+                engine.cancel(request)
+
+    return app
