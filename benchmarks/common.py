@@ -70,7 +70,7 @@ def hf_llama_config(config: LLaMAConfig, dtype: torch.dtype):
     from transformers import LlamaConfig
 
     # bos/eos ids only matter to generation defaults, which the benchmarks override
-    ids = SimpleNamespace(bos_id=1, eos_id=2)
+    ids = SimpleNamespace(bos_id=1, stop_ids=[2])
     return LlamaConfig(**hf_config(config, ids, dtype), attn_implementation="sdpa")
 
 
@@ -170,6 +170,15 @@ def run_worker(script: str, args: list[str]) -> dict:
         sys.stderr.write(done.stdout + done.stderr)
         raise SystemExit(f"{' '.join(command)} failed with exit code {done.returncode}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def read_bandwidth(threads: int) -> float:
+    """Bytes per second this machine reads with `threads` threads: the median of summing 1 GB of fp32."""
+    torch.set_num_threads(threads)
+    data = torch.ones(2**28)
+    seconds = median(timed(data.sum, torch.device("cpu"), 1, 5))
+    del data
+    return 2**30 / seconds
 
 
 def environment() -> str:

@@ -182,6 +182,7 @@ class CausalSelfAttention(nn.Module):
         k = apply_rope(k, cos, sin)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v, row)  # (B, G, max_seq_length, hs)
+            k, v = k[:, :, : mask.shape[-1]], v[:, :, : mask.shape[-1]]  # (B, G, S, hs): the positions the mask covers
         y = self.attend(q, k, v, mask)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, nh * hs)
         return self.c_proj(y)
@@ -377,10 +378,13 @@ class LLaMA(nn.Module):
             cos, sin, mask = cos[:T], sin[:T], None
         else:
             cos, sin = cos[input_pos].unsqueeze(1), sin[input_pos].unsqueeze(1)  # (B, 1, T, hs): each row its positions
-            max_seq_length = self.transformer.h[0].attn.kv_cache.k.shape[2]
-            # (B, 1, T, max_seq_length): each new token sees its row's cached positions up to its own, never
-            # what a longer sequence left in the row before
-            mask = (torch.arange(max_seq_length, device=idx.device) <= input_pos.unsqueeze(-1)).unsqueeze(1)
+            # attend as far as the furthest row reaches; compiled steps keep one shape, the whole cache
+            S = self.transformer.h[0].attn.kv_cache.k.shape[2]
+            if not torch.compiler.is_compiling():
+                S = int(input_pos.max()) + 1
+            # (B, 1, T, S): each new token sees its row's cached positions up to its own, never what a
+            # longer sequence left in the row before
+            mask = (torch.arange(S, device=idx.device) <= input_pos.unsqueeze(-1)).unsqueeze(1)
 
         x = self.transformer.wte(idx)  # (B, T, C)
         if self.token_rows is not None:

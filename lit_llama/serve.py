@@ -70,8 +70,11 @@ class Engine:
             while True:
                 kind, request, sink = message
                 if kind == "submit":
-                    self.sinks[request] = sink
-                    self.batch.submit(request)
+                    try:
+                        self.batch.submit(request)
+                        self.sinks[request] = sink
+                    except ValueError as error:  # checked by the caller already; a bad one fails alone
+                        sink(error)
                 elif kind == "cancel" and request in self.sinks:
                     self.batch.cancel(request)
                     del self.sinks[request]
