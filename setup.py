@@ -20,6 +20,8 @@ setup(
         "tensorboard": ["tensorboard"],  # --logger_name tensorboard
         "wandb": ["wandb"],  # --logger_name wandb
         "serve": ["fastapi", "uvicorn"],  # generate/serve.py
-        "test": ["pytest", "transformers>=5", "hypothesis", "tensorboard", "fastapi", "uvicorn", "openai", "httpx"],
+        "quantize": ["torchao>=0.18"],  # --quantize nf4
+        "test": ["pytest", "transformers>=5", "hypothesis", "tensorboard", "fastapi", "uvicorn", "openai", "httpx",
+                 "torchao>=0.18"],
     },
 )

@@ -28,10 +28,12 @@ BASE_VOCAB = 32000  # LLaMA's sentencepiece vocabulary
 EOT_ID = BASE_VOCAB  # the end-of-turn token, appended
 SEED = 1234
 
-# ~30M and ~120M parameters on the CPU, a 7B shape on a GPU; the vocabulary is LLaMA's plus the EOT
+# ~30M and ~120M parameters on the CPU (1.1B, TinyLlama's shape, for memory), a 7B shape on a GPU; the
+# vocabulary is LLaMA's plus the EOT
 SIZES = {
     "30M": dict(n_layer=4, n_head=6, n_embd=384, intermediate_size=1024, block_size=512),
     "120M": dict(n_layer=10, n_head=12, n_embd=768, intermediate_size=2048, block_size=512),
+    "1.1B": dict(n_layer=22, n_head=32, n_embd=2048, n_query_groups=4, intermediate_size=5632, block_size=2048),
     "7B": dict(n_layer=32, n_head=32, n_embd=4096, intermediate_size=11008, block_size=2048),
 }
 

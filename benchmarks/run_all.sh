@@ -12,7 +12,9 @@ for size in 30M 120M; do
 done
 python load.py
 python checkpointing.py --size 120M --method lora --runs 5
+python qlora.py --size 1.1B
 if python -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
     python finetune.py --method lora --size 7B --device cuda --batch_size 1 --seq_len 2048
     python decode.py --size 7B --device cuda --new_tokens 256
+    python qlora.py --size 7B --device cuda --seq_len 2048
 fi

@@ -15,6 +15,7 @@ from lit_llama.cli import run
 from lit_llama.adapter import AdapterConfig
 from lit_llama.metrics import LoggerName
 from lit_llama.precision import TrainPrecision
+from lit_llama.quantize import Quantize
 from lit_llama.training import TrainArgs, finetune
 
 
@@ -32,6 +33,7 @@ def setup(
     resume: bool = False,
     logger_name: LoggerName = "csv",
     adapter: AdapterConfig = AdapterConfig(),
+    quantize: Optional[Quantize] = None,
     train: TrainArgs = TrainArgs(learning_rate=3e-3),
 ) -> None:
     """Fine-tune a base checkpoint with LLaMA-Adapter on data prepared by a scripts/prepare_*.py script.
@@ -53,10 +55,12 @@ def setup(
         resume: continue from the training state saved in out_dir
         logger_name: csv (out_dir/metrics.csv, always written), or also tensorboard or wandb (files under out_dir)
         adapter: prompt length and the first adapted layer
+        quantize: nf4 stores the frozen base's block weights in 4 bits (QLoRA; needs torchao, see
+            howto/finetune_lora.md, "QLoRA"); what trains stays in full precision
         train: optimisation settings (the learning rate, 3e-3, is already what the special tokens' rows need)
     """
     finetune("adapter", adapter, data_dir, checkpoint_dir, out_dir, accelerator, devices, num_nodes, precision, strategy,
-             activation_checkpointing, token_init, resume, logger_name, train)
+             activation_checkpointing, token_init, resume, logger_name, train, quantize)
 
 
 if __name__ == "__main__":

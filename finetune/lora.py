@@ -15,6 +15,7 @@ from lit_llama.cli import run
 from lit_llama.lora import LoRAConfig
 from lit_llama.metrics import LoggerName
 from lit_llama.precision import TrainPrecision
+from lit_llama.quantize import Quantize
 from lit_llama.training import TrainArgs, finetune
 
 
@@ -32,6 +33,7 @@ def setup(
     resume: bool = False,
     logger_name: LoggerName = "csv",
     lora: LoRAConfig = LoRAConfig(),
+    quantize: Optional[Quantize] = None,
     train: TrainArgs = TrainArgs(token_lr_scale=10.0),
 ) -> None:
     """Fine-tune a base checkpoint with LoRA on data prepared by a scripts/prepare_*.py script.
@@ -53,10 +55,12 @@ def setup(
         resume: continue from the training state saved in out_dir
         logger_name: csv (out_dir/metrics.csv, always written), or also tensorboard or wandb (files under out_dir)
         lora: which layers get LoRA, and its rank
+        quantize: nf4 stores the frozen base's block weights in 4 bits (QLoRA; needs torchao, see
+            howto/finetune_lora.md, "QLoRA"); what trains stays in full precision
         train: optimisation settings (the special tokens' rows learn at 10x the learning rate)
     """
     finetune("lora", lora, data_dir, checkpoint_dir, out_dir, accelerator, devices, num_nodes, precision, strategy,
-             activation_checkpointing, token_init, resume, logger_name, train)
+             activation_checkpointing, token_init, resume, logger_name, train, quantize)
 
 
 if __name__ == "__main__":

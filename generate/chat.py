@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lit_llama.cli import run
 from lit_llama.generate import Chat, Sampling, resolve_stop_ids, stop_reason
 from lit_llama.inference import Precision, load_for_inference, peak_memory, place
+from lit_llama.quantize import Quantize
 
 
 def main(
@@ -33,6 +34,7 @@ def main(
     stop_tokens: tuple[str, ...] = (),
     max_seq_length: Optional[int] = None,
     precision: Optional[Precision] = None,
+    quantize: Optional[Quantize] = None,
     compile: bool = False,
 ) -> None:
     """Chat on the terminal: each line you type is a user turn, the reply streams back.
@@ -53,10 +55,11 @@ def main(
         max_seq_length: the context kept (default: the model's); the oldest exchanges are dropped, whole,
             when a message and its reply would not fit
         precision: 32-true, bf16-true or 16-true (default: bf16 on a GPU that supports it, else fp32)
+        quantize: nf4 stores the block weights in 4 bits (about a quarter of bf16's memory; needs torchao)
         compile: compile the one-token decoding step with torch.compile (the first reply waits for it)
     """
     model, tokenizer = load_for_inference(checkpoint_dir, lora_path, adapter_path)
-    model = place(model, precision)
+    model = place(model, precision, quantize)
     chat = Chat(model, tokenizer, system=system, max_new_tokens=max_new_tokens, max_seq_length=max_seq_length,
                 sampling=Sampling(temperature, top_k, top_p), stop_ids=resolve_stop_ids(tokenizer, stop_on_eos, stop_tokens),
                 seed=seed, compile=compile)

@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lit_llama.cli import run
 from lit_llama.generate import Decoder, compile_step
 from lit_llama.inference import Precision, load_for_inference, place
+from lit_llama.quantize import Quantize
 from lit_llama.prompts import system_warning
 
 
@@ -32,6 +33,7 @@ def main(
     batch_size: int = 8,
     max_seq_length: Optional[int] = None,
     precision: Optional[Precision] = None,
+    quantize: Optional[Quantize] = None,
     compile: bool = False,
 ) -> None:
     """Serve the model until Ctrl-C or SIGTERM.
@@ -50,6 +52,7 @@ def main(
         max_seq_length: positions of each row's KV cache, prompt and reply together (default: the
             model's context)
         precision: 32-true, bf16-true or 16-true (default: bf16 on a GPU that supports it, else fp32)
+        quantize: nf4 stores the block weights in 4 bits (about a quarter of bf16's memory; needs torchao)
         compile: compile the one-token decoding step with torch.compile (the first request waits for it)
     """
     try:
@@ -66,7 +69,7 @@ def main(
                          "(--lora_path, --adapter_path, or a full or merged checkpoint)")
     if warning := system_warning(tokenizer):  # said once here, not with every request that has a system message
         print(warning, file=sys.stderr)
-    model = place(model, precision)
+    model = place(model, precision, quantize)
     decoder = Decoder(model, batch_size, max_seq_length, compile_step(model) if compile else None)
     name = model_name or Path(lora_path or adapter_path or checkpoint_dir).resolve().name
     app = create_app(Engine(decoder), tokenizer, name, api_key)

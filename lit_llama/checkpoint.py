@@ -22,6 +22,8 @@ from lit_llama.adapter import AdapterConfig, inject_adapter, is_adapter_name
 from lit_llama.files import replace_durably, temporary_name, write_atomic
 from lit_llama.lora import LoRAConfig, inject_lora, is_lora_name, merge_lora
 from lit_llama.model import LLaMA, LLaMAConfig
+from lit_llama.precision import frozen_dtype
+from lit_llama.quantize import round_trip
 from lit_llama.tokenizer import Tokenizer
 from lit_llama.vocab import attach_token_rows, grow_vocab, merge_token_rows
 
@@ -160,6 +162,8 @@ def load_finetuned(out_dir: Path, checkpoint_dir: Optional[Path] = None,
         raise ValueError(f"{base_dir} has another tokenizer than the base model {out_dir} was trained from; "
                          f"pass the right one with --checkpoint_dir")
     grow_vocab(model, tokenizer.vocab_size)
+    if hparams.get("quantize"):  # trained beside a quantized base: the weights it learned against
+        round_trip(model, hparams["quantize"], frozen_dtype(hparams["precision"]))
     if method == "lora":
         inject_lora(model, LoRAConfig(**hparams["lora"]))
         is_trained = is_lora_name

@@ -3,7 +3,7 @@ pointed at and place it where it runs, read prompts and prompts files, print rep
 reason, speed and peak memory, and write JSONL replies.
 
     load_for_inference(checkpoint_dir, lora_path, adapter_path) -> (model, tokenizer)
-    place(model, precision)                 the model on the GPU when there is one, in its dtype
+    place(model, precision, quantize)       the model on the GPU when there is one, in its dtype, maybe in NF4
     reply(model, tokenizer, ...)            what generate/*.py do with the model they load
 """
 
@@ -22,6 +22,7 @@ from lit_llama.generate import (Decoder, Request, Sampling, Stream, compile_step
                                 room_for, stop_reason)
 from lit_llama.model import LLaMA
 from lit_llama.prompts import encode_prompt, system_warning
+from lit_llama.quantize import Quantize, quantize as quantize_weights
 from lit_llama.tokenizer import Tokenizer
 
 Precision = Literal["32-true", "bf16-true", "16-true"]
@@ -39,9 +40,11 @@ def inference_device_dtype(precision: Optional[Precision] = None) -> tuple[torch
     return device, torch.float32
 
 
-def place(model: LLaMA, precision: Optional[Precision] = None) -> LLaMA:
+def place(model: LLaMA, precision: Optional[Precision] = None, quantize: Optional[Quantize] = None) -> LLaMA:
+    """The model where and in the dtype it runs, its block weights then quantized when asked (in that
+    order: moving an NF4 weight to a dtype would dequantize it)."""
     device, dtype = inference_device_dtype(precision)
-    return model.to(device=device, dtype=dtype).eval()
+    return quantize_weights(model.to(device=device, dtype=dtype).eval(), quantize)
 
 
 def peak_memory(device: torch.device) -> str:
@@ -135,7 +138,8 @@ def reply(model: LLaMA, tokenizer: Tokenizer, prompt: str = "How do plants drink
           temperature: float = 0.8, top_k: Optional[int] = 200, seed: int = 1234, *, top_p: float = 1.0,
           raw: bool = False, system: Optional[str] = None, num_samples: int = 1, stop_on_eos: bool = True,
           stop_tokens: tuple[str, ...] = (), prompts_file: Optional[Path] = None, output_file: Optional[Path] = None,
-          batch_size: int = 8, precision: Optional[Precision] = None, compile: bool = False) -> None:
+          batch_size: int = 8, precision: Optional[Precision] = None, quantize: Optional[Quantize] = None,
+          compile: bool = False) -> None:
     """Reply to `prompt`, formatted as one user turn exactly as in training: the reply streams to stdout
     as it is decoded; why it stopped, tokens/s and peak memory go to stderr. With `prompts_file`, reply to
     every row of it instead, in batches, and write one JSON row per reply.
@@ -159,12 +163,13 @@ def reply(model: LLaMA, tokenizer: Tokenizer, prompt: str = "How do plants drink
             input row with "response", "stop_reason", "prompt_tokens" and "new_tokens" added
         batch_size: replies decoded side by side (a continuous batch: a finished row takes the next prompt)
         precision: 32-true, bf16-true or 16-true (default: bf16 on a GPU that supports it, else fp32)
+        quantize: nf4 stores the block weights in 4 bits (about a quarter of bf16's memory; needs torchao)
         compile: compile the one-token decoding step with torch.compile (same outputs; pays off over
             long generations, the first step waits for the compilation)
     """
     if num_samples < 1 or batch_size < 1:
         raise ValueError("--num_samples and --batch_size must be at least 1")
-    model = place(model, precision)
+    model = place(model, precision, quantize)
     sampling = Sampling(temperature, top_k, top_p)
     stop_ids = resolve_stop_ids(tokenizer, stop_on_eos, stop_tokens)
     if tokenizer.eot_id is None and not raw:

@@ -14,10 +14,12 @@ frozen one 2 in bf16.
     32-true      fp32          fp32      fp32                  -
 """
 
-from typing import Literal, Optional
+from typing import TYPE_CHECKING, Literal, Optional
 
 import torch
-from lightning.fabric.plugins.precision import MixedPrecision, Precision
+
+if TYPE_CHECKING:  # imported where a plugin is built: loading a fine-tune for inference needs no Lightning
+    from lightning.fabric.plugins.precision import Precision
 
 TrainPrecision = Literal["bf16-true", "bf16-mixed", "16-mixed", "32-true"]
 
@@ -29,19 +31,26 @@ def default_precision() -> TrainPrecision:
     return "32-true"
 
 
+def frozen_dtype(precision: TrainPrecision) -> torch.dtype:
+    """The dtype of what does not train: bf16 under bf16-true, fp32 otherwise."""
+    return torch.bfloat16 if precision == "bf16-true" else torch.float32
+
+
 def set_training_dtypes(model: torch.nn.Module, precision: TrainPrecision) -> None:
-    """Store what trains (`requires_grad`) in fp32, and the frozen rest in bf16 under bf16-true, in
-    fp32 otherwise. Call it once the method has marked what trains, before Fabric sets the model up."""
-    frozen = torch.bfloat16 if precision == "bf16-true" else torch.float32
+    """Store what trains (`requires_grad`) in fp32, and the frozen rest in `frozen_dtype(precision)`.
+    Call it once the method has marked what trains, before Fabric sets the model up."""
+    frozen = frozen_dtype(precision)
     for param in model.parameters():
         param.data = param.data.to(torch.float32 if param.requires_grad else frozen)
 
 
-def precision_plugin(precision: TrainPrecision, device_type: str) -> Precision:
+def precision_plugin(precision: TrainPrecision, device_type: str) -> "Precision":
     """Fabric's plugin for `precision` on `device_type` ("cpu", "cuda"): autocast for all but 32-true.
     bf16-true and bf16-mixed compute alike, and differ only in how the frozen base is stored. The
     plugin is built here, not from the string, so that fp16 on CPU is fp16 (Fabric's string turns it
     into bf16 there) and fsdp takes the same plugins as ddp."""
+    from lightning.fabric.plugins.precision import MixedPrecision, Precision
+
     if precision in ("bf16-true", "bf16-mixed"):
         return MixedPrecision("bf16-mixed", device_type)
     if precision == "16-mixed":
@@ -54,6 +63,6 @@ def compute_dtype(precision: TrainPrecision) -> Optional[torch.dtype]:
     return {"bf16-true": torch.bfloat16, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
 
 
-def grad_scaler(plugin: Precision) -> Optional[torch.amp.GradScaler]:
+def grad_scaler(plugin: "Precision") -> Optional[torch.amp.GradScaler]:
     """The loss scaler of a 16-mixed run, None otherwise."""
     return getattr(plugin, "scaler", None)

@@ -24,7 +24,8 @@ from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from lit_llama.adapter import AdapterConfig, inject_adapter, is_adapter_name
-from lit_llama.checkpoint import CONFIG_FILE, HPARAMS_FILE, WEIGHTS_FILES, atomic_save, check_writable, load_model, write_json
+from lit_llama.checkpoint import (CONFIG_FILE, HPARAMS_FILE, WEIGHTS_FILES, atomic_save, check_writable, load_model,
+                                  read_hparams, write_json)
 from lit_llama.data import IGNORE_INDEX, TokenDataset, collate, load_prepared, shuffled_indices
 from lit_llama.files import replace_durably, temporary_name
 from lit_llama.generate import generate, stop_reason
@@ -35,6 +36,7 @@ from lit_llama.parallel import (check_devices, device_type, full_state_dict, gat
                                 rng_state, set_rng_state, trained_checksum)
 from lit_llama.precision import (TrainPrecision, compute_dtype, default_precision, grad_scaler, precision_plugin,
                                  set_training_dtypes)
+from lit_llama.quantize import Quantize, nf4_tensor, quantize as quantize_base
 from lit_llama.tokenizer import Tokenizer
 from lit_llama.vocab import add_special_tokens, attach_token_rows, fold_token_rows
 
@@ -97,6 +99,17 @@ class TrainArgs:
 def check_token_lr_scale(token_lr_scale: float) -> None:
     if token_lr_scale < 0:
         raise ValueError(f"--train.token_lr_scale must be >= 0, got {token_lr_scale}")
+
+
+def check_quantize(quantize: Optional[Quantize], processes: int, out_dir: Path, resume: bool) -> None:
+    """A quantized base runs on one process, and a resumed run keeps its base's form."""
+    if quantize is not None:
+        if processes > 1:
+            raise ValueError("--quantize nf4 runs on one device: pass --devices 1")
+        nf4_tensor()  # the missing library named now, not after loading
+    hparams = Path(out_dir) / HPARAMS_FILE
+    if resume and hparams.is_file() and (recorded := read_hparams(out_dir).get("quantize")) != quantize:
+        raise ValueError(f"{out_dir} was trained with --quantize {recorded or 'null'}: resume with the same flag")
 
 
 def lr_at_step(step: int, args: TrainArgs, total_steps: int) -> float:
@@ -365,9 +378,10 @@ def fit(fabric: L.Fabric, model: torch.nn.Module, optimizer: torch.optim.Optimiz
 def finetune(method: Method, method_config: Union[LoRAConfig, AdapterConfig, None], data_dir: Path,
              checkpoint_dir: Path, out_dir: Path, accelerator: str, devices: int, num_nodes: int,
              precision: Optional[TrainPrecision], strategy: str, activation_checkpointing: bool, token_init: str,
-             resume: bool, logger_name: LoggerName, train: TrainArgs) -> dict:
+             resume: bool, logger_name: LoggerName, train: TrainArgs, quantize: Optional[Quantize] = None) -> dict:
     """Everything a finetune script does after parsing its flags. Returns the last losses."""
     check_token_lr_scale(train.token_lr_scale)
+    check_quantize(quantize, devices * num_nodes, out_dir, resume)
     tokenizer, train_data, val_data = load_prepared(data_dir, checkpoint_dir)  # bad paths fail before any launch
     check_devices(accelerator, devices)
     precision = precision or default_precision()
@@ -375,7 +389,8 @@ def finetune(method: Method, method_config: Union[LoRAConfig, AdapterConfig, Non
     fabric.launch()
     try:
         return train_on_this_rank(fabric, method, method_config, tokenizer, train_data, val_data, checkpoint_dir,
-                                  data_dir, out_dir, precision, activation_checkpointing, token_init, resume, train)
+                                  data_dir, out_dir, precision, activation_checkpointing, token_init, resume, train,
+                                  quantize)
     finally:
         # with several processes, the process group's threads must stop before the interpreter does, or
         # C++ may abort the exit ("terminate called without an active exception"); sharded modules and
@@ -389,7 +404,7 @@ def finetune(method: Method, method_config: Union[LoRAConfig, AdapterConfig, Non
 def train_on_this_rank(fabric: L.Fabric, method: Method, method_config: Union[LoRAConfig, AdapterConfig, None],
                        tokenizer: Tokenizer, train_data: TokenDataset, val_data: TokenDataset, checkpoint_dir: Path,
                        data_dir: Path, out_dir: Path, precision: TrainPrecision, activation_checkpointing: bool,
-                       token_init: str, resume: bool, train: TrainArgs) -> dict:
+                       token_init: str, resume: bool, train: TrainArgs, quantize: Optional[Quantize] = None) -> dict:
     """`finetune` once the processes are launched: load, train and save, on every rank."""
     fabric.seed_everything(train.seed)
     train.accumulation_steps(fabric.world_size)  # a bad batch size fails now, not after loading
@@ -399,6 +414,7 @@ def train_on_this_rank(fabric: L.Fabric, method: Method, method_config: Union[Lo
     special_ids = add_special_tokens(model, tokenizer, token_init, seed=train.seed, learned=learned)
     prepare_model(model, method, method_config, special_ids)
     set_training_dtypes(model, precision)
+    quantize_base(model, quantize, fabric.device)  # after the dtypes: moving an NF4 weight to a dtype dequantizes it
     model.activation_checkpointing = activation_checkpointing
     trainable = [p for p in model.parameters() if p.requires_grad]
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -410,7 +426,8 @@ def train_on_this_rank(fabric: L.Fabric, method: Method, method_config: Union[Lo
         trained_bytes = sum(p.numel() * p.element_size() for p in trainable)
         check_writable(out.path, need_bytes=7 * trained_bytes)
     fabric.print(f"{method}: training {sum(p.numel() for p in trainable):,} of {sum(p.numel() for p in model.parameters()):,} "
-                 f"parameters ({len(special_ids)} special-token rows) in {precision}; "
+                 f"parameters ({len(special_ids)} special-token rows) in {precision}"
+                 f"{', on an nf4 base' if quantize else ''}; "
                  f"{len(train_data)} train / {len(val_data)} val samples")
     model = fabric.setup_module(model)
     optimizer = torch.optim.AdamW(param_groups(model, train.token_lr_scale), lr=train.learning_rate,
@@ -436,7 +453,7 @@ def train_on_this_rank(fabric: L.Fabric, method: Method, method_config: Union[Lo
         model.config.save(out.path / CONFIG_FILE)
         tokenizer.save(out.path)
         hparams = {"method": method, "checkpoint_dir": Path(checkpoint_dir).resolve(), "data_dir": Path(data_dir).resolve(),
-                   "precision": precision, "token_init": token_init, "train": asdict(train)}
+                   "precision": precision, "quantize": quantize, "token_init": token_init, "train": asdict(train)}
         if method_config is not None:
             hparams[method] = asdict(method_config)
         write_json(hparams, out.path / HPARAMS_FILE)

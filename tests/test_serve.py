@@ -33,13 +33,13 @@ KEY = "test-key"
 DRAINED = (0, -signal.SIGTERM)  # after draining, uvicorn exits by the signal it caught, as a shell expects
 
 
-def start_server(checkpoint: Path, *flags: str) -> tuple[subprocess.Popen, str]:
+def start_server(checkpoint: Path, *flags: str, batch_size: int = 4) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     server = subprocess.Popen([sys.executable, str(REPO / "generate/serve.py"), "--checkpoint_dir", str(checkpoint),
-                               "--port", str(port), "--batch_size", "4", *flags],
+                               "--port", str(port), "--batch_size", str(batch_size), *flags],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     url = f"http://127.0.0.1:{port}/v1"
     deadline = time.monotonic() + 120
@@ -136,16 +136,23 @@ def test_bad_requests_get_a_4xx_and_the_server_goes_on(client, server):
     assert ask(client, "Still there?")[1] == "length"
 
 
-def test_sigterm_lets_an_open_reply_finish(eot_checkpoint):
-    process, url = start_server(eot_checkpoint)
+def test_sigterm_lets_the_open_replies_finish(eot_checkpoint):
+    process, url = start_server(eot_checkpoint, batch_size=1)  # one row: the replies queue, seconds of work
     client = openai.OpenAI(base_url=url, api_key="none", max_retries=0)
-    stream = client.chat.completions.create(model="eot", messages=[{"role": "user", "content": "Tell me a story."}],
-                                            max_tokens=300, temperature=0, stream=True)
-    first = next(iter(stream))
-    process.send_signal(signal.SIGTERM)  # while the reply is being decoded
-    pieces = [first.choices[0].delta.content] + [c.choices[0].delta.content or "" for c in stream]
-    assert process.wait(timeout=60) in DRAINED
-    assert "".join(pieces) == offline(eot_checkpoint, ["Tell me a story."], 300)
+    questions = ["Tell me a story.", "What is rain?", "Why is the sea salty?", "How do cats drink water?"]
+
+    def read(stream) -> str:
+        return "".join(chunk.choices[0].delta.content or "" for chunk in stream)
+
+    streams = [client.chat.completions.create(model="eot", messages=[{"role": "user", "content": q}], max_tokens=400,
+                                              temperature=0, stream=True) for q in questions]
+    first = next(iter(streams[0]))  # the first reply is being decoded, the others wait for the row
+    process.send_signal(signal.SIGTERM)
+    with ThreadPoolExecutor(len(streams)) as pool:
+        rest = list(pool.map(read, streams))
+    assert process.wait(timeout=120) in DRAINED
+    replies = [first.choices[0].delta.content + rest[0], *rest[1:]]
+    assert replies == [offline(eot_checkpoint, [q], 400) for q in questions]
     assert "Waiting for connections to close" in process.stdout.read()
 
 

@@ -1,0 +1,84 @@
+"""Peak memory of a LoRA step on a 4-bit NF4 base (QLoRA) against a bf16 and an fp32 base, same batch,
+at TinyLlama-1.1B's shape with random weights; and the time to quantize the base. Each base in its
+own process (peak RSS is per process).
+
+LoRA on q and v (r=8, alpha=16, no dropout) plus the EOT's rows, as `benchmarks/finetune.py`; the
+bf16 and nf4 bases compute under bf16 autocast, as `--precision bf16-true` trains. The base is built
+in its dtype (the nf4 one in bf16, then quantized) and the peak is counted from after that: the
+step's own memory, the weights included.
+
+    python benchmarks/qlora.py
+    python benchmarks/qlora.py --size 7B --device cuda --seq_len 2048   # on a GPU
+"""
+
+import time
+from typing import Literal, Optional
+
+import torch
+
+from common import (EOT_ID, batch, build_ours, environment, median, mib, model_config, peak_memory, report,
+                    reset_peak_memory, run_worker, setup, table)
+from lit_llama.cli import run
+from lit_llama.lora import LoRAConfig
+from lit_llama.precision import set_training_dtypes
+from lit_llama.quantize import quantize
+from lit_llama.training import n_targets, next_token_targets, prepare_model
+
+LORA = LoRAConfig(r=8, alpha=16, dropout=0.0, query=True, value=True)
+Base = Literal["fp32", "bf16", "nf4"]
+BASES = {"fp32": "fp32 base", "bf16": "bf16 base", "nf4": "NF4 base (QLoRA)"}
+
+
+def worker(base: Base, size: str, batch_size: int, seq_len: int, steps: int, threads: int, device: str) -> dict:
+    device = setup(threads, device)
+    config = model_config(size)
+    model = build_ours(config, device, torch.float32 if base == "fp32" else torch.bfloat16)
+    prepare_model(model, "lora", LORA, [EOT_ID])
+    set_training_dtypes(model, "32-true" if base == "fp32" else "bf16-true")
+    start = time.perf_counter()
+    quantize(model, "nf4" if base == "nf4" else None)
+    quantize_seconds = time.perf_counter() - start
+    reset_peak_memory(device)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    ids, labels = batch(batch_size, seq_len, device)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=base != "fp32"):
+            loss = model(ids, targets=next_token_targets(labels)) / n_targets(labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - start)
+    return dict(base=base, peak=peak_memory(device), quantize_seconds=quantize_seconds, step_seconds=median(times[1:]),
+                loss=loss.item())
+
+
+def main(size: str = "1.1B", batch_size: int = 1, seq_len: int = 256, steps: int = 3, threads: int = 2,
+         device: str = "cpu", base: Optional[Base] = None) -> None:
+    """Measure each base in its own process and print the table.
+
+    Args:
+        size: 1.1B (CPU) or 7B (GPU)
+        batch_size: sequences per step
+        seq_len: tokens per sequence
+        steps: LoRA steps run (the first is not timed)
+        threads: torch threads, the same in every process
+        device: cpu or cuda
+        base: run one base in this process and print its result as JSON
+    """
+    if base is not None:
+        report(worker(base, size, batch_size, seq_len, steps, threads, device))
+        return
+    args = ["--size", size, "--batch_size", str(batch_size), "--seq_len", str(seq_len), "--steps", str(steps),
+            "--threads", str(threads), "--device", device]
+    results = {name: run_worker("qlora.py", [*args, "--base", name]) for name in BASES}
+    bf16 = results["bf16"]
+    rows = [[BASES[name], mib(r["peak"]), f"{r['peak'] / bf16['peak']:.2f}x", f"{r['step_seconds']:.1f}",
+             f"{r['quantize_seconds']:.1f}" if name == "nf4" else "-", f"{r['loss']:.4f}"] for name, r in results.items()]
+    table(f"LoRA step on a quantized base, {size}, batch {batch_size} x {seq_len} tokens, {device}, {threads} threads; "
+          f"{environment()}", ["", "peak memory", "vs bf16 base", "step (s)", "quantizing the base (s)", "last loss"], rows)
+
+
+if __name__ == "__main__":
+    run(main)

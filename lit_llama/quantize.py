@@ -1,0 +1,69 @@
+"""A 4-bit base for QLoRA (Dettmers et al. 2023): the frozen linear weights of the transformer blocks
+stored in NF4, dequantized in each forward pass, while LoRA, the adapter and the special-token rows
+train in full precision beside them.
+
+NF4 is torchao's `NF4Tensor`: 4-bit NormalFloat codes, one scale per 64 weights, and those scales
+themselves quantized to 8 bits per 256 (QLoRA's double quantization), about 4.1 bits per weight in
+all. It is written in plain PyTorch ops, so the same tensor runs on a CPU and on a GPU, and its
+linear layer has the backward pass LoRA needs (the input's gradient; the weight gets none). The
+embedding, the head and the norms stay as they are: they are a small part of a 7B model, and the
+head scores the special tokens' trained rows.
+"""
+
+from typing import Iterator, Literal, Optional
+
+import torch
+import torch.nn as nn
+
+from lit_llama.model import LLaMA
+
+Quantize = Literal["nf4"]
+INSTALL = "pip install -e '.[quantize]' (torchao)"
+BLOCK_SIZE = 64  # weights that share one scale
+SCALER_BLOCK_SIZE = 256  # scales that share one 8-bit quantization of theirs
+
+
+def nf4_tensor() -> type:
+    try:
+        from torchao.quantization import NF4Tensor
+    except ImportError:
+        raise ImportError(f"--quantize nf4 needs torchao: {INSTALL}") from None
+    return NF4Tensor
+
+
+def block_linears(model: LLaMA) -> Iterator[tuple[str, nn.Linear]]:
+    """The linear layers of the transformer blocks: attention's c_attn and c_proj, the MLP's three."""
+    for name, module in model.transformer.h.named_modules():
+        if isinstance(module, nn.Linear):
+            yield f"transformer.h.{name}", module
+
+
+@torch.no_grad()
+def quantize(model: LLaMA, method: Optional[Quantize], device: Optional[torch.device] = None) -> LLaMA:
+    """Store the block linears' weights in `method` ("nf4"; None: leave the model as it is), in their
+    current dtype, one layer at a time on `device` (by default where they are): moving a 7B base to a
+    GPU this way never holds more than one dense layer there."""
+    if method is None:
+        return model
+    NF4Tensor = nf4_tensor()
+    for name, module in block_linears(model):
+        if module.weight.requires_grad:
+            raise ValueError(f"{name}.weight trains: only a frozen base is quantized (LoRA or adapter, not full fine-tuning)")
+        weight = module.weight.to(device) if device is not None else module.weight
+        if weight.numel() % (BLOCK_SIZE * SCALER_BLOCK_SIZE):
+            raise ValueError(f"{name}.weight {tuple(weight.shape)} does not split into NF4 blocks of "
+                             f"{BLOCK_SIZE} x {SCALER_BLOCK_SIZE} weights")
+        module.weight = nn.Parameter(NF4Tensor.from_tensor(weight, BLOCK_SIZE, SCALER_BLOCK_SIZE), requires_grad=False)
+    return model
+
+
+@torch.no_grad()
+def round_trip(model: LLaMA, method: Quantize, dtype: torch.dtype) -> LLaMA:
+    """Dense block weights holding what their `method` codes stand for, quantized from `dtype` as a
+    quantized fine-tune's training quantized them: the weights its trained part learned beside, with
+    the quantization error in them."""
+    NF4Tensor = nf4_tensor()
+    for _, module in block_linears(model):
+        codes = NF4Tensor.from_tensor(module.weight.to(dtype), BLOCK_SIZE, SCALER_BLOCK_SIZE)
+        module.weight = nn.Parameter(codes.get_original_weight().to(module.weight.dtype), requires_grad=False)
+    return model
