@@ -5,12 +5,17 @@ own process (peak RSS is per process).
 LoRA on q and v (r=8, alpha=16, no dropout) plus the EOT's rows, as `benchmarks/finetune.py`; the
 bf16 and nf4 bases compute under bf16 autocast, as `--precision bf16-true` trains. The base is built
 in its dtype (the nf4 one in bf16, then quantized) and the peak is counted from after that: the
-step's own memory, the weights included.
+step's own memory, the weights included. On the CPU the workers run with glibc's mmap threshold at
+128 KiB, and the heap is trimmed before the peak is reset, so that peak RSS counts live tensors, as
+a GPU's allocated-memory peak does (see `main`).
 
     python benchmarks/qlora.py
     python benchmarks/qlora.py --size 7B --device cuda --seq_len 2048   # on a GPU
 """
 
+import ctypes
+import gc
+import os
 import time
 from typing import Literal, Optional
 
@@ -38,6 +43,9 @@ def worker(base: Base, size: str, batch_size: int, seq_len: int, steps: int, thr
     start = time.perf_counter()
     quantize(model, "nf4" if base == "nf4" else None)
     quantize_seconds = time.perf_counter() - start
+    if device.type == "cpu":  # hand the dense weights the quantization freed back to the OS, as a GPU's allocator would
+        gc.collect()
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
     reset_peak_memory(device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     ids, labels = batch(batch_size, seq_len, device)
@@ -72,6 +80,10 @@ def main(size: str = "1.1B", batch_size: int = 1, seq_len: int = 256, steps: int
         return
     args = ["--size", size, "--batch_size", str(batch_size), "--seq_len", str(seq_len), "--steps", str(steps),
             "--threads", str(threads), "--device", device]
+    # glibc serves allocations from 128 KiB up with mmap and unmaps them when freed, so the RSS follows the
+    # live tensors (what a GPU's max_memory_allocated counts), not the heap's high-water mark: dequantizing
+    # a layer makes large temporaries, and a heap that keeps them would count them once per layer
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)
     results = {name: run_worker("qlora.py", [*args, "--base", name]) for name in BASES}
     bf16 = results["bf16"]
     rows = [[BASES[name], mib(r["peak"]), f"{r['peak'] / bf16['peak']:.2f}x", f"{r['step_seconds']:.1f}",

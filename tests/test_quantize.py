@@ -121,3 +121,16 @@ def test_qlora_learns_as_the_dense_lora_does_halts_and_merges(tiny_checkpoint, s
 def test_qlora_runs_on_one_device(tiny_checkpoint, short_data, tmp_path):
     with pytest.raises(ValueError, match="--quantize nf4 runs on one device: pass --devices 1"):
         finetune(short_data, tiny_checkpoint, tmp_path / "two", quantize="nf4", devices=2, accelerator="cpu")
+
+
+def test_an_adapter_trains_on_an_nf4_base_and_loads_as_it_trained(tiny_checkpoint, short_data, tmp_path):
+    train = TrainArgs(learning_rate=3e-3, max_iters=4, warmup_iters=1, global_batch_size=4, micro_batch_size=4,
+                      eval_interval=4, eval_iters=1)
+    load_script("finetune/adapter.py").setup(data_dir=short_data, checkpoint_dir=tiny_checkpoint,
+                                             out_dir=tmp_path / "adapter", train=train, quantize="nf4")
+    assert json.loads((tmp_path / "adapter" / "hyperparameters.json").read_text())["quantize"] == "nf4"
+    model, tokenizer = load_finetuned(tmp_path / "adapter")
+    base = round_trip(load_model(tiny_checkpoint), "nf4", torch.float32)
+    name = "transformer.h.3.attn.c_attn.weight"  # an adapted layer: its base weight is the NF4 value
+    torch.testing.assert_close(model.state_dict()[name], base.state_dict()[name], rtol=0, atol=0)
+    assert generate(model, tokenizer.encode("What is rain?", bos=True), 8).tokens
