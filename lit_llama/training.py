@@ -51,8 +51,9 @@ class TrainArgs:
 
     Args:
         learning_rate: peak learning rate, reached after warmup
-        min_learning_rate: where the cosine decay ends, at the last step
-        warmup_iters: optimizer steps of linear warmup
+        min_learning_rate: where the decay ends, at the last step
+        lr_schedule: how the learning rate decays after warmup: cosine, or linear (LIMA's)
+        warmup_iters: optimizer steps of linear warmup (0: start at the peak)
         max_iters: optimizer steps in all
         epochs: train for this many passes over the data instead of max_iters
         global_batch_size: samples per optimizer step, across devices
@@ -70,6 +71,7 @@ class TrainArgs:
 
     learning_rate: float = 3e-4
     min_learning_rate: float = 0.0
+    lr_schedule: Literal["cosine", "linear"] = "cosine"
     warmup_iters: int = 10
     max_iters: int = 200
     epochs: Optional[float] = None
@@ -113,12 +115,13 @@ def check_quantize(quantize: Optional[Quantize], processes: int, out_dir: Path, 
 
 
 def lr_at_step(step: int, args: TrainArgs, total_steps: int) -> float:
-    """Linear warmup over `warmup_iters` steps, then cosine decay to `min_learning_rate` at `total_steps`."""
+    """Linear warmup over `warmup_iters` steps, then a cosine or linear decay to `min_learning_rate` at
+    `total_steps`."""
     if step < args.warmup_iters:
         return args.learning_rate * (step + 1) / args.warmup_iters
-    progress = (step - args.warmup_iters) / max(1, total_steps - args.warmup_iters)
-    cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-    return args.min_learning_rate + (args.learning_rate - args.min_learning_rate) * cosine
+    progress = min((step - args.warmup_iters) / max(1, total_steps - args.warmup_iters), 1.0)
+    left = 1 - progress if args.lr_schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+    return args.min_learning_rate + (args.learning_rate - args.min_learning_rate) * left
 
 
 def next_token_targets(labels: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ from lit_llama.checkpoint import load_finetuned, load_model, load_state_dict
 from lit_llama.data import collate, load_prepared
 from lit_llama.lora import LoRAConfig
 from lit_llama.tokenizer import Tokenizer
-from lit_llama.training import TrainArgs, n_targets, next_token_targets
+from lit_llama.training import TrainArgs, lr_at_step, n_targets, next_token_targets
 from lit_llama.vocab import add_special_tokens
 
 SHORT = dict(warmup_iters=2, global_batch_size=4, micro_batch_size=2, eval_interval=100, eval_iters=1, save_interval=0)
@@ -184,3 +184,14 @@ def test_a_negative_token_lr_scale_is_refused(tiny_checkpoint, lima_data, tmp_pa
         load_script("finetune/lora.py").setup(data_dir=lima_data, checkpoint_dir=tiny_checkpoint, out_dir=tmp_path / "lora",
                                               train=TrainArgs(token_lr_scale=-1))
     assert not (tmp_path / "lora").exists()
+
+
+def test_learning_rate_warms_up_then_decays_by_cosine_or_linearly():
+    cosine = TrainArgs(learning_rate=1e-3, min_learning_rate=1e-4, warmup_iters=2)
+    assert [lr_at_step(step, cosine, 12) for step in (0, 1, 2)] == [5e-4, 1e-3, 1e-3]
+    assert lr_at_step(7, cosine, 12) == pytest.approx(5.5e-4)  # halfway through the decay: the midpoint
+    assert lr_at_step(12, cosine, 12) == pytest.approx(1e-4)
+    lima = TrainArgs(learning_rate=1e-5, min_learning_rate=1e-6, warmup_iters=0, lr_schedule="linear")
+    lrs = [lr_at_step(step, lima, 10) for step in range(11)]
+    assert lrs[0] == 1e-5 and lrs[-1] == pytest.approx(1e-6)  # no warmup: the first step is at the peak
+    assert [a - b for a, b in zip(lrs, lrs[1:])] == pytest.approx([9e-7] * 10)  # equal steps down
