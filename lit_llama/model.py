@@ -208,11 +208,13 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config)
         self.rms_2 = RMSNorm(config.n_embd, config.norm_eps)
         self.mlp = MLP(config)
+        self.residual_dropout = 0.0  # on what attention and the MLP add to the residual stream, training only
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Optional[torch.Tensor] = None,
                 input_pos: Optional[torch.Tensor] = None, row: Optional[int] = None) -> torch.Tensor:
-        x = x + self.attn(self.rms_1(x), cos, sin, mask, input_pos, row)
-        return x + self.mlp(self.rms_2(x))
+        p = self.residual_dropout if self.training else 0.0
+        x = x + F.dropout(self.attn(self.rms_1(x), cos, sin, mask, input_pos, row), p)
+        return x + F.dropout(self.mlp(self.rms_2(x)), p)
 
 
 class ScoreRows(torch.autograd.Function):
@@ -341,6 +343,14 @@ class LLaMA(nn.Module):
         # only used when training from scratch (the tiny demo base); real weights are loaded over it
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def set_residual_dropout(self, top: float) -> None:
+        """Residual dropout rising linearly with depth, from 0 at the first block to `top` at the last (LIMA's)."""
+        if not 0 <= top < 1:
+            raise ValueError(f"residual dropout must be in [0, 1), got {top}")
+        n = len(self.transformer.h)
+        for i, block in enumerate(self.transformer.h):
+            block.residual_dropout = top * i / max(n - 1, 1)
 
     def rope(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if self.rope_cache is None or self.rope_cache[0].device != device:

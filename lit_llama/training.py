@@ -59,6 +59,8 @@ class TrainArgs:
         global_batch_size: samples per optimizer step, across devices
         micro_batch_size: samples per forward/backward on one device (gradients accumulate in between)
         weight_decay: AdamW weight decay
+        residual_dropout: dropout on each block's residual branches, rising linearly from 0 at the first
+            block to this at the last (LIMA: 0.3 for 65B, 0.2 for smaller models); 0 turns it off
         grad_clip: largest gradient norm; 0 turns clipping off
         eval_interval: optimizer steps between validation runs (one also runs at the end)
         eval_iters: validation micro-batches per run; 0 uses the whole validation split
@@ -78,6 +80,7 @@ class TrainArgs:
     global_batch_size: int = 16
     micro_batch_size: int = 4
     weight_decay: float = 0.0
+    residual_dropout: float = 0.0
     grad_clip: float = 1.0
     eval_interval: int = 50
     eval_iters: int = 10
@@ -419,6 +422,7 @@ def train_on_this_rank(fabric: L.Fabric, method: Method, method_config: Union[Lo
     set_training_dtypes(model, precision)
     quantize_base(model, quantize, fabric.device)  # after the dtypes: moving an NF4 weight to a dtype dequantizes it
     model.activation_checkpointing = activation_checkpointing
+    model.set_residual_dropout(train.residual_dropout)
     trainable = [p for p in model.parameters() if p.requires_grad]
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
     if model.token_rows is not None:

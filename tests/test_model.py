@@ -116,3 +116,18 @@ def test_activation_checkpointing_recomputes_each_block_and_keeps_the_gradients(
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=0, atol=0)
+
+
+def test_residual_dropout_rises_with_depth_and_only_trains():
+    torch.manual_seed(0)
+    model = LLaMA(small_config(n_layer=4))
+    idx = torch.randint(0, 100, (2, 8))
+    with torch.no_grad():
+        plain = model.eval()(idx)
+        assert torch.equal(model.train()(idx), plain)  # off by default: training computes what eval does
+        model.set_residual_dropout(0.3)
+        assert [b.residual_dropout for b in model.transformer.h] == pytest.approx([0.0, 0.1, 0.2, 0.3])
+        assert not torch.allclose(model.train()(idx), plain)
+        assert torch.equal(model.eval()(idx), plain)
+    with pytest.raises(ValueError, match=r"residual dropout must be in \[0, 1\), got 1.5"):
+        model.set_residual_dropout(1.5)
