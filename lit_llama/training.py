@@ -15,7 +15,7 @@ import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import Iterator, Literal, Optional, Union
 
 import lightning as L
 import torch
@@ -26,7 +26,8 @@ from tqdm import tqdm
 from lit_llama.adapter import AdapterConfig, inject_adapter, is_adapter_name
 from lit_llama.checkpoint import (CONFIG_FILE, HPARAMS_FILE, WEIGHTS_FILES, atomic_save, check_writable, load_model,
                                   read_hparams, write_json)
-from lit_llama.data import IGNORE_INDEX, TokenDataset, collate, load_prepared, shuffled_indices
+from lit_llama.data import (IGNORE_INDEX, TokenDataset, collate, length_grouped_batches, load_prepared,
+                            shuffled_indices)
 from lit_llama.files import replace_durably, temporary_name
 from lit_llama.generate import generate, stop_reason
 from lit_llama.lora import LoRAConfig, inject_lora, is_lora_name
@@ -58,6 +59,8 @@ class TrainArgs:
         epochs: train for this many passes over the data instead of max_iters
         global_batch_size: samples per optimizer step, across devices
         micro_batch_size: samples per forward/backward on one device (gradients accumulate in between)
+        group_by_length: fill each micro-batch with samples of similar length (less padding, faster
+            steps); each epoch still sees every sample once, in random batches
         weight_decay: AdamW weight decay
         residual_dropout: dropout on each block's residual branches, rising linearly from 0 at the first
             block to this at the last (LIMA: 0.3 for 65B, 0.2 for smaller models); 0 turns it off
@@ -79,6 +82,7 @@ class TrainArgs:
     epochs: Optional[float] = None
     global_batch_size: int = 16
     micro_batch_size: int = 4
+    group_by_length: bool = False
     weight_decay: float = 0.0
     residual_dropout: float = 0.0
     grad_clip: float = 1.0
@@ -308,6 +312,20 @@ def optimizer_step(fabric: L.Fabric, model: torch.nn.Module, optimizer: torch.op
     return norm, not math.isfinite(norm)
 
 
+def micro_batches_of_rank(data: TokenDataset, args: TrainArgs, world_size: int, rank: int,
+                          start_step: int = 0) -> Iterator[list[int]]:
+    """The sample indices of each micro-batch `rank` trains on, from `start_step` on. Every rank walks
+    the same order of micro-batches (consecutive samples of one shuffle, or length-grouped) and takes
+    every world_size-th; a resumed run skips what the steps before it used."""
+    if args.group_by_length:
+        batches = length_grouped_batches(data.lengths, args.micro_batch_size, args.seed)
+    else:
+        indices = shuffled_indices(len(data), args.seed)
+        batches = (list(itertools.islice(indices, args.micro_batch_size)) for _ in itertools.count())
+    per_step = args.accumulation_steps(world_size) * world_size
+    return itertools.islice(batches, start_step * per_step + rank, None, world_size)
+
+
 def fit(fabric: L.Fabric, model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_data: TokenDataset,
         val_data: TokenDataset, tokenizer: Tokenizer, args: TrainArgs, out: OutDir, start_step: int = 0,
         skipped_steps: int = 0, stop: Optional[StopOnSignal] = None) -> dict:
@@ -316,9 +334,7 @@ def fit(fabric: L.Fabric, model: torch.nn.Module, optimizer: torch.optim.Optimiz
     accumulation = args.accumulation_steps(fabric.world_size)
     total_steps = args.total_steps(len(train_data))
     pad_id = tokenizer.eos_id
-    # every rank walks the same shuffled order and takes its own share; a resumed run skips what was used
-    order = itertools.islice(shuffled_indices(len(train_data), args.seed),
-                             start_step * args.global_batch_size + fabric.global_rank, None, fabric.world_size)
+    order = micro_batches_of_rank(train_data, args, fabric.world_size, fabric.global_rank, start_step)
     last = {"train_loss": None, "val_loss": None, "stopped_by": None}
     skipped_in_a_row = 0
     start_time = time.perf_counter()
@@ -330,7 +346,7 @@ def fit(fabric: L.Fabric, model: torch.nn.Module, optimizer: torch.optim.Optimiz
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
         step_start = time.perf_counter()
-        samples = [[train_data[next(order)] for _ in range(args.micro_batch_size)] for _ in range(accumulation)]
+        samples = [[train_data[i] for i in next(order)] for _ in range(accumulation)]
         micro_batches = [collate(batch, pad_id) for batch in samples]
         # normalise by the supervised tokens of the whole step on all ranks, not per micro-batch, so
         # padding and masked turns weigh nothing; x world_size undoes DDP's averaging of gradients

@@ -1,6 +1,7 @@
 """The three finetune scripts on the tiny model: training, what they save, resuming, accumulation
 (several processes: tests/test_distributed.py)."""
 
+import itertools
 import signal
 import subprocess
 import sys
@@ -12,10 +13,10 @@ import torch
 from conftest import REPO, load_script
 from lit_llama.adapter import AdapterConfig
 from lit_llama.checkpoint import load_finetuned, load_model, load_state_dict
-from lit_llama.data import collate, load_prepared
+from lit_llama.data import TokenDataset, collate, load_prepared, shuffled_indices
 from lit_llama.lora import LoRAConfig
 from lit_llama.tokenizer import Tokenizer
-from lit_llama.training import TrainArgs, lr_at_step, n_targets, next_token_targets
+from lit_llama.training import TrainArgs, lr_at_step, micro_batches_of_rank, n_targets, next_token_targets
 from lit_llama.vocab import add_special_tokens
 
 SHORT = dict(warmup_iters=2, global_batch_size=4, micro_batch_size=2, eval_interval=100, eval_iters=1, save_interval=0)
@@ -195,3 +196,30 @@ def test_learning_rate_warms_up_then_decays_by_cosine_or_linearly():
     lrs = [lr_at_step(step, lima, 10) for step in range(11)]
     assert lrs[0] == 1e-5 and lrs[-1] == pytest.approx(1e-6)  # no warmup: the first step is at the peak
     assert [a - b for a, b in zip(lrs, lrs[1:])] == pytest.approx([9e-7] * 10)  # equal steps down
+
+
+def test_micro_batches_split_each_step_across_ranks_and_resume_where_they_left_off():
+    lengths = torch.randint(1, 60, (40,), generator=torch.Generator().manual_seed(0))
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    n = int(offsets[-1])
+    data = TokenDataset(torch.zeros(n, dtype=torch.int32), torch.ones(n, dtype=torch.bool), offsets)
+    for grouped in (False, True):
+        args = TrainArgs(global_batch_size=8, micro_batch_size=2, group_by_length=grouped, seed=5)
+        alone = list(itertools.islice(micro_batches_of_rank(data, args, 1, 0), 12))  # 3 steps of 4 micro-batches
+        ranks = [list(itertools.islice(micro_batches_of_rank(data, args, 2, r), 6)) for r in (0, 1)]
+        for step in range(3):  # two ranks train on the same samples per step as one process
+            both = ranks[0][2 * step : 2 * step + 2] + ranks[1][2 * step : 2 * step + 2]
+            assert sorted(sum(alone[4 * step : 4 * step + 4], [])) == sorted(sum(both, []))
+        assert list(itertools.islice(micro_batches_of_rank(data, args, 1, 0, start_step=2), 4)) == alone[8:12]
+        if not grouped:  # one process: consecutive samples of the shuffled order, as before grouping existed
+            assert sum(alone, []) == list(itertools.islice(shuffled_indices(len(data), 5), 24))
+
+    def one_epoch(grouped: bool) -> list[list[int]]:
+        args = TrainArgs(global_batch_size=2, micro_batch_size=2, group_by_length=grouped, seed=5)
+        return list(itertools.islice(micro_batches_of_rank(data, args, 1, 0), 20))
+
+    def spread(batches: list[list[int]]) -> int:  # the padding a batch needs, summed
+        return sum(int(lengths[b].max() - lengths[b].min()) for b in batches)
+
+    assert sorted(sum(one_epoch(True), [])) == list(range(40))  # every sample once per epoch
+    assert spread(one_epoch(True)) < spread(one_epoch(False)) / 2
