@@ -1,3 +1,4 @@
+import csv
 import functools
 import importlib.util
 import re
@@ -33,6 +34,12 @@ def script_entry(relative_path: str) -> Callable[..., Any]:
     module = load_script(relative_path)
     entry = re.search(r"^\s+run\((\w+)\)", (REPO / relative_path).read_text(), re.M)[1]
     return getattr(module, entry)
+
+
+def val_losses(out_dir: Path) -> list[float]:
+    """The validation losses a run wrote to its metrics.csv, in order."""
+    with open(out_dir / "metrics.csv", newline="") as f:
+        return [float(row["val_loss"]) for row in csv.DictReader(f) if row["val_loss"]]
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, load_script
+from conftest import REPO, load_script, val_losses
 from lit_llama.checkpoint import WEIGHTS_FILES, load_state_dict
 
 FLAGS = ["--accelerator", "cpu", "--train.max_iters", "6", "--train.warmup_iters", "2", "--train.global_batch_size", "4",
@@ -59,11 +59,6 @@ def runs(tiny_checkpoint, lima_data, tmp_path_factory) -> dict[tuple[str, str], 
                     extra = ["--config", str(root / "ddp.yaml"), "--activation_checkpointing", "true"]
             done[method, layout] = out_dir, run(command(method, lima_data, tiny_checkpoint, out_dir, *extra))
     return done
-
-
-def val_losses(out_dir: Path) -> list[float]:
-    with open(out_dir / "metrics.csv", newline="") as f:
-        return [float(row["val_loss"]) for row in csv.DictReader(f) if row["val_loss"]]
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])

@@ -9,7 +9,7 @@ import torch
 
 pytest.importorskip("torchao", reason="pip install -e '.[quantize]'")
 
-from conftest import REPO, load_script  # noqa: E402
+from conftest import REPO, load_script, val_losses  # noqa: E402
 from lit_llama.checkpoint import load_finetuned, load_model  # noqa: E402
 from lit_llama.generate import generate  # noqa: E402
 from lit_llama.lora import LoRAConfig, inject_lora  # noqa: E402
@@ -83,19 +83,12 @@ def finetune(data: Path, checkpoint: Path, out_dir: Path, **flags) -> dict:
     return json.loads((out_dir / "hyperparameters.json").read_text())
 
 
-def val_loss(out_dir: Path) -> float:
-    rows = (out_dir / "metrics.csv").read_text().splitlines()
-    header = rows[0].split(",")
-    losses = [row.split(",")[header.index("val_loss")] for row in rows[1:]]
-    return float([loss for loss in losses if loss][-1])
-
-
 def test_qlora_learns_as_the_dense_lora_does_halts_and_merges(tiny_checkpoint, short_data, tmp_path, capsys):
     dense_hparams = finetune(short_data, tiny_checkpoint, tmp_path / "dense")
     nf4_hparams = finetune(short_data, tiny_checkpoint, tmp_path / "nf4", quantize="nf4")
     assert (dense_hparams["quantize"], nf4_hparams["quantize"]) == (None, "nf4")
     assert "on an nf4 base" in capsys.readouterr().out
-    dense, nf4 = val_loss(tmp_path / "dense"), val_loss(tmp_path / "nf4")
+    dense, nf4 = val_losses(tmp_path / "dense")[-1], val_losses(tmp_path / "nf4")[-1]
     assert abs(nf4 - dense) <= 0.05 * dense, (nf4, dense)
 
     report = load_script("scripts/evaluate_halting.py").main(data_dir=short_data, lora_path=tmp_path / "nf4", split="train",

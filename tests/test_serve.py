@@ -2,6 +2,7 @@
 plain and streamed, one at a time and eight at once; bad requests get a 4xx and the server goes on;
 SIGTERM lets an open reply finish."""
 
+import functools
 import os
 import signal
 import socket
@@ -68,9 +69,14 @@ def client(server: str) -> "openai.OpenAI":
     return openai.OpenAI(base_url=server, api_key=KEY, max_retries=0)
 
 
+@functools.cache
+def loaded(checkpoint: Path) -> tuple:
+    return load_model(checkpoint).eval(), Tokenizer.from_dir(checkpoint)
+
+
 def offline(checkpoint: Path, messages: list[str], max_tokens: int) -> str:
     """The greedy reply of `generate`, in process, without the server."""
-    model, tokenizer = load_model(checkpoint).eval(), Tokenizer.from_dir(checkpoint)
+    model, tokenizer = loaded(checkpoint)
     result = generate(model, encode_prompt(tokenizer, messages), max_tokens, stop_ids=resolve_stop_ids(tokenizer))
     return tokenizer.decode(result.tokens)
 
