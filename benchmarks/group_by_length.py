@@ -15,8 +15,9 @@ from typing import Optional
 import torch
 
 from common import EOT_ID, SEED, build_ours, environment, median, model_config, report, run_worker, setup, table
+from lit_llama.batches import Mixture, collate
 from lit_llama.cli import run
-from lit_llama.data import TokenDataset, collate
+from lit_llama.data import TokenDataset
 from lit_llama.lora import LoRAConfig
 from lit_llama.training import TrainArgs, micro_batches_of_rank, n_targets, next_token_targets, prepare_model
 
@@ -42,7 +43,7 @@ def worker(grouped: bool, size: str, samples: int, micro_batch_size: int, steps:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     args = TrainArgs(global_batch_size=micro_batch_size, micro_batch_size=micro_batch_size, group_by_length=grouped,
                      seed=SEED)
-    order = micro_batches_of_rank(data, args, 1, 0)
+    order = micro_batches_of_rank(Mixture(data), args, 1, 0)
     rates, padded, real_total = [], 0, 0
     for batch in itertools.islice(order, steps + 1):
         input_ids, labels = collate([data[i] for i in batch], pad_id=2)

@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
 from lit_llama.cli import run
-from lit_llama.data import TokenDataset, collate
+from lit_llama.batches import collate
+from lit_llama.data import TokenDataset
 from lit_llama.model import LLaMAConfig
 from lit_llama.tokenizer import Tokenizer
 

@@ -19,6 +19,8 @@ from lit_llama.training import TrainArgs, finetune
 
 def setup(
     data_dir: Path,
+    mix_dir: Optional[Path] = None,
+    mix_ratio: float = 1.0,
     checkpoint_dir: Path = Path("checkpoints/tiny"),
     out_dir: Path = Path("out/full"),
     accelerator: str = "auto",
@@ -36,6 +38,9 @@ def setup(
 
     Args:
         data_dir: prepared data: train.pt, val.pt and the tokenizer with the end-of-turn token
+        mix_dir: a second prepared data dir (such as scripts/self_sample.py's cache, prepared), prepared with
+            the same tokenizer, whose train split is mixed into training; validation stays on data_dir's
+        mix_ratio: samples of mix_dir per task sample in each epoch (DELIA mixed in 100 to 260)
         checkpoint_dir: the base model: lit_model.pth, model_config.json, tokenizer.model
         out_dir: where the trained weights and everything needed to load them are written
         accelerator: cpu, cuda, ... or auto
@@ -53,7 +58,8 @@ def setup(
         train: optimisation settings (defaults as in LIMA: learning rate 1e-5, weight decay 0.1)
     """
     finetune("full", None, data_dir, checkpoint_dir, out_dir, accelerator, devices, num_nodes, precision, strategy,
-             activation_checkpointing, token_init, resume, logger_name, train)
+             activation_checkpointing, token_init, resume, logger_name, train,
+             mix_dir=mix_dir, mix_ratio=mix_ratio)
 
 
 if __name__ == "__main__":

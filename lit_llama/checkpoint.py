@@ -94,7 +94,7 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     that would run something when loaded) is refused, and a truncated or corrupted one is named."""
     try:
         return torch.load(path, mmap=True, weights_only=True)
-    except pickle.UnpicklingError as e:
+    except pickle.UnpicklingError:
         raise ValueError(f"{path} holds more than tensors and was not loaded (it could run code); only load "
                          f"checkpoints you trust, converted with this project's scripts") from None
     except (RuntimeError, EOFError) as e:

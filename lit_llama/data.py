@@ -1,5 +1,5 @@
-"""Prepared data: reading rows of the input formats, encoding them into a token dataset, storing it,
-and batching it.
+"""Prepared data: reading rows of the input formats, encoding them into a token dataset, storing it
+and loading it (`batches.py` draws training's micro-batches from it).
 
 A prepared split is one file of three flat tensors (every sample end to end, plus offsets), not a
 list of per-sample dicts: it loads with mmap in constant time and stays compact for millions of rows.
@@ -138,9 +138,10 @@ def json_rows(path: Path) -> Iterator[tuple[str, Union[object, BadRow]]]:
             yield f"{path}:{line_no}", row
 
 
-def read_rows(path: Path, report: PrepareReport, parse: Callable[[dict], T]) -> Iterator[T]:
-    """`parse` of every usable row of `path`. A row that can't be used (bad JSON, or `parse` raises
-    BadRow) is counted in `report.dropped` by reason, and the first of each kind is named by file:line."""
+def located_rows(path: Path, report: PrepareReport, parse: Callable[[dict], T]) -> Iterator[tuple[str, T]]:
+    """(file:line, `parse` of the row) for every usable row of `path`. A row that can't be used (bad
+    JSON, or `parse` raises BadRow) is counted in `report.dropped` by reason, and the first of each
+    kind is named by file:line."""
     for where, row in json_rows(path):
         report.read += 1
         try:
@@ -152,7 +153,12 @@ def read_rows(path: Path, report: PrepareReport, parse: Callable[[dict], T]) -> 
         except BadRow as e:
             report.skip(where, str(e))
             continue
-        yield sample
+        yield where, sample
+
+
+def read_rows(path: Path, report: PrepareReport, parse: Callable[[dict], T]) -> Iterator[T]:
+    """`parse` of every usable row of `path` (see `located_rows`)."""
+    return (sample for _, sample in located_rows(path, report, parse))
 
 
 def checked_turns(turns: list) -> list[str]:
@@ -376,48 +382,6 @@ def prepare_data(data_path: Path, layout: Callable[[dict, Tokenizer], list[Segme
     return report
 
 
-# ---------------------------------------------------------------------------------------------------
-# batching
-
-
-def collate(samples: list[tuple[torch.Tensor, torch.Tensor]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad to the longest sample. Returns input ids and labels (B, T), labels aligned with the
-    inputs (the loss shifts them) and IGNORE_INDEX wherever nothing is trained, padding included."""
-    T = max(len(ids) for ids, _ in samples)
-    input_ids = torch.full((len(samples), T), pad_id, dtype=torch.int64)
-    labels = torch.full((len(samples), T), IGNORE_INDEX, dtype=torch.int64)
-    for row, (ids, mask) in enumerate(samples):
-        ids = ids.long()
-        input_ids[row, : len(ids)] = ids
-        labels[row, : len(ids)] = torch.where(mask, ids, IGNORE_INDEX)
-    return input_ids, labels
-
-
-def shuffled_indices(n: int, seed: int) -> Iterator[int]:
-    """Sample indices forever, one fresh permutation per epoch, reproducible from `seed`."""
-    generator = torch.Generator().manual_seed(seed)
-    while True:
-        yield from torch.randperm(n, generator=generator).tolist()
-
-
-def length_grouped_batches(lengths: torch.Tensor, batch_size: int, seed: int, group: int = 64) -> Iterator[list[int]]:
-    """Batches of sample indices forever, each of samples of similar length, so padding costs little;
-    reproducible from `seed`. Each epoch shuffles all samples, sorts each run of `group` batches' worth
-    by length and cuts it into batches, then shuffles the batch order: every sample once per epoch, in
-    batches that are still random in what they hold and when they come. Only the epoch's last
-    batch may be short."""
-    generator = torch.Generator().manual_seed(seed)
-    lengths = torch.as_tensor(lengths)
-    while True:
-        order = torch.randperm(len(lengths), generator=generator)
-        batches = []
-        for start in range(0, len(order), batch_size * group):
-            run = order[start: start + batch_size * group]
-            run = run[torch.argsort(lengths[run], stable=True)]
-            batches += [run[i: i + batch_size].tolist() for i in range(0, len(run), batch_size)]
-        yield from (batches[b] for b in torch.randperm(len(batches), generator=generator).tolist())
-
-
 def load_prepared(data_dir: Path, checkpoint_dir: Path) -> tuple[Tokenizer, TokenDataset, TokenDataset]:
     """The tokenizer, train and val splits written by a prepare script, after checking that the data
     was encoded with (an extension of) the checkpoint's own tokenizer."""
@@ -436,3 +400,19 @@ def load_prepared(data_dir: Path, checkpoint_dir: Path) -> tuple[Tokenizer, Toke
             raise FileNotFoundError(f"{path} not found: prepare the data first (scripts/prepare_lima.py)")
         splits.append(TokenDataset.load(path))
     return tokenizer, splits[0], splits[1]
+
+
+def load_mix(mix_dir: Path, data_dir: Path, tokenizer: Tokenizer) -> TokenDataset:
+    """The train split of a second prepared data dir to mix in (`--mix_dir`), which must have been
+    encoded with the very tokenizer of the task data (`tokenizer`, from `data_dir`): same pieces, same
+    special tokens at the same ids."""
+    mix_dir = require_dir(mix_dir, "--mix_dir", "prepare it first with a scripts/prepare_*.py script")
+    mixed = Tokenizer.from_dir(mix_dir)
+    if (mixed.model_proto, mixed.special_tokens) != (tokenizer.model_proto, tokenizer.special_tokens):
+        raise ValueError(f"--mix_dir {mix_dir} was prepared with another tokenizer than --data_dir {data_dir} "
+                         f"(special tokens {mixed.special_tokens} against {tokenizer.special_tokens}): prepare it "
+                         f"again with the same --checkpoint_dir and special-token flags")
+    path = mix_dir / "train.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: prepare --mix_dir again")
+    return TokenDataset.load(path)

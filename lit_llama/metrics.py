@@ -16,9 +16,13 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lit_llama.files import write_atomic
 
 LoggerName = Literal["csv", "tensorboard", "wandb"]
-COLUMNS = ["step", "train_loss", "val_loss", "learning_rate", "tokens_per_sec", "skipped_steps", "elapsed_sec"]
-FORMATS = {"train_loss": ".4f", "val_loss": ".4f", "learning_rate": ".3g", "tokens_per_sec": ".0f",
-           "skipped_steps": "d", "elapsed_sec": ".1f"}
+# val_eot_loss: the validation loss at end-of-turn targets alone; train_task_loss and train_mix_loss:
+# the step's loss on the task's samples and on the --mix_dir samples (empty when the step had none)
+COLUMNS = ["step", "train_loss", "val_loss", "val_eot_loss", "train_task_loss", "train_mix_loss", "learning_rate",
+           "tokens_per_sec", "skipped_steps", "elapsed_sec"]
+FORMATS = {"train_loss": ".4f", "val_loss": ".4f", "val_eot_loss": ".4f", "train_task_loss": ".4f",
+           "train_mix_loss": ".4f", "learning_rate": ".3g", "tokens_per_sec": ".0f", "skipped_steps": "d",
+           "elapsed_sec": ".1f"}
 
 
 class MetricsCSV(Logger):
@@ -94,7 +98,8 @@ def truncate_metrics(path: Path, step: int) -> None:
 
 
 def plot_losses(metrics: Path, out: Path) -> None:
-    """loss.png from metrics.csv: training and validation loss by step."""
+    """loss.png from metrics.csv: training and validation loss by step, the validation loss at
+    end-of-turn tokens, and with a mix, the training loss on the task's samples and on the mix's."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -104,8 +109,12 @@ def plot_losses(metrics: Path, out: Path) -> None:
         rows = list(csv.DictReader(f))
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot([int(r["step"]) for r in rows], [float(r["train_loss"]) for r in rows], label="train")
-    val = [r for r in rows if r["val_loss"]]
-    ax.plot([int(r["step"]) for r in val], [float(r["val_loss"]) for r in val], "o-", label="validation")
+    curves = (("train_task_loss", ".", "train, task samples"), ("train_mix_loss", ".", "train, mixed-in samples"),
+              ("val_loss", "o-", "validation"), ("val_eot_loss", "s--", "validation, end-of-turn tokens"))
+    for column, style, label in curves:
+        logged = [r for r in rows if r.get(column)]  # a metrics.csv from before a column existed lacks it
+        if logged:
+            ax.plot([int(r["step"]) for r in logged], [float(r[column]) for r in logged], style, label=label)
     ax.set_xlabel("step")
     ax.set_ylabel("loss per supervised token")
     ax.legend()

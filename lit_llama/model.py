@@ -372,14 +372,17 @@ class LLaMA(nn.Module):
             block.attn.kv_cache = None
 
     def forward(self, idx: torch.Tensor, input_pos: Optional[torch.Tensor] = None,
-                targets: Optional[torch.Tensor] = None, last_only: bool = False, row: Optional[int] = None) -> torch.Tensor:
+                targets: Optional[torch.Tensor] = None, last_only: bool = False, row: Optional[int] = None,
+                loss_split: Optional[torch.Tensor] = None) -> torch.Tensor:
         """idx: (B, T) token ids. Without a KV cache, positions are 0..T-1 and attention is causal.
         With one (`set_kv_cache`), `input_pos` (B, T) says where each token sits in its row's sequence,
         rows 0..B-1 of the cache; given `row`, the one row of idx (B = 1) goes to that cache row (a
         prompt read into a batch whose other rows are decoding). Returns logits (B, T, vocab_size): the padding rows of the head are never scored; with
         `last_only`, (B, 1, vocab_size) for the last position, all a prompt's prefill needs. Given
         `targets` (B, T), the id each position should predict (-100: none), returns instead the summed
-        cross-entropy, computed without the whole logits tensor (`HeadLoss`)."""
+        cross-entropy, computed without the whole logits tensor (`HeadLoss`); with `loss_split` (B, T)
+        bool, the two sums (2,) over the positions where it is false and where it is true (the task's
+        and the mix's samples, the other tokens and the end-of-turn ones), for the cost of one."""
         B, T = idx.shape
         cos, sin = self.rope(idx.device)
         if input_pos is None:
@@ -408,7 +411,13 @@ class LLaMA(nn.Module):
         if last_only:
             x = x[:, -1:]  # (B, 1, C)
         x = self.transformer.ln_f(x)
-        return self.head(x) if targets is None else self.head_loss(x, targets)
+        if targets is None:
+            return self.head(x)
+        if loss_split is None:
+            return self.head_loss(x, targets)
+        x, targets, split = x.flatten(0, 1), targets.flatten(), loss_split.flatten()  # (B*T, C), (B*T,), (B*T,)
+        return torch.stack([self.head_loss(x[~split].unsqueeze(0), targets[~split].unsqueeze(0)),
+                            self.head_loss(x[split].unsqueeze(0), targets[split].unsqueeze(0))])
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (B, T, vocab_size) of the final hidden states x (B, T, C), the special tokens' ids

@@ -20,7 +20,7 @@ import time
 import traceback
 import uuid
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Callable, Literal, Optional, Union
+from typing import Any, AsyncIterator, Callable, Optional, Union
 
 import torch
 from fastapi import FastAPI, Request as HTTPRequest

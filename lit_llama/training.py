@@ -2,10 +2,11 @@
 (LoRA, adapter or full), the training loop, checkpoints that resume exactly, and the out dir.
 
 The loop: gradient accumulation (no gradient sync until the last micro-batch), loss per supervised
-token of the whole step, linear warmup then cosine decay, fp16 steps that overflow skipped, periodic
-validation with one sample generation, a progress bar, a metrics row per step and, at the end, a
-loss plot. The rooms beside it: `precision.py` (what dtype trains), `parallel.py` (ddp and fsdp),
-`metrics.py` (what a run records).
+token of the whole step, linear warmup then a cosine or linear decay, fp16 steps that overflow
+skipped, periodic validation (its loss at end-of-turn tokens apart) with one sample generation, a
+progress bar, a metrics row per step and, at the end, a loss plot. The rooms beside it:
+`batches.py` (what each step draws, a mixed-in split included), `precision.py` (what dtype trains),
+`parallel.py` (ddp and fsdp), `metrics.py` (what a run records).
 """
 
 import gc
@@ -26,8 +27,8 @@ from tqdm import tqdm
 from lit_llama.adapter import AdapterConfig, inject_adapter, is_adapter_name
 from lit_llama.checkpoint import (CONFIG_FILE, HPARAMS_FILE, WEIGHTS_FILES, atomic_save, check_writable, load_model,
                                   read_hparams, write_json)
-from lit_llama.data import (IGNORE_INDEX, TokenDataset, collate, length_grouped_batches, load_prepared,
-                            shuffled_indices)
+from lit_llama.batches import Mixture, collate, length_grouped_batches, random_batches
+from lit_llama.data import IGNORE_INDEX, TokenDataset, load_mix, load_prepared
 from lit_llama.files import replace_durably, temporary_name
 from lit_llama.generate import generate, stop_reason
 from lit_llama.lora import LoRAConfig, inject_lora, is_lora_name
@@ -56,7 +57,8 @@ class TrainArgs:
         lr_schedule: how the learning rate decays after warmup: cosine, or linear (LIMA's)
         warmup_iters: optimizer steps of linear warmup (0: start at the peak)
         max_iters: optimizer steps in all
-        epochs: train for this many passes over the data instead of max_iters
+        epochs: train for this many passes over the data instead of max_iters (with --mix_dir, a pass is
+            every task sample and its share of the mix)
         global_batch_size: samples per optimizer step, across devices
         micro_batch_size: samples per forward/backward on one device (gradients accumulate in between)
         group_by_length: fill each micro-batch with samples of similar length (less padding, faster
@@ -99,10 +101,10 @@ class TrainArgs:
                              f"micro_batch_size x devices = {per_step}")
         return self.global_batch_size // per_step
 
-    def total_steps(self, n_samples: int) -> int:
+    def total_steps(self, epoch_size: int) -> int:
         if self.epochs is None:
             return self.max_iters
-        return math.ceil(self.epochs * n_samples / self.global_batch_size)
+        return math.ceil(self.epochs * epoch_size / self.global_batch_size)
 
 
 def check_token_lr_scale(token_lr_scale: float) -> None:
@@ -110,15 +112,23 @@ def check_token_lr_scale(token_lr_scale: float) -> None:
         raise ValueError(f"--train.token_lr_scale must be >= 0, got {token_lr_scale}")
 
 
-def check_quantize(quantize: Optional[Quantize], processes: int, out_dir: Path, resume: bool) -> None:
-    """A quantized base runs on one process, and a resumed run keeps its base's form."""
+def check_quantize(quantize: Optional[Quantize], processes: int) -> None:
+    """A quantized base runs on one process."""
     if quantize is not None:
         if processes > 1:
             raise ValueError("--quantize nf4 runs on one device: pass --devices 1")
         nf4_tensor()  # the missing library named now, not after loading
-    hparams = Path(out_dir) / HPARAMS_FILE
-    if resume and hparams.is_file() and (recorded := read_hparams(out_dir).get("quantize")) != quantize:
-        raise ValueError(f"{out_dir} was trained with --quantize {recorded or 'null'}: resume with the same flag")
+
+
+def check_resumed_flags(out_dir: Path, resume: bool, flags: dict) -> None:
+    """A resumed run keeps the flags that decide its base's form and its data order, as recorded in
+    the out dir's hyperparameters (an out dir from before a flag existed recorded it as null)."""
+    if not resume or not (Path(out_dir) / HPARAMS_FILE).is_file():
+        return
+    recorded = read_hparams(out_dir)
+    for flag, value in flags.items():
+        if recorded.get(flag) != value:
+            raise ValueError(f"{out_dir} was trained with --{flag} {recorded.get(flag) or 'null'}: resume with the same flag")
 
 
 def lr_at_step(step: int, args: TrainArgs, total_steps: int) -> float:
@@ -181,27 +191,37 @@ def param_groups(model: torch.nn.Module, token_lr_scale: float) -> list[dict]:
     return [group for group in groups if group["params"]]
 
 
+def group_targets(labels: torch.Tensor, mixed: Optional[torch.Tensor]) -> list[int]:
+    """The supervised tokens of a micro-batch: [all], or [the task's rows', the mixed-in rows'] (`mixed` (B,))."""
+    return [n_targets(labels)] if mixed is None else [n_targets(labels[~mixed]), n_targets(labels[mixed])]
+
+
 @torch.no_grad()
-def validate(fabric: L.Fabric, model: torch.nn.Module, data: TokenDataset, args: TrainArgs, pad_id: int) -> float:
+def validate(fabric: L.Fabric, model: torch.nn.Module, data: TokenDataset, args: TrainArgs, pad_id: int,
+             eot_id: int) -> tuple[float, Optional[float]]:
     """Mean loss per supervised token over the first `eval_iters` micro-batches of `data` (all of them
-    with eval_iters 0). Each rank scores its own share of them, and the sums are added across ranks."""
+    with eval_iters 0), and the mean over the end-of-turn targets alone: how well the model learns to
+    stop (None when no target is one). Each rank scores its own share of the micro-batches, and the
+    sums are added across ranks."""
     model.eval()
     starts = range(0, len(data), args.micro_batch_size)
     if args.eval_iters:
         starts = starts[: args.eval_iters]
     mine = starts[fabric.global_rank :: fabric.world_size]
-    sums = torch.zeros(2, device=fabric.device)  # loss, supervised tokens
+    sums = torch.zeros(4, device=fabric.device)  # loss, supervised tokens, loss at EOT targets, EOT targets
     for i in range(math.ceil(len(starts) / fabric.world_size)):
         # a rank whose share is used up scores the first batch again, uncounted: under ddp and fsdp
         # every rank must run every forward pass
         start, counted = (mine[i], 1.0) if i < len(mine) else (starts[0], 0.0)
         samples = [data[j] for j in range(start, min(start + args.micro_batch_size, len(data)))]
         input_ids, labels = fabric.to_device(collate(samples, pad_id))
-        sums[0] += model(input_ids, targets=next_token_targets(labels)).float() * counted
-        sums[1] += n_targets(labels) * counted
-    loss, count = fabric.all_reduce(sums, reduce_op="sum").tolist()
+        targets = next_token_targets(labels)
+        at_eot = targets == eot_id
+        losses = model(input_ids, targets=targets, loss_split=at_eot)  # summed: (elsewhere, at EOT)
+        sums += torch.stack([losses.sum(), torch.tensor(n_targets(labels)), losses[1], at_eot.sum()]).to(sums) * counted
+    loss, count, eot_loss, eot_count = fabric.all_reduce(sums, reduce_op="sum").tolist()
     model.train()
-    return loss / max(count, 1)
+    return loss / max(count, 1), eot_loss / eot_count if eot_count else None
 
 
 def sample_reply(model: torch.nn.Module, data: TokenDataset, tokenizer: Tokenizer) -> str:
@@ -312,30 +332,28 @@ def optimizer_step(fabric: L.Fabric, model: torch.nn.Module, optimizer: torch.op
     return norm, not math.isfinite(norm)
 
 
-def micro_batches_of_rank(data: TokenDataset, args: TrainArgs, world_size: int, rank: int,
+def micro_batches_of_rank(data: Mixture, args: TrainArgs, world_size: int, rank: int,
                           start_step: int = 0) -> Iterator[list[int]]:
     """The sample indices of each micro-batch `rank` trains on, from `start_step` on. Every rank walks
-    the same order of micro-batches (consecutive samples of one shuffle, or length-grouped) and takes
-    every world_size-th; a resumed run skips what the steps before it used."""
-    if args.group_by_length:
-        batches = length_grouped_batches(data.lengths, args.micro_batch_size, args.seed)
-    else:
-        indices = shuffled_indices(len(data), args.seed)
-        batches = (list(itertools.islice(indices, args.micro_batch_size)) for _ in itertools.count())
+    the same order of micro-batches (consecutive samples of the shuffled epochs, or length-grouped) and
+    takes every world_size-th; a resumed run skips what the steps before it used."""
+    make_batches = length_grouped_batches if args.group_by_length else random_batches
+    batches = make_batches(data, args.micro_batch_size, args.seed)
     per_step = args.accumulation_steps(world_size) * world_size
     return itertools.islice(batches, start_step * per_step + rank, None, world_size)
 
 
-def fit(fabric: L.Fabric, model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_data: TokenDataset,
+def fit(fabric: L.Fabric, model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_data: Mixture,
         val_data: TokenDataset, tokenizer: Tokenizer, args: TrainArgs, out: OutDir, start_step: int = 0,
         skipped_steps: int = 0, stop: Optional[StopOnSignal] = None) -> dict:
     """Train from `start_step` to the last step. Returns the last train and validation losses, and the
     signal that stopped training early (after saving a checkpoint), if one did."""
     accumulation = args.accumulation_steps(fabric.world_size)
-    total_steps = args.total_steps(len(train_data))
+    total_steps = args.total_steps(train_data.epoch_size)
+    mixing = train_data.mix is not None
     pad_id = tokenizer.eos_id
     order = micro_batches_of_rank(train_data, args, fabric.world_size, fabric.global_rank, start_step)
-    last = {"train_loss": None, "val_loss": None, "stopped_by": None}
+    last = {"train_loss": None, "val_loss": None, "val_eot_loss": None, "stopped_by": None}
     skipped_in_a_row = 0
     start_time = time.perf_counter()
     model.train()
@@ -346,20 +364,27 @@ def fit(fabric: L.Fabric, model: torch.nn.Module, optimizer: torch.optim.Optimiz
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
         step_start = time.perf_counter()
-        samples = [[train_data[i] for i in next(order)] for _ in range(accumulation)]
+        batches = [next(order) for _ in range(accumulation)]
+        samples = [[train_data[i] for i in batch] for batch in batches]
         micro_batches = [collate(batch, pad_id) for batch in samples]
+        # with a mix, which rows are mixed-in samples: their loss is summed apart from the task's
+        mixed = [train_data.is_mix(batch) if mixing else None for batch in batches]
         # normalise by the supervised tokens of the whole step on all ranks, not per micro-batch, so
         # padding and masked turns weigh nothing; x world_size undoes DDP's averaging of gradients
-        count = fabric.all_reduce(torch.tensor(sum(n_targets(y) for _, y in micro_batches), device=fabric.device), reduce_op="sum")
-        scale = fabric.world_size / count.clamp(min=1)
-        step_loss = torch.zeros((), device=fabric.device)
-        for i, (input_ids, labels) in enumerate(micro_batches):
+        counts = torch.tensor([group_targets(y, m) for (_, y), m in zip(micro_batches, mixed)]).sum(0)
+        counts = fabric.all_reduce(counts.to(fabric.device), reduce_op="sum")  # (1,), or (task, mix)
+        scale = fabric.world_size / counts.sum().clamp(min=1)
+        step_sums = torch.zeros(len(counts), device=fabric.device)
+        for i, ((input_ids, labels), m) in enumerate(zip(micro_batches, mixed)):
             input_ids, labels = fabric.to_device((input_ids, labels))
+            targets = next_token_targets(labels)
+            split = None if m is None else fabric.to_device(m)[:, None].expand_as(targets)  # (B, T)
             with fabric.no_backward_sync(model, enabled=i < accumulation - 1):
-                loss = model(input_ids, targets=next_token_targets(labels)) * scale
-                fabric.backward(loss)
-            step_loss += loss.detach()
-        train_loss = fabric.all_reduce(step_loss, reduce_op="sum").item() / fabric.world_size
+                losses = model(input_ids, targets=targets, loss_split=split)  # summed: (), or (task, mix)
+                fabric.backward(losses.sum() * scale)
+            step_sums += losses.detach()
+        sums = fabric.all_reduce(step_sums, reduce_op="sum")
+        train_loss = (sums.sum() / counts.sum().clamp(min=1)).item()
         try:
             if not math.isfinite(train_loss):
                 raise FloatingPointError(f"training loss is {train_loss}")
@@ -378,12 +403,21 @@ def fit(fabric: L.Fabric, model: torch.nn.Module, optimizer: torch.optim.Optimiz
         last["train_loss"] = train_loss
         metrics = {"train_loss": train_loss, "learning_rate": lr, "tokens_per_sec": tokens_per_sec,
                    "skipped_steps": skipped_steps, "elapsed_sec": time.perf_counter() - start_time}
+        if mixing:  # a step may hold no sample of one of them: its column stays empty
+            for name, loss_sum, count in zip(("train_task_loss", "train_mix_loss"), sums.tolist(), counts.tolist()):
+                if count:
+                    metrics[name] = loss_sum / count
         done = step + 1 == total_steps
         if (step + 1) % args.eval_interval == 0 or done:
-            last["val_loss"] = metrics["val_loss"] = validate(fabric, model, val_data, args, pad_id)
+            val_loss, val_eot_loss = validate(fabric, model, val_data, args, pad_id, tokenizer.eot_id)
+            last["val_loss"] = metrics["val_loss"] = val_loss
+            last["val_eot_loss"] = val_eot_loss
+            if val_eot_loss is not None:
+                metrics["val_eot_loss"] = val_eot_loss
             sample = sample_reply(model, val_data, tokenizer)  # every rank decodes: under fsdp all must take part
             if fabric.is_global_zero:
-                bar.write(f"step {step + 1}: val loss {last['val_loss']:.4f}; sample {sample}")
+                at_eot = f" ({val_eot_loss:.4f} at end-of-turn tokens)" if val_eot_loss is not None else ""
+                bar.write(f"step {step + 1}: val loss {val_loss:.4f}{at_eot}; sample {sample}")
         bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{metrics['val_loss']:.3f}" if "val_loss" in metrics else "-",
                         tok_s=f"{tokens_per_sec:.0f}", **({"skipped": skipped_steps} if skipped_steps else {}))
         fabric.log_dict(metrics, step=step + 1)
@@ -400,11 +434,19 @@ def fit(fabric: L.Fabric, model: torch.nn.Module, optimizer: torch.optim.Optimiz
 def finetune(method: Method, method_config: Union[LoRAConfig, AdapterConfig, None], data_dir: Path,
              checkpoint_dir: Path, out_dir: Path, accelerator: str, devices: int, num_nodes: int,
              precision: Optional[TrainPrecision], strategy: str, activation_checkpointing: bool, token_init: str,
-             resume: bool, logger_name: LoggerName, train: TrainArgs, quantize: Optional[Quantize] = None) -> dict:
+             resume: bool, logger_name: LoggerName, train: TrainArgs, quantize: Optional[Quantize] = None,
+             mix_dir: Optional[Path] = None, mix_ratio: float = 1.0) -> dict:
     """Everything a finetune script does after parsing its flags. Returns the last losses."""
     check_token_lr_scale(train.token_lr_scale)
-    check_quantize(quantize, devices * num_nodes, out_dir, resume)
-    tokenizer, train_data, val_data = load_prepared(data_dir, checkpoint_dir)  # bad paths fail before any launch
+    check_quantize(quantize, devices * num_nodes)
+    mix_dir = Path(mix_dir).resolve() if mix_dir is not None else None
+    check_resumed_flags(out_dir, resume, {"quantize": quantize, "mix_dir": mix_dir and str(mix_dir),
+                                          "mix_ratio": mix_ratio if mix_dir else None})
+    tokenizer, task_data, val_data = load_prepared(data_dir, checkpoint_dir)  # bad paths fail before any launch
+    if mix_dir is not None and mix_ratio <= 0:
+        raise ValueError(f"--mix_ratio must be > 0, got {mix_ratio}")
+    mix_data = load_mix(mix_dir, data_dir, tokenizer) if mix_dir is not None else None
+    train_data = Mixture(task_data, mix_data, mix_ratio)
     check_devices(accelerator, devices)
     precision = precision or default_precision()
     fabric = make_fabric(accelerator, devices, num_nodes, precision, strategy, logger_name, out_dir)
@@ -412,7 +454,7 @@ def finetune(method: Method, method_config: Union[LoRAConfig, AdapterConfig, Non
     try:
         return train_on_this_rank(fabric, method, method_config, tokenizer, train_data, val_data, checkpoint_dir,
                                   data_dir, out_dir, precision, activation_checkpointing, token_init, resume, train,
-                                  quantize)
+                                  quantize, mix_dir)
     finally:
         # with several processes, the process group's threads must stop before the interpreter does, or
         # C++ may abort the exit ("terminate called without an active exception"); sharded modules and
@@ -424,9 +466,10 @@ def finetune(method: Method, method_config: Union[LoRAConfig, AdapterConfig, Non
 
 
 def train_on_this_rank(fabric: L.Fabric, method: Method, method_config: Union[LoRAConfig, AdapterConfig, None],
-                       tokenizer: Tokenizer, train_data: TokenDataset, val_data: TokenDataset, checkpoint_dir: Path,
+                       tokenizer: Tokenizer, train_data: Mixture, val_data: TokenDataset, checkpoint_dir: Path,
                        data_dir: Path, out_dir: Path, precision: TrainPrecision, activation_checkpointing: bool,
-                       token_init: str, resume: bool, train: TrainArgs, quantize: Optional[Quantize] = None) -> dict:
+                       token_init: str, resume: bool, train: TrainArgs, quantize: Optional[Quantize] = None,
+                       mix_dir: Optional[Path] = None) -> dict:
     """`finetune` once the processes are launched: load, train and save, on every rank."""
     fabric.seed_everything(train.seed)
     train.accumulation_steps(fabric.world_size)  # a bad batch size fails now, not after loading
@@ -451,7 +494,8 @@ def train_on_this_rank(fabric: L.Fabric, method: Method, method_config: Union[Lo
     fabric.print(f"{method}: training {sum(p.numel() for p in trainable):,} of {sum(p.numel() for p in model.parameters()):,} "
                  f"parameters ({len(special_ids)} special-token rows) in {precision}"
                  f"{', on an nf4 base' if quantize else ''}; "
-                 f"{len(train_data)} train / {len(val_data)} val samples")
+                 f"{len(train_data.task)} train / {len(val_data)} val samples"
+                 + (f", {train_data.mix_per_epoch} of {len(train_data.mix)} mixed-in samples per epoch" if mix_dir else ""))
     model = fabric.setup_module(model)
     optimizer = torch.optim.AdamW(param_groups(model, train.token_lr_scale), lr=train.learning_rate,
                                   weight_decay=train.weight_decay, betas=(0.9, 0.95))
@@ -460,12 +504,12 @@ def train_on_this_rank(fabric: L.Fabric, method: Method, method_config: Union[Lo
     start_step = skipped_steps = 0
     if resume:
         start_step, skipped_steps = out.resume(fabric, model, optimizer)
-        total_steps = train.total_steps(len(train_data))
+        total_steps = train.total_steps(train_data.epoch_size)
         if start_step >= total_steps:  # killed after its last checkpoint: only the loss plot may be missing
             if fabric.is_global_zero and out.metrics.is_file():
                 plot_losses(out.metrics, out.path / "loss.png")
             fabric.print(f"{out.state} is at step {start_step} of {total_steps}: the run is finished, nothing left to train")
-            return {"train_loss": None, "val_loss": None, "stopped_by": None}
+            return {"train_loss": None, "val_loss": None, "val_eot_loss": None, "stopped_by": None}
         fabric.print(f"resuming from step {start_step} of {out.state}")
         if fabric.is_global_zero:
             truncate_metrics(out.metrics, start_step)
@@ -476,7 +520,8 @@ def train_on_this_rank(fabric: L.Fabric, method: Method, method_config: Union[Lo
         model.config.save(out.path / CONFIG_FILE)
         tokenizer.save(out.path)
         hparams = {"method": method, "checkpoint_dir": Path(checkpoint_dir).resolve(), "data_dir": Path(data_dir).resolve(),
-                   "precision": precision, "quantize": quantize, "token_init": token_init, "train": asdict(train)}
+                   "precision": precision, "quantize": quantize, "token_init": token_init, "train": asdict(train),
+                   "mix_dir": mix_dir, "mix_ratio": train_data.ratio if mix_dir else None}
         if method_config is not None:
             hparams[method] = asdict(method_config)
         write_json(hparams, out.path / HPARAMS_FILE)

@@ -1,12 +1,11 @@
-import itertools
 import json
 import re
 
 import pytest
 import torch
 
-from lit_llama.data import (IGNORE_INDEX, BadRow, PrepareReport, TokenDataset, alpaca_turns, collate, encode_conversations,
-                            length_grouped_batches, message_turns, read_lima_jsonl, segments_layout)
+from lit_llama.data import (BadRow, PrepareReport, TokenDataset, alpaca_turns, encode_conversations, message_turns,
+                            read_lima_jsonl, segments_layout)
 from lit_llama.prompts import Segment, encode_conversation
 
 PAIR = ["Hi there!", "Hello! How can I help?"]  # 7 + 11 tokens with the fixture tokenizer
@@ -19,14 +18,6 @@ def test_dataset_round_trip(tokenizer, tmp_path):
     assert len(data) == 2 and data.lengths.tolist() == [18, 35]
     ids, mask = data[1]
     assert ids.tolist() == samples[1].ids and mask.tolist() == samples[1].loss_mask
-
-
-def test_collate_pads_right_and_never_trains_padding():
-    a = (torch.tensor([1, 5, 6]), torch.tensor([False, True, True]))
-    b = (torch.tensor([1, 7]), torch.tensor([False, True]))
-    input_ids, labels = collate([a, b], pad_id=2)
-    assert input_ids.tolist() == [[1, 5, 6], [1, 7, 2]]
-    assert labels.tolist() == [[IGNORE_INDEX, 5, 6], [IGNORE_INDEX, 7, IGNORE_INDEX]]
 
 
 def test_overlong_drop_and_cut_turns(tokenizer):
@@ -83,21 +74,6 @@ def test_concat_and_select_keep_samples_whole(tokenizer):
     assert [picked[i][0].tolist() for i in range(2)] == [samples[2].ids, samples[0].ids]
     assert [picked[i][1].tolist() for i in range(2)] == [samples[2].loss_mask, samples[0].loss_mask]
     assert len(data.select(torch.tensor([], dtype=torch.int64))) == 0 and len(TokenDataset.concat([])) == 0
-
-
-def test_length_grouped_batches_cover_each_epoch_with_little_padding():
-    lengths = torch.randint(1, 500, (1000,), generator=torch.Generator().manual_seed(0))
-    batches = length_grouped_batches(lengths, batch_size=8, seed=3, group=16)
-    epoch = list(itertools.islice(batches, 125))
-    assert sorted(i for b in epoch for i in b) == list(range(1000)) and all(len(b) == 8 for b in epoch)
-    padding = sum(int(lengths[b].max() - lengths[b].min()) for b in epoch) / len(epoch)
-    random_padding = sum(int(lengths[b].max() - lengths[b].min()) for b in torch.randperm(1000).view(-1, 8)) / 125
-    assert padding < random_padding / 10
-    next_epoch = list(itertools.islice(batches, 125))
-    assert sorted(i for b in next_epoch for i in b) == list(range(1000)) and next_epoch != epoch
-    assert list(itertools.islice(length_grouped_batches(lengths, 8, seed=3, group=16), 125)) == epoch  # from the seed
-    # a last, short batch keeps every sample in the epoch
-    assert sorted(len(b) for b in itertools.islice(length_grouped_batches(lengths[:10], 4, seed=0), 3)) == [2, 4, 4]
 
 
 def test_json_array_rows_are_named_by_index(tmp_path, capsys):

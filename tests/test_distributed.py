@@ -135,10 +135,12 @@ class RankStub:
 def test_each_rank_validates_its_own_share(lima_data, tiny_checkpoint):
     """5 micro-batches over 2 ranks: rank 0 scores 0, 2, 4 and rank 1 scores 1, 3, then runs one more
     forward pass, uncounted, so that both run as many (under ddp and fsdp every forward is collective)."""
-    from lit_llama.data import collate, load_prepared
-    from lit_llama.training import TrainArgs, n_targets, validate
+    from lit_llama.batches import collate
+    from lit_llama.data import load_prepared
+    from lit_llama.training import TrainArgs, n_targets, next_token_targets, validate
 
-    _, _, val_data = load_prepared(lima_data, tiny_checkpoint)
+    tokenizer, _, val_data = load_prepared(lima_data, tiny_checkpoint)
+    eot = tokenizer.eot_id
     assert len(val_data) == 10
 
     class Recorder(torch.nn.Module):
@@ -146,22 +148,25 @@ def test_each_rank_validates_its_own_share(lima_data, tiny_checkpoint):
             super().__init__()
             self.sums = []
 
-        def forward(self, input_ids, targets):
+        def forward(self, input_ids, targets, loss_split):
             self.sums.append(int(input_ids.sum()))  # tells the batches apart
-            return torch.tensor(1.0)
+            assert torch.equal(loss_split, targets == eot)
+            return torch.tensor([0.75, 0.25])  # the loss elsewhere, at end-of-turn targets
 
     args = TrainArgs(micro_batch_size=2, eval_iters=0)
     seen, losses = [], []
     for rank in range(2):
         model = Recorder()
-        losses.append(validate(RankStub(rank, 2), model, val_data, args, pad_id=0))
+        losses.append(validate(RankStub(rank, 2), model, val_data, args, pad_id=0, eot_id=eot))
         seen.append(model.sums)
     every = Recorder()
-    validate(RankStub(0, 1), every, val_data, args, pad_id=0)
+    validate(RankStub(0, 1), every, val_data, args, pad_id=0, eot_id=eot)
     assert len(set(every.sums)) == 5
     assert seen[0] == [every.sums[i] for i in (0, 2, 4)]
     assert seen[1] == [every.sums[i] for i in (1, 3, 0)]  # the last one uncounted
-    # each batch "loses" 1.0: a rank's sums hold its own batches' supervised tokens only
-    tokens = [n_targets(collate([val_data[j] for j in range(i, i + 2)])[1]) for i in range(0, 10, 2)]
-    assert losses[0] == pytest.approx(3 / (tokens[0] + tokens[2] + tokens[4]))
-    assert losses[1] == pytest.approx(2 / (tokens[1] + tokens[3]))
+    # each batch "loses" 1.0, 0.25 of it at EOT: a rank's sums hold its own batches' targets only
+    labels = [collate([val_data[j] for j in range(i, i + 2)])[1] for i in range(0, 10, 2)]
+    tokens = [n_targets(y) for y in labels]
+    eots = [int((next_token_targets(y) == eot).sum()) for y in labels]
+    assert losses[0] == pytest.approx((3 / (tokens[0] + tokens[2] + tokens[4]), 0.75 / (eots[0] + eots[2] + eots[4])))
+    assert losses[1] == pytest.approx((2 / (tokens[1] + tokens[3]), 0.5 / (eots[1] + eots[3])))

@@ -11,7 +11,8 @@ import torch
 
 from conftest import REPO, load_script
 from lit_llama.checkpoint import load_finetuned, load_model
-from lit_llama.data import TokenDataset, collate, load_prepared
+from lit_llama.batches import collate
+from lit_llama.data import TokenDataset, load_prepared
 from lit_llama.generate import generate, stop_reason
 from lit_llama.lora import LoRAConfig
 from lit_llama.prompts import encode_prompt

@@ -1,19 +1,25 @@
 """The three finetune scripts on the tiny model: training, what they save, resuming, accumulation
 (several processes: tests/test_distributed.py)."""
 
+import csv
 import itertools
+import json
+import math
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import REPO, load_script
 from lit_llama.adapter import AdapterConfig
+from lit_llama.batches import Mixture, collate, shuffled_indices
 from lit_llama.checkpoint import load_finetuned, load_model, load_state_dict
-from lit_llama.data import TokenDataset, collate, load_prepared, shuffled_indices
+from lit_llama.cli import build_parser, run
+from lit_llama.data import TokenDataset, load_mix, load_prepared
 from lit_llama.lora import LoRAConfig
 from lit_llama.tokenizer import Tokenizer
 from lit_llama.training import TrainArgs, lr_at_step, micro_batches_of_rank, n_targets, next_token_targets
@@ -202,7 +208,7 @@ def test_micro_batches_split_each_step_across_ranks_and_resume_where_they_left_o
     lengths = torch.randint(1, 60, (40,), generator=torch.Generator().manual_seed(0))
     offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
     n = int(offsets[-1])
-    data = TokenDataset(torch.zeros(n, dtype=torch.int32), torch.ones(n, dtype=torch.bool), offsets)
+    data = Mixture(TokenDataset(torch.zeros(n, dtype=torch.int32), torch.ones(n, dtype=torch.bool), offsets))
     for grouped in (False, True):
         args = TrainArgs(global_batch_size=8, micro_batch_size=2, group_by_length=grouped, seed=5)
         alone = list(itertools.islice(micro_batches_of_rank(data, args, 1, 0), 12))  # 3 steps of 4 micro-batches
@@ -223,3 +229,95 @@ def test_micro_batches_split_each_step_across_ranks_and_resume_where_they_left_o
 
     assert sorted(sum(one_epoch(True), [])) == list(range(40))  # every sample once per epoch
     assert spread(one_epoch(True)) < spread(one_epoch(False)) / 2
+
+
+@pytest.fixture(scope="module")
+def alpaca_mix(tiny_checkpoint, tmp_path_factory) -> Path:
+    """The shipped Alpaca sample prepared for the tiny checkpoint: a second data dir to mix in."""
+    destination = tmp_path_factory.mktemp("data") / "alpaca"
+    load_script("scripts/prepare_alpaca.py").prepare(data_path=REPO / "data" / "alpaca_sample.json",
+                                                     checkpoint_dir=tiny_checkpoint, destination_path=destination)
+    return destination
+
+
+def test_a_mixed_in_data_dir_trains_beside_the_task_and_every_loss_is_reported_apart(
+        tiny_checkpoint, lima_data, alpaca_mix, tmp_path):
+    """--mix_dir: step 1's task and mix losses are the untouched base model's on the samples the order
+    gives each; validation reports its loss at end-of-turn targets apart; resuming needs the same mix."""
+    out_dir = tmp_path / "mixed"
+    args = TrainArgs(learning_rate=1e-2, max_iters=4, warmup_iters=1, global_batch_size=4, micro_batch_size=2,
+                     eval_interval=2, eval_iters=1, save_interval=0, token_lr_scale=10.0)
+    setup = load_script("finetune/lora.py").setup
+    setup(data_dir=lima_data, mix_dir=alpaca_mix, mix_ratio=2.0, checkpoint_dir=tiny_checkpoint, out_dir=out_dir,
+          lora=LoRAConfig(dropout=0.0), train=args)
+    with open(out_dir / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["step"] for r in rows] == ["1", "2", "3", "4"] and (out_dir / "loss.png").is_file()
+
+    tokenizer, task, val = load_prepared(lima_data, tiny_checkpoint)
+    data = Mixture(task, load_mix(alpaca_mix, lima_data, tokenizer), 2.0)
+    base = load_model(tiny_checkpoint)
+    add_special_tokens(base, tokenizer)  # the rows training starts from; LoRA starts as a no-op
+    step_one = sum(itertools.islice(micro_batches_of_rank(data, args, 1, 0), 2), [])
+    for column, mixed in (("train_task_loss", False), ("train_mix_loss", True)):
+        chosen = [data[i] for i in step_one if (i >= len(task)) == mixed]
+        assert chosen, "step 1 holds samples of both"
+        assert float(rows[0][column]) == pytest.approx(train_loss(base, chosen), abs=2e-4)
+    assert all(r["train_task_loss"] or r["train_mix_loss"] for r in rows)
+
+    # the last validation, recomputed from what the run saved: its first micro-batch (eval_iters 1)
+    model, _ = load_finetuned(out_dir)
+    input_ids, labels = collate([val[0], val[1]], pad_id=tokenizer.eos_id)
+    targets = next_token_targets(labels)
+    with torch.no_grad():
+        logits = model(input_ids)
+    per_position = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+    at_eot = targets.flatten() == tokenizer.eot_id
+    assert at_eot.sum() >= 2
+    assert float(rows[-1]["val_eot_loss"]) == pytest.approx(per_position[at_eot].mean().item(), abs=2e-4)
+    assert float(rows[-1]["val_loss"]) == pytest.approx(per_position.sum().item() / n_targets(labels), abs=2e-4)
+    assert [bool(r["val_eot_loss"]) for r in rows] == [False, True, False, True]
+
+    with pytest.raises(ValueError, match="was trained with --mix_ratio 2.0: resume with the same flag"):
+        setup(data_dir=lima_data, mix_dir=alpaca_mix, mix_ratio=3.0, checkpoint_dir=tiny_checkpoint, out_dir=out_dir,
+              resume=True, train=args)
+
+
+def test_a_mix_dir_prepared_with_another_tokenizer_is_refused(tiny_checkpoint, lima_data, tmp_path):
+    other = tmp_path / "other"
+    load_script("scripts/prepare_alpaca.py").prepare(data_path=REPO / "data" / "alpaca_sample.json",
+                                                     checkpoint_dir=tiny_checkpoint, destination_path=other,
+                                                     eot_token="<|end|>")
+    with pytest.raises(ValueError, match=f"--mix_dir {other} was prepared with another tokenizer than --data_dir"):
+        load_script("finetune/lora.py").setup(data_dir=lima_data, mix_dir=other, checkpoint_dir=tiny_checkpoint,
+                                              out_dir=tmp_path / "out")
+
+
+@pytest.mark.parametrize("config, script", [("lima.yaml", "finetune/full.py"), ("lima-65b.yaml", "finetune/full.py"),
+                                            ("lima-lora.yaml", "finetune/lora.py")])
+def test_the_lima_configs_set_the_papers_recipe(config, script):
+    parser = build_parser(load_script(script).setup)
+    train = parser.instantiate(parser.parse_args(["--config", str(REPO / "configs" / config), "--data_dir", "d"])).train
+    big = config == "lima-65b.yaml"
+    assert (train.epochs, train.lr_schedule, train.warmup_iters, train.weight_decay) == (15, "linear", 0, 0.1)
+    assert train.min_learning_rate == pytest.approx(train.learning_rate / 10)
+    assert train.learning_rate == (2e-4 if "lora" in config else 1e-5)
+    assert (train.global_batch_size, train.residual_dropout) == ((32, 0.3) if big else (64, 0.2))
+    assert train.token_lr_scale == (10.0 if "lora" in config else 1.0)
+
+
+def test_the_lima_lora_config_trains_with_its_schedule(tiny_checkpoint, lima_data, tmp_path):
+    """The config as a user runs it, on the tiny model with a smaller step: the learning rate starts at
+    the peak and falls in equal steps, and the run records LIMA's settings."""
+    out_dir = tmp_path / "lima"
+    run(load_script("finetune/lora.py").setup,
+        ["--config", str(REPO / "configs" / "lima-lora.yaml"), "--data_dir", str(lima_data), "--checkpoint_dir",
+         str(tiny_checkpoint), "--out_dir", str(out_dir), "--train.epochs", "0.5", "--train.global_batch_size", "8",
+         "--train.micro_batch_size", "8", "--train.eval_interval", "2"])
+    with open(out_dir / "metrics.csv", newline="") as f:
+        lrs = [float(row["learning_rate"]) for row in csv.DictReader(f)]
+    n = len(lrs)
+    assert n == math.ceil(0.5 * len(TokenDataset.load(lima_data / "train.pt")) / 8)  # half an epoch, batches of 8
+    assert lrs == pytest.approx([2e-4 - (2e-4 - 2e-5) * step / n for step in range(n)], rel=1e-2)
+    recorded = json.loads((out_dir / "hyperparameters.json").read_text())["train"]
+    assert (recorded["residual_dropout"], recorded["weight_decay"], recorded["token_lr_scale"]) == (0.2, 0.1, 10.0)

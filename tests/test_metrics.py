@@ -22,8 +22,10 @@ def test_tensorboard_logs_beside_metrics_csv_and_the_plot(tiny_checkpoint, lima_
     logged = EventAccumulator(str(events[0].parent)).Reload()
     assert [event.step for event in logged.Scalars("train_loss")] == [1, 2, 3]
     assert [event.step for event in logged.Scalars("val_loss")] == [2, 3]
+    assert [event.step for event in logged.Scalars("val_eot_loss")] == [2, 3]
     rows = (out_dir / "metrics.csv").read_text().splitlines()
-    assert rows[0] == "step,train_loss,val_loss,learning_rate,tokens_per_sec,skipped_steps,elapsed_sec"
+    assert rows[0] == ("step,train_loss,val_loss,val_eot_loss,train_task_loss,train_mix_loss,learning_rate,"
+                       "tokens_per_sec,skipped_steps,elapsed_sec")
     assert len(rows) == 4
     assert (out_dir / "loss.png").stat().st_size > 0
 

@@ -111,3 +111,30 @@ def test_forward_with_targets_is_the_summed_cross_entropy_of_the_logits(method, 
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
     with torch.no_grad():
         torch.testing.assert_close(model(idx, targets=targets), expected)
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_loss_split_sums_each_side_of_the_split_for_the_cost_of_one_loss(grad, monkeypatch):
+    monkeypatch.setattr("lit_llama.model.LOSS_CHUNK_SIZE", 5)
+    model = small_model()
+    attach_token_rows(model, [99])
+    idx = torch.randint(0, 100, (3, 8))
+    targets = torch.randint(0, 100, (3, 8))
+    targets[:, 6] = 99
+    targets[2, :4] = -100
+    split = torch.zeros(3, 8, dtype=torch.bool)
+    split[1] = True  # one row apart (a mixed-in sample), and every position of one id (the end-of-turn)
+    split |= targets == 99
+    per_position = F.cross_entropy(model(idx).flatten(0, 1), targets.flatten(), reduction="none").view(3, 8)
+    with torch.set_grad_enabled(grad):
+        losses = model(idx, targets=targets, loss_split=split)
+        assert losses.shape == (2,)
+        torch.testing.assert_close(losses, torch.stack([per_position[~split].sum(), per_position[split].sum()]))
+        if grad:  # one backward through both sums is the plain loss's
+            params = [p for p in model.parameters() if p.requires_grad]
+            got = torch.autograd.grad(losses.sum(), params)
+            want = torch.autograd.grad(model(idx, targets=targets), params)
+            for g, w in zip(got, want):
+                torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
+    nothing = model(idx, targets=targets, loss_split=torch.zeros_like(split))  # an empty side sums to 0
+    assert nothing[1].item() == 0
