@@ -1,0 +1,282 @@
+"""Write DELIA's self-sampled cache: for each query that comes with a reference reply, the model being
+tuned writes a reply of its own, and the query with that reply becomes a training row. The prompt is
+a one-shot echo: the query, the reference as the assistant's turn, then the same query again.
+
+    python scripts/self_sample.py --lora_path out/lora --data_path data/queries.jsonl \\
+        --destination_path data/self_sampled.jsonl
+    python scripts/prepare_conversations.py --data_path data/self_sampled.jsonl --checkpoint_dir checkpoints/tiny \\
+        --destination_path data/self_sampled
+
+Input rows (JSONL, or a JSON array of rows):
+- {"messages": [...]}: the first user turn is the query, the first assistant turn the reference; a
+  system message is left out (the echo prompt has none, and the cached row holds the query and the
+  reply only);
+- {"conversations": [user, assistant, ...]} (LIMA's): the first two turns;
+- {"instruction", "input", "output"} (Alpaca's): the instruction (and its input) is the query, the
+  output the reference.
+Any other row is counted and skipped, the first of each kind named by file:line.
+
+A fine-tune (its tokenizer has an end-of-turn token) gets the conversation format,
+`<bos> query <EOT> reference <EOT> query <EOT>`, and its reply ends on EOT or EOS. A base checkpoint
+gets plain text, "query\\n\\nreference\\n\\nquery\\n\\n" after bos, and its reply ends on EOS or at its
+first blank line, where its paragraph ends.
+
+The destination is JSONL that scripts/prepare_conversations.py reads, one row per reply, appended as
+soon as the reply is done: {"messages": [{"role": "user", "content": query}, {"role": "assistant",
+"content": reply}], "source": "file:line", "index": i, "stop_reason": "eot" | "eos" | "blank line" |
+"max_new_tokens"}. Usable row i of the input (from 0) samples with a generator of its own, seeded
+seed + i, so its reply depends neither on its batch neighbours nor on where a run stopped: run again
+with the same flags after an interruption, and the rows cached already are skipped.
+"""
+
+import json
+import os
+import sys
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Iterator, Optional
+
+# run from a checkout without installing the package
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+from tqdm import tqdm
+
+from lit_llama.checkpoint import check_writable
+from lit_llama.cli import run
+from lit_llama.data import BadRow, PrepareReport, alpaca_turns, lima_turns, located_rows, message_turns
+from lit_llama.generate import (ContinuousBatch, Decoder, Detokenizer, Generation, Request, Sampling, room_for,
+                                stop_reason)
+from lit_llama.inference import Precision, load_for_inference, place
+from lit_llama.model import LLaMA
+from lit_llama.prompts import encode_prompt
+from lit_llama.tokenizer import Tokenizer
+
+BLANK_LINE = "\n\n"
+TOO_LONG = "the echo prompt leaves no room for a reply in the model's context"
+EMPTY = "an empty reply"
+CAPPED = "a reply cut off at its token cap (--max_new_tokens, or the context's end)"
+
+
+def query_and_reference(row: dict) -> tuple[str, str]:
+    """A row's query and its reference reply (see the module's docstring); BadRow for any other row."""
+    if "messages" in row:
+        turns = message_turns(row)[1]
+    elif "conversations" in row:
+        turns = lima_turns(row)
+    elif "instruction" in row:
+        turns = alpaca_turns(row)
+    else:
+        raise BadRow("neither 'messages', 'conversations' nor an Alpaca 'instruction'")
+    return turns[0], turns[1]
+
+
+def echo_prompt(tokenizer: Tokenizer, query: str, reference: str) -> list[int]:
+    """The query, the reference as the assistant's reply, the query again: in the conversation format
+    when the tokenizer has an end-of-turn token, else as plain paragraphs after bos."""
+    if tokenizer.eot_id is not None:
+        return encode_prompt(tokenizer, [query, reference, query])
+    return tokenizer.encode(f"{query}{BLANK_LINE}{reference}{BLANK_LINE}{query}{BLANK_LINE}", bos=True)
+
+
+def read_cache(path: Path) -> dict[int, str]:
+    """The query of each input row index that `path` holds a reply to. A last line that a kill cut
+    short (no newline at its end, or not JSON) is removed from the file: its row is sampled again."""
+    if not path.is_file():
+        return {}
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1  # rows are written whole, newline last: what follows the last one is cut short
+    lines = data[:end].split(b"\n")[:-1]
+    queries = {}
+    for n, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+            index, query = row["index"], row["messages"][0]["content"]
+        except (ValueError, KeyError, IndexError, TypeError):
+            if n < len(lines):
+                raise ValueError(f"--destination_path {path}:{n} is not a row of this script: give a new "
+                                 f"destination, or the cache this script wrote") from None
+            end -= len(line) + 1
+            continue
+        queries[index] = query
+    if end < len(data):
+        print(f"{path}: removed a last line cut short ({len(data) - end} bytes), left by an interrupted run",
+              file=sys.stderr)
+        os.truncate(path, end)
+    return queries
+
+
+@dataclass
+class Job:
+    index: int  # the row's index among the input's usable rows: its generator's seed is seed + index
+    where: str
+    query: str
+    prompt: list[int]
+    cap: int
+
+
+class BlankLine:
+    """Whether a plain-text reply has reached a blank line, from its tokens as they are sampled."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.detokenizer = Detokenizer(tokenizer)
+        self.text = ""
+
+    def add(self, token: int) -> bool:
+        self.text += self.detokenizer.add(token)
+        return BLANK_LINE in self.text
+
+
+@torch.inference_mode()
+def sample_replies(model: LLaMA, tokenizer: Tokenizer, jobs: list[Job], sampling: Sampling, seed: int,
+                   batch_size: int) -> Iterator[tuple[Job, Generation]]:
+    """Each job with its reply's generation, in the order they finish: a continuous batch of up to
+    `batch_size` rows, job i sampling with a generator seeded seed + i. Decoding stops on the tokenizer's
+    stop ids, and a plain-text reply (no end-of-turn token) at its first blank line too."""
+    if not jobs:
+        return
+    stop_ids = tuple(tokenizer.stop_ids)
+    plain = tokenizer.eot_id is None
+    device = model.lm_head.weight.device
+    cache_length = max(len(job.prompt) + job.cap for job in jobs)
+    with Decoder(model, min(batch_size, len(jobs)), cache_length) as decoder:
+        batch = ContinuousBatch(decoder)
+        upcoming = iter(jobs)
+        running: dict[Request, tuple[Job, Optional[BlankLine]]] = {}
+        while True:
+            # requests join as rows free up: one generator per row in flight, not one per row of the input
+            while len(batch.waiting) < decoder.batch_size and (job := next(upcoming, None)) is not None:
+                generator = torch.Generator(device).manual_seed(seed + job.index)
+                request = Request(job.prompt, job.cap, sampling, stop_ids, generator)
+                batch.submit(request)
+                running[request] = (job, BlankLine(tokenizer) if plain else None)
+            if not batch.busy:
+                return
+            for request, token in batch.step():
+                job, blank_line = running[request]
+                if blank_line is not None and token not in stop_ids and blank_line.add(token) and not request.done:
+                    batch.cancel(request)  # the paragraph is over: its row takes the next query now
+                if request.done:
+                    del running[request]
+                    yield job, request.generation
+
+
+def reply_text(tokenizer: Tokenizer, generation: Generation, plain: bool) -> tuple[str, str]:
+    """The reply's text, stripped, and why it ended; a plain-text reply ends at its first blank line."""
+    text, reason = tokenizer.decode(generation.tokens), stop_reason(generation, tokenizer)
+    if plain and BLANK_LINE in text:
+        text, reason = text.split(BLANK_LINE, 1)[0], "blank line"
+    return text.strip(), reason
+
+
+def main(
+    data_path: Path,
+    destination_path: Path,
+    checkpoint_dir: Optional[Path] = None,
+    lora_path: Optional[Path] = None,
+    adapter_path: Optional[Path] = None,
+    temperature: float = 0.7,
+    top_p: float = 0.95,
+    max_new_tokens: int = 512,
+    batch_size: int = 8,
+    seed: int = 1234,
+    max_rows: Optional[int] = None,
+    precision: Optional[Precision] = None,
+    keep_unfinished: bool = False,
+) -> dict:
+    """Cache the model's own reply to each query of `data_path`, prompted with the query, its reference
+    reply and the query again.
+
+    Args:
+        data_path: a JSONL file (or a JSON array) of messages, conversations or Alpaca rows, each a
+            query with a reference reply
+        destination_path: the JSONL cache to write, {"messages": [user, assistant], "source", "index",
+            "stop_reason"} rows; when it exists, the rows it holds are kept and only the others are sampled
+        checkpoint_dir: the model to sample: a checkpoint dir (a full or merged fine-tune, or a base
+            model), or the base checkpoint of --lora_path/--adapter_path (default: the one the out dir names)
+        lora_path: a finetune/lora.py out dir
+        adapter_path: a finetune/adapter.py out dir
+        temperature: sampling temperature; 0 picks the most likely token every step
+        top_p: sample among the fewest most likely tokens that hold this much of the probability (1: all)
+        max_new_tokens: most tokens of a reply
+        batch_size: replies decoded side by side (a continuous batch: a finished row takes the next query)
+        seed: seed of the sampling: usable row i of the input (from 0) samples with its own generator,
+            seeded seed + i
+        max_rows: sample the first this many usable rows only (a row too long for the context counts)
+        precision: 32-true, bf16-true or 16-true (default: bf16 on a GPU that supports it, else fp32)
+        keep_unfinished: keep replies cut off at their token cap; by default they are dropped and
+            counted, as training on one would teach the end-of-turn token after a cut-off reply
+
+    Returns the counts that the summary line prints.
+    """
+    data_path, destination_path = Path(data_path), Path(destination_path)
+    if data_path.is_dir():
+        raise IsADirectoryError(f"--data_path {data_path} is a directory: give the data file itself")
+    if not data_path.is_file():
+        raise FileNotFoundError(f"--data_path {data_path} not found")
+    if destination_path.is_dir():
+        raise ValueError(f"--destination_path {destination_path} is a directory: give the JSONL file to write")
+    if destination_path.resolve() == data_path.resolve():
+        raise ValueError(f"--destination_path {destination_path} is the --data_path file: give another file")
+    sampling = Sampling(temperature, None, top_p)
+    if max_new_tokens < 1 or batch_size < 1 or (max_rows is not None and max_rows < 1):
+        raise ValueError("--max_new_tokens, --batch_size and --max_rows must be at least 1")
+    check_writable(destination_path.parent, 0, "--destination_path")  # before the model loads, not after the sampling
+    cached = read_cache(destination_path)
+
+    model, tokenizer = load_for_inference(checkpoint_dir, lora_path, adapter_path)
+    model = place(model, precision)
+    plain = tokenizer.eot_id is None
+
+    bad, skipped = PrepareReport(), PrepareReport()  # rows that are no query with a reference; usable rows with no reply
+    jobs, resumed = [], 0
+    rows = located_rows(data_path, bad, query_and_reference)
+    for index, (where, (query, reference)) in enumerate(islice(rows, max_rows)):
+        if index in cached:
+            if cached[index] != query:
+                raise ValueError(f"--destination_path {destination_path} holds a reply to another query as row {index} "
+                                 f"({where}): it was written from other data; give a new destination")
+            resumed += 1
+            continue
+        prompt = echo_prompt(tokenizer, query, reference)
+        try:
+            cap = room_for(model, len(prompt), max_new_tokens)
+        except ValueError:
+            skipped.skip(where, TOO_LONG)
+            continue
+        jobs.append(Job(index, where, query, prompt, cap))
+
+    written = unfinished = 0
+    with open(destination_path, "a", encoding="utf-8") as out, tqdm(total=len(jobs), unit="reply") as bar:
+        for job, generation in sample_replies(model, tokenizer, jobs, sampling, seed, batch_size):
+            bar.update()
+            reply, reason = reply_text(tokenizer, generation, plain)
+            if not reply:
+                skipped.skip(job.where, EMPTY)
+                continue
+            if reason == "max_new_tokens":
+                if not keep_unfinished:
+                    skipped.skip(job.where, CAPPED)
+                    continue
+                unfinished += 1
+            row = {"messages": [{"role": "user", "content": job.query}, {"role": "assistant", "content": reply}],
+                   "source": job.where, "index": job.index, "stop_reason": reason}
+            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+            out.flush()  # a kill loses at most the row being written
+            written += 1
+
+    summary = {"read": bad.read, "bad_rows": dict(bad.dropped), "resumed": resumed, "written": written,
+               "cached": len(cached) + written, "too_long": skipped.dropped.get(TOO_LONG, 0),
+               "empty_reply": skipped.dropped.get(EMPTY, 0), "hit_cap": skipped.dropped.get(CAPPED, 0) + unfinished,
+               "unfinished_kept": unfinished, "destination": str(destination_path)}
+    bad_rows = ", ".join(f"{n} {reason}" for reason, n in sorted(bad.dropped.items()))
+    print(f"read {bad.read} rows, {written} replies cached ({resumed} rows cached before; {len(cached) + written} "
+          f"in all); skipped: {sum(bad.dropped.values())} bad rows{f' ({bad_rows})' if bad_rows else ''}, "
+          f"{summary['too_long']} too long for the context, {summary['empty_reply']} empty replies, "
+          f"{summary['hit_cap']} that hit the cap{' (kept)' if keep_unfinished else ''}; written to {destination_path}")
+    return summary
+
+
+if __name__ == "__main__":
+    run(main)
