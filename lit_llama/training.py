@@ -439,14 +439,13 @@ def finetune(method: Method, method_config: Union[LoRAConfig, AdapterConfig, Non
     """Everything a finetune script does after parsing its flags. Returns the last losses."""
     check_token_lr_scale(train.token_lr_scale)
     check_quantize(quantize, devices * num_nodes)
-    mix_dir = Path(mix_dir).resolve() if mix_dir is not None else None
-    check_resumed_flags(out_dir, resume, {"quantize": quantize, "mix_dir": mix_dir and str(mix_dir),
-                                          "mix_ratio": mix_ratio if mix_dir else None})
+    mixing = mix_dir is not None
+    recorded_mix = {"mix_dir": str(Path(mix_dir).resolve()), "mix_ratio": mix_ratio} if mixing else {}
+    check_resumed_flags(out_dir, resume, {"quantize": quantize, "mix_dir": None, "mix_ratio": None, **recorded_mix})
     tokenizer, task_data, val_data = load_prepared(data_dir, checkpoint_dir)  # bad paths fail before any launch
-    if mix_dir is not None and mix_ratio <= 0:
+    if mixing and mix_ratio <= 0:
         raise ValueError(f"--mix_ratio must be > 0, got {mix_ratio}")
-    mix_data = load_mix(mix_dir, data_dir, tokenizer) if mix_dir is not None else None
-    train_data = Mixture(task_data, mix_data, mix_ratio)
+    train_data = Mixture(task_data, load_mix(mix_dir, data_dir, tokenizer) if mixing else None, mix_ratio)
     check_devices(accelerator, devices)
     precision = precision or default_precision()
     fabric = make_fabric(accelerator, devices, num_nodes, precision, strategy, logger_name, out_dir)
@@ -521,7 +520,7 @@ def train_on_this_rank(fabric: L.Fabric, method: Method, method_config: Union[Lo
         tokenizer.save(out.path)
         hparams = {"method": method, "checkpoint_dir": Path(checkpoint_dir).resolve(), "data_dir": Path(data_dir).resolve(),
                    "precision": precision, "quantize": quantize, "token_init": token_init, "train": asdict(train),
-                   "mix_dir": mix_dir, "mix_ratio": train_data.ratio if mix_dir else None}
+                   "mix_dir": Path(mix_dir).resolve() if mix_dir else None, "mix_ratio": train_data.ratio if mix_dir else None}
         if method_config is not None:
             hparams[method] = asdict(method_config)
         write_json(hparams, out.path / HPARAMS_FILE)

@@ -252,14 +252,12 @@ def main(
         for job, generation in sample_replies(model, tokenizer, jobs, sampling, seed, batch_size):
             bar.update()
             reply, reason = reply_text(tokenizer, generation, plain)
-            if not reply:
-                skipped.skip(job.where, EMPTY)
+            drop = EMPTY if not reply else CAPPED if reason == "max_new_tokens" and not keep_unfinished else None
+            if drop:
+                with tqdm.external_write_mode(file=sys.stderr):  # the message on a line of its own, not the bar's
+                    skipped.skip(job.where, drop)
                 continue
-            if reason == "max_new_tokens":
-                if not keep_unfinished:
-                    skipped.skip(job.where, CAPPED)
-                    continue
-                unfinished += 1
+            unfinished += reason == "max_new_tokens"
             row = {"messages": [{"role": "user", "content": job.query}, {"role": "assistant", "content": reply}],
                    "source": job.where, "index": job.index, "stop_reason": reason}
             out.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -271,8 +269,8 @@ def main(
                "empty_reply": skipped.dropped.get(EMPTY, 0), "hit_cap": skipped.dropped.get(CAPPED, 0) + unfinished,
                "unfinished_kept": unfinished, "destination": str(destination_path)}
     bad_rows = ", ".join(f"{n} {reason}" for reason, n in sorted(bad.dropped.items()))
-    print(f"read {bad.read} rows, {written} replies cached ({resumed} rows cached before; {len(cached) + written} "
-          f"in all); skipped: {sum(bad.dropped.values())} bad rows{f' ({bad_rows})' if bad_rows else ''}, "
+    print(f"read {bad.read} rows; replies cached: {written} new, {resumed} from before, {len(cached) + written} in all; "
+          f"skipped: {sum(bad.dropped.values())} bad rows{f' ({bad_rows})' if bad_rows else ''}, "
           f"{summary['too_long']} too long for the context, {summary['empty_reply']} empty replies, "
           f"{summary['hit_cap']} that hit the cap{' (kept)' if keep_unfinished else ''}; written to {destination_path}")
     return summary

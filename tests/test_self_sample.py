@@ -53,7 +53,7 @@ def test_mixed_input_makes_rows_prepare_conversations_reads(self_sample, eot_che
     assert f"{data}:6: skipped: the echo prompt leaves no room for a reply" in err
     assert summary["read"] == 6 and sum(summary["bad_rows"].values()) == 2 and summary["too_long"] == 1
     assert summary["written"] == 3 and summary["empty_reply"] == 0
-    assert out.strip().startswith("read 6 rows, 3 replies cached") and "2 bad rows" in out and "1 too long" in out
+    assert out.strip().startswith("read 6 rows; replies cached: 3 new, 0 from before, 3 in all") and "2 bad rows" in out and "1 too long" in out
 
     rows = read_jsonl(tmp_path / "new" / "cache.jsonl")
     assert sorted((r["index"], r["source"]) for r in rows) == [(0, f"{data}:1"), (1, f"{data}:2"), (2, f"{data}:4")]
