@@ -14,6 +14,7 @@ python load.py
 python checkpointing.py --size 120M --method lora --runs 5
 python qlora.py --size 1.1B
 python group_by_length.py --size 30M
+python mix_experiment.py --work_dir ../out/mix_experiment
 if python -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
     python finetune.py --method lora --size 7B --device cuda --batch_size 1 --seq_len 2048
     python decode.py --size 7B --device cuda --new_tokens 256

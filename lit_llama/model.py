@@ -379,11 +379,11 @@ class LLaMA(nn.Module):
         rows 0..B-1 of the cache; given `row`, the one row of idx (B = 1) goes to that cache row (a
         prompt read into a batch whose other rows are decoding). Returns logits (B, T, vocab_size): the
         padding rows of the head are never scored; with `last_only`, (B, 1, vocab_size) for the last
-        position, all a prompt's prefill needs. Given
-        `targets` (B, T), the id each position should predict (-100: none), returns instead the summed
-        cross-entropy, computed without the whole logits tensor (`HeadLoss`); with `loss_split` (B, T)
-        bool, the two sums (2,) over the positions where it is false and where it is true (the task's
-        and the mix's samples, the other tokens and the end-of-turn ones), for the cost of one."""
+        position, all a prompt's prefill needs. Given `targets` (B, T), the id each position should
+        predict (-100: none), returns instead the summed cross-entropy, computed without the whole
+        logits tensor (`HeadLoss`); with `loss_split` (B, T) bool, the two sums (2,) over the positions
+        where it is false and where it is true (the task's and the mix's samples, the other tokens and
+        the end-of-turn ones), for the cost of one."""
         B, T = idx.shape
         cos, sin = self.rope(idx.device)
         if input_pos is None:

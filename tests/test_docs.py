@@ -30,8 +30,8 @@ from conftest import REPO, load_script, script_entry
 from lit_llama.cli import build_parser
 
 PAGES = ["README.md", "howto/prepare_data.md", "howto/special_tokens.md", "howto/finetune_lora.md",
-         "howto/finetune_adapter.md", "howto/finetune_full.md", "howto/inference.md", "howto/chat.md",
-         "howto/serve.md", "howto/download_weights.md", "howto/troubleshooting.md"]  # in the order they run: makers before users
+         "howto/finetune_adapter.md", "howto/finetune_full.md", "howto/recipes.md", "howto/inference.md",
+         "howto/chat.md", "howto/serve.md", "howto/download_weights.md", "howto/troubleshooting.md"]  # in the order they run: makers before users
 
 # a fine-tune in a howto page, cut short (the figures it prints are not what the page is about)
 SHORT_TRAINING = ["--train.epochs", "null", "--train.max_iters", "4", "--train.warmup_iters", "1",
@@ -68,6 +68,7 @@ CLAIMS = {
     ("howto/serve.md", "curl -s http://127.0.0.1:8000/v1/models "): ['"id":"lora"'],
     ("howto/serve.md", "curl -s http://127.0.0.1:8000/v1/chat/completions "): ['"object":"chat.completion"',
                                                                                '"finish_reason":"stop"'],
+    ("howto/recipes.md", "python scripts/self_sample.py "): ["replies cached: "],
     ("howto/prepare_data.md", "python scripts/prepare_alpaca.py "): ["read ", "kept ", "dropped: "],
     ("howto/prepare_data.md", "python scripts/prepare_conversations.py "): ["read ", "kept ", "dropped: "],
 }

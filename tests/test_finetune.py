@@ -321,3 +321,41 @@ def test_the_lima_lora_config_trains_with_its_schedule(tiny_checkpoint, lima_dat
     assert lrs == pytest.approx([2e-4 - (2e-4 - 2e-5) * step / n for step in range(n)], rel=1e-2)
     recorded = json.loads((out_dir / "hyperparameters.json").read_text())["train"]
     assert (recorded["residual_dropout"], recorded["weight_decay"], recorded["token_lr_scale"]) == (0.2, 0.1, 10.0)
+
+
+def test_a_mixed_run_stopped_after_a_checkpoint_resumes_to_the_same_weights_and_rows(
+        tiny_checkpoint, lima_data, alpaca_mix, tmp_path, monkeypatch):
+    """The mixed order is a function of the seed: a run stopped after step 2 and resumed draws the
+    samples the uninterrupted run drew, to the same weights and the same metrics rows."""
+    from lit_llama import training
+
+    args = TrainArgs(learning_rate=1e-2, max_iters=4, warmup_iters=1, global_batch_size=4, micro_batch_size=2,
+                     eval_interval=100, eval_iters=1, save_interval=2)
+    setup = load_script("finetune/lora.py").setup
+
+    def train(out_dir: Path, resume: bool = False) -> None:
+        setup(data_dir=lima_data, mix_dir=alpaca_mix, mix_ratio=3.0, checkpoint_dir=tiny_checkpoint, out_dir=out_dir,
+              lora=LoRAConfig(dropout=0.0), resume=resume, train=args)
+
+    train(tmp_path / "whole")
+    save = training.OutDir.save
+
+    def save_then_stop(self, *a, **kw):  # a kill right after the step-2 checkpoint
+        save(self, *a, **kw)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training.OutDir, "save", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path / "stopped")
+    monkeypatch.setattr(training.OutDir, "save", save)
+    train(tmp_path / "stopped", resume=True)
+
+    a, b = (load_state_dict(tmp_path / name / "lit_model_lora.pth") for name in ("whole", "stopped"))
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0)
+
+    def losses(name: str) -> list[tuple[str, str, str]]:
+        with open(tmp_path / name / "metrics.csv", newline="") as f:
+            return [(r["step"], r["train_task_loss"], r["train_mix_loss"]) for r in csv.DictReader(f)]
+
+    assert losses("stopped") == losses("whole") and len(losses("whole")) == 4
