@@ -32,9 +32,12 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+# run from a checkout without installing the package
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
 import torch
 
-from common import ROOT
 from lit_llama.batches import collate
 from lit_llama.checkpoint import load_model
 from lit_llama.cli import run

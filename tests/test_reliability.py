@@ -17,7 +17,6 @@ from sentencepiece import sentencepiece_model_pb2
 
 from conftest import REPO, load_script
 from lit_llama.checkpoint import load_finetuned, load_state_dict
-from lit_llama.lora import LoRAConfig
 from lit_llama.prompts import encode_conversation
 from lit_llama.tokenizer import extend_tokenizer
 from lit_llama.training import TrainArgs
