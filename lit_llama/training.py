@@ -440,8 +440,9 @@ def finetune(method: Method, method_config: Union[LoRAConfig, AdapterConfig, Non
     check_token_lr_scale(train.token_lr_scale)
     check_quantize(quantize, devices * num_nodes)
     mixing = mix_dir is not None
-    recorded_mix = {"mix_dir": str(Path(mix_dir).resolve()), "mix_ratio": mix_ratio} if mixing else {}
-    check_resumed_flags(out_dir, resume, {"quantize": quantize, "mix_dir": None, "mix_ratio": None, **recorded_mix})
+    # as hyperparameters.json records them, and a resumed run must repeat them
+    mix_flags = {"mix_dir": str(Path(mix_dir).resolve()) if mixing else None, "mix_ratio": mix_ratio if mixing else None}
+    check_resumed_flags(out_dir, resume, {"quantize": quantize, **mix_flags})
     tokenizer, task_data, val_data = load_prepared(data_dir, checkpoint_dir)  # bad paths fail before any launch
     if mixing and mix_ratio <= 0:
         raise ValueError(f"--mix_ratio must be > 0, got {mix_ratio}")
@@ -453,7 +454,7 @@ def finetune(method: Method, method_config: Union[LoRAConfig, AdapterConfig, Non
     try:
         return train_on_this_rank(fabric, method, method_config, tokenizer, train_data, val_data, checkpoint_dir,
                                   data_dir, out_dir, precision, activation_checkpointing, token_init, resume, train,
-                                  quantize, mix_dir)
+                                  quantize, mix_flags)
     finally:
         # with several processes, the process group's threads must stop before the interpreter does, or
         # C++ may abort the exit ("terminate called without an active exception"); sharded modules and
@@ -468,7 +469,7 @@ def train_on_this_rank(fabric: L.Fabric, method: Method, method_config: Union[Lo
                        tokenizer: Tokenizer, train_data: Mixture, val_data: TokenDataset, checkpoint_dir: Path,
                        data_dir: Path, out_dir: Path, precision: TrainPrecision, activation_checkpointing: bool,
                        token_init: str, resume: bool, train: TrainArgs, quantize: Optional[Quantize] = None,
-                       mix_dir: Optional[Path] = None) -> dict:
+                       mix_flags: Optional[dict] = None) -> dict:
     """`finetune` once the processes are launched: load, train and save, on every rank."""
     fabric.seed_everything(train.seed)
     train.accumulation_steps(fabric.world_size)  # a bad batch size fails now, not after loading
@@ -494,7 +495,8 @@ def train_on_this_rank(fabric: L.Fabric, method: Method, method_config: Union[Lo
                  f"parameters ({len(special_ids)} special-token rows) in {precision}"
                  f"{', on an nf4 base' if quantize else ''}; "
                  f"{len(train_data.task)} train / {len(val_data)} val samples"
-                 + (f", {train_data.mix_per_epoch} of {len(train_data.mix)} mixed-in samples per epoch" if mix_dir else ""))
+                 + (f", {train_data.mix_per_epoch} of {len(train_data.mix)} mixed-in samples per epoch"
+                    if train_data.mix is not None else ""))
     model = fabric.setup_module(model)
     optimizer = torch.optim.AdamW(param_groups(model, train.token_lr_scale), lr=train.learning_rate,
                                   weight_decay=train.weight_decay, betas=(0.9, 0.95))
@@ -520,7 +522,7 @@ def train_on_this_rank(fabric: L.Fabric, method: Method, method_config: Union[Lo
         tokenizer.save(out.path)
         hparams = {"method": method, "checkpoint_dir": Path(checkpoint_dir).resolve(), "data_dir": Path(data_dir).resolve(),
                    "precision": precision, "quantize": quantize, "token_init": token_init, "train": asdict(train),
-                   "mix_dir": Path(mix_dir).resolve() if mix_dir else None, "mix_ratio": train_data.ratio if mix_dir else None}
+                   **(mix_flags or {})}
         if method_config is not None:
             hparams[method] = asdict(method_config)
         write_json(hparams, out.path / HPARAMS_FILE)
