@@ -41,7 +41,7 @@ def main(method: Literal["lora", "full"] = "lora", size: str = "120M", batch_siz
                      ratio(on["seconds"], off["seconds"]), mib(off["peak_memory"]), mib(on["peak_memory"]),
                      mib(off["peak_memory"] - on["peak_memory"])])
     table(f"activation checkpointing, {method} fine-tuning step, {size}, batch {batch_size} x {seq_len} tokens, "
-          f"{device}, {threads} threads; {environment()}",
+          f"{device}, precision {results['ours', False]['precision']}, {threads} threads; {environment()}",
           ["", "tokens/s without", "tokens/s with", "step time with / without", f"{memory} without",
            f"{memory} with", "saved"], rows)
 

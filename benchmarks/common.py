@@ -23,6 +23,7 @@ sys.path.insert(0, str(ROOT))
 from lit_llama.convert import hf_config, hf_state  # noqa: E402
 from lit_llama.data import IGNORE_INDEX  # noqa: E402
 from lit_llama.model import LLaMA, LLaMAConfig  # noqa: E402
+from lit_llama.precision import TrainPrecision, compute_dtype, default_precision  # noqa: E402
 
 BASE_VOCAB = 32000  # LLaMA's sentencepiece vocabulary
 EOT_ID = BASE_VOCAB  # the end-of-turn token, appended
@@ -54,6 +55,17 @@ def setup(threads: int, device: str) -> torch.device:
 
 def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def training_precision(device: torch.device) -> TrainPrecision:
+    """The `--precision` training defaults to on `device`: bf16-true on a GPU with bf16, 32-true on the CPU."""
+    return default_precision() if device.type == "cuda" else "32-true"
+
+
+def autocast(precision: TrainPrecision, device: torch.device) -> torch.autocast:
+    """The autocast Fabric's precision plugin runs training's forward pass under; off under 32-true."""
+    dtype = compute_dtype(precision)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
 def build_ours(config: LLaMAConfig, device: torch.device, dtype: torch.dtype) -> LLaMA:
@@ -105,9 +117,12 @@ def batch(batch_size: int, seq_len: int, device: torch.device) -> tuple[torch.Te
     return ids.to(device), labels.to(device)
 
 
-def sync(device: torch.device) -> None:
+def clock(device: torch.device) -> float:
+    """`time.perf_counter()` once `device` has finished the work queued on it: CUDA kernels run
+    asynchronously, and a clock read without waiting would count their launches, not their work."""
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -139,11 +154,9 @@ def timed(fn: Callable[[], object], device: torch.device, warmup: int, runs: int
         fn()
     times = []
     for _ in range(runs):
-        sync(device)
-        start = time.perf_counter()
+        start = clock(device)
         fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
+        times.append(clock(device) - start)
     return times
 
 

@@ -19,14 +19,13 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Callable, Literal, Optional
 
 import torch
 
-from common import (BASE_VOCAB, ROOT, build_hf, build_ours, default_dtype, environment, gpu_peaks, median,
-                    model_config, ratio, read_bandwidth, report, run_worker, setup, sync, table, timed)
+from common import (BASE_VOCAB, ROOT, build_hf, build_ours, clock, default_dtype, environment, gpu_peaks, median,
+                    model_config, ratio, read_bandwidth, report, run_worker, setup, table, timed)
 from lit_llama.cli import run
 from lit_llama.generate import Decoder, Request, compile_step, generate
 from lit_llama.generate import decode as decode_request
@@ -120,10 +119,9 @@ def worker(impl: str, size: str, prompt_len: int, new_tokens: int, runs: int, th
     device = setup(threads, device)
     decode, weights = decoder(impl, size, device, dtype, threads, converter)
     prompt = torch.randint(3, BASE_VOCAB, (prompt_len,)).tolist()
-    sync(device)
-    start = time.perf_counter()
+    start = clock(device)
     decode(prompt, new_tokens)  # warm-up; compiles the compiled variants
-    first = time.perf_counter() - start
+    first = clock(device) - start
     prefill = median(timed(lambda: decode(prompt, 1), device, 1, runs))
     total = median(timed(lambda: decode(prompt, new_tokens), device, 0, runs))
     tokens_per_s = (new_tokens - 1) / (total - prefill)

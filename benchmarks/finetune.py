@@ -2,6 +2,19 @@
 weights and batches. LoRA on q and v (r=8, alpha=16, no dropout) with the EOT's embedding and head
 rows trainable, or full fine-tuning.
 
+The precision is the one training defaults to on the device (printed with the table): 32-true on
+the CPU, where everything is fp32 and nothing is autocast; bf16-true on a GPU, where both sides start
+from the same bf16 weights (as a 7B checkpoint comes) and run the forward pass, loss included, under
+bf16 autocast (what Fabric's precision plugin wraps training's forward pass in), the backward pass
+and AdamW step outside it. What each side stores there:
+
+- ours, as `lit_llama/training.py` trains: what trains (LoRA and the EOT rows, or every weight under
+  full fine-tuning) in fp32, with fp32 gradients and AdamW state; the frozen base in bf16.
+- transformers + peft, as a user who loads the model in bf16 runs it: every weight in bf16, but
+  peft's default `autocast_adapter_dtype=True` upcasts its adapters (LoRA and the trainable token
+  rows) to fp32. Under full fine-tuning nothing is upcast: bf16 weights, gradients and AdamW state,
+  8 bytes per weight against our 16, so the memory ratio there compares two ways of storing them.
+
     python benchmarks/finetune.py --method lora --size 30M
     python benchmarks/finetune.py --method full --size 120M
     python benchmarks/finetune.py --method lora --size 7B --device cuda --seq_len 2048   # on a GPU
@@ -13,23 +26,25 @@ from typing import Literal, Optional
 import torch
 import torch.nn.functional as F
 
-from common import (EOT_ID, batch, build_hf, build_ours, default_dtype, environment, gpu_peaks, median, mib,
-                    model_config, peak_memory, ratio, report, reset_peak_memory, run_worker, setup, table, timed)
+from common import (EOT_ID, autocast, batch, build_hf, build_ours, environment, gpu_peaks, median, mib, model_config,
+                    peak_memory, ratio, report, reset_peak_memory, run_worker, setup, table, timed, training_precision)
 from lit_llama.cli import run
 from lit_llama.lora import LoRAConfig
 from lit_llama.model import LLaMAConfig
+from lit_llama.precision import TrainPrecision, frozen_dtype, set_training_dtypes
 
 LORA = LoRAConfig(r=8, alpha=16, dropout=0.0, query=True, value=True)
 
 
-def ours_step(config: LLaMAConfig, method: str, device: torch.device, dtype: torch.dtype, fused: bool,
+def ours_step(config: LLaMAConfig, method: str, device: torch.device, precision: TrainPrecision, fused: bool,
               checkpointing: bool):
     from lit_llama.training import n_targets, next_token_targets, prepare_model
 
-    model = build_ours(config, device, dtype)
+    model = build_ours(config, device, frozen_dtype(precision))  # as a checkpoint stores it: bf16 on a GPU
     model.activation_checkpointing = checkpointing
     special_ids = [EOT_ID]
     prepare_model(model, method, LORA if method == "lora" else None, special_ids)
+    set_training_dtypes(model, precision)
     # under full fine-tuning, the padding rows of wte and lm_head (never scored) and the special tokens'
     # rows there (model.token_rows stands in for them) are parameters without a gradient; not counted
     unscored = config.padded_vocab_size - config.vocab_size + len(special_ids)
@@ -45,13 +60,14 @@ def ours_step(config: LLaMAConfig, method: str, device: torch.device, dtype: tor
     return model, loss, padding
 
 
-def hf_step(config: LLaMAConfig, method: str, device: torch.device, dtype: torch.dtype, checkpointing: bool):
-    model = build_hf(config, device, dtype)
+def hf_step(config: LLaMAConfig, method: str, device: torch.device, precision: TrainPrecision, checkpointing: bool):
+    model = build_hf(config, device, frozen_dtype(precision))
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if method == "lora":
         from peft import LoraConfig, get_peft_model
 
+        # autocast_adapter_dtype (default True) upcasts the adapters of a bf16 model to fp32
         model = get_peft_model(model, LoraConfig(
             r=LORA.r, lora_alpha=LORA.alpha, lora_dropout=LORA.dropout, target_modules=["q_proj", "v_proj"],
             trainable_token_indices={"embed_tokens": [EOT_ID], "lm_head": [EOT_ID]}))
@@ -75,15 +91,23 @@ def train_flops(config: LLaMAConfig, n_trained: int, method: str, batch_size: in
     return 4 * n_matmul * tokens + 6 * n_trained * tokens + attention
 
 
+def stored_dtypes(model: torch.nn.Module) -> str:
+    """The dtypes of the trained and of the frozen weights, as "float32 / bfloat16"."""
+    def names(trains: bool) -> str:
+        return ", ".join(sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()
+                                 if p.requires_grad == trains})) or "-"
+    return f"{names(True)} / {names(False)}"
+
+
 def worker(impl: str, method: str, size: str, batch_size: int, seq_len: int, warmup: int, runs: int, threads: int,
            device: str, profile: bool, checkpointing: bool) -> dict:
     device = setup(threads, device)
-    dtype = default_dtype(device)
+    precision = training_precision(device)
     config = model_config(size)
     if impl == "hf":
-        model, loss_fn, uncounted = hf_step(config, method, device, dtype, checkpointing)
+        model, loss_fn, uncounted = hf_step(config, method, device, precision, checkpointing)
     else:
-        model, loss_fn, uncounted = ours_step(config, method, device, dtype, impl == "ours", checkpointing)
+        model, loss_fn, uncounted = ours_step(config, method, device, precision, impl == "ours", checkpointing)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trained = sum(p.numel() for p in trainable) - uncounted
@@ -92,7 +116,8 @@ def worker(impl: str, method: str, size: str, batch_size: int, seq_len: int, war
     losses = []
 
     def step() -> None:
-        loss = loss_fn(ids, labels)
+        with autocast(precision, device):  # the forward pass and loss, as Fabric wraps them; backward outside
+            loss = loss_fn(ids, labels)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -106,8 +131,9 @@ def worker(impl: str, method: str, size: str, batch_size: int, seq_len: int, war
     else:
         times = timed(step, device, warmup, runs)
     seconds = median(times)
-    result = dict(impl=impl, trainable=n_trained, first_loss=losses[0], seconds=seconds,
-                  tokens_per_s=batch_size * seq_len / seconds, peak_memory=peak_memory(device))
+    result = dict(impl=impl, precision=precision, stored=stored_dtypes(model), trainable=n_trained,
+                  first_loss=losses[0], seconds=seconds, tokens_per_s=batch_size * seq_len / seconds,
+                  peak_memory=peak_memory(device))
     peaks = gpu_peaks(device)
     if peaks:
         result["mfu"] = train_flops(config, n_trained, method, batch_size, seq_len) / seconds / peaks[0]
@@ -128,7 +154,7 @@ def main(method: Literal["lora", "full"] = "lora", size: str = "30M", batch_size
         warmup: steps before timing
         runs: timed steps; the median counts
         threads: torch threads, the same in both processes
-        device: cpu or cuda
+        device: cpu or cuda; it sets the precision (32-true on the CPU, bf16-true on a GPU)
         impl: run one implementation in this process and print its result as JSON: ours (the loss by
             `model(ids, targets=...)`, as training does), ours-logits (whole logits, then cross-entropy) or hf
         profile: with --impl, print torch.profiler's table of the timed steps
@@ -153,8 +179,10 @@ def main(method: Literal["lora", "full"] = "lora", size: str = "30M", batch_size
             [memory, *(mib(r["peak_memory"]) for r in (ours, logits, hf)), ratio(ours["peak_memory"], hf["peak_memory"])]]
     if "mfu" in ours:
         rows.append(["MFU", *(f"{r['mfu']:.1%}" for r in (ours, logits, hf)), ratio(ours["mfu"], hf["mfu"])])
-    table(f"{method} fine-tuning step, {size}, batch {batch_size} x {seq_len} tokens, {device}, {threads} threads, "
-          f"{ours['trainable']:,} trainable parameters, first loss {ours['first_loss']:.4f} (all three); {environment()}",
+    rows.append(["weights: trained / frozen", *(r["stored"] for r in (ours, logits, hf)), ""])
+    table(f"{method} fine-tuning step, {size}, batch {batch_size} x {seq_len} tokens, {device}, precision "
+          f"{ours['precision']}, {threads} threads, {ours['trainable']:,} trainable parameters, first loss "
+          f"{ours['first_loss']:.4f} (all three); {environment()}",
           ["", "ours", "ours, whole logits + cross-entropy", "transformers + peft" if method == "lora" else "transformers",
            "ours / theirs"], rows)
 

@@ -16,16 +16,15 @@ a GPU's allocated-memory peak does (see `main`).
 import ctypes
 import gc
 import os
-import time
 from typing import Literal, Optional
 
 import torch
 
-from common import (EOT_ID, batch, build_ours, environment, median, mib, model_config, peak_memory, report,
-                    reset_peak_memory, run_worker, setup, table)
+from common import (EOT_ID, autocast, batch, build_ours, clock, environment, median, mib, model_config, peak_memory,
+                    report, reset_peak_memory, run_worker, setup, table)
 from lit_llama.cli import run
 from lit_llama.lora import LoRAConfig
-from lit_llama.precision import set_training_dtypes
+from lit_llama.precision import TrainPrecision, frozen_dtype, set_training_dtypes
 from lit_llama.quantize import quantize
 from lit_llama.training import n_targets, next_token_targets, prepare_model
 
@@ -37,12 +36,13 @@ BASES = {"fp32": "fp32 base", "bf16": "bf16 base", "nf4": "NF4 base (QLoRA)"}
 def worker(base: Base, size: str, batch_size: int, seq_len: int, steps: int, threads: int, device: str) -> dict:
     device = setup(threads, device)
     config = model_config(size)
-    model = build_ours(config, device, torch.float32 if base == "fp32" else torch.bfloat16)
+    precision: TrainPrecision = "32-true" if base == "fp32" else "bf16-true"
+    model = build_ours(config, device, frozen_dtype(precision))
     prepare_model(model, "lora", LORA, [EOT_ID])
-    set_training_dtypes(model, "32-true" if base == "fp32" else "bf16-true")
-    start = time.perf_counter()
+    set_training_dtypes(model, precision)
+    start = clock(device)
     quantize(model, "nf4" if base == "nf4" else None)
-    quantize_seconds = time.perf_counter() - start
+    quantize_seconds = clock(device) - start
     if device.type == "cpu":  # hand the dense weights the quantization freed back to the OS, as a GPU's allocator would
         gc.collect()
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -51,13 +51,13 @@ def worker(base: Base, size: str, batch_size: int, seq_len: int, steps: int, thr
     ids, labels = batch(batch_size, seq_len, device)
     times = []
     for _ in range(steps):
-        start = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=base != "fp32"):
+        start = clock(device)
+        with autocast(precision, device):
             loss = model(ids, targets=next_token_targets(labels)) / n_targets(labels)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - start)
+        times.append(clock(device) - start)
     return dict(base=base, peak=peak_memory(device), quantize_seconds=quantize_seconds, step_seconds=median(times[1:]),
                 loss=loss.item())
 

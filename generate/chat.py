@@ -15,6 +15,7 @@ from typing import Optional
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lit_llama.cli import run
+from lit_llama.errors import UsageError
 from lit_llama.generate import Chat, Sampling, resolve_stop_ids, stop_reason
 from lit_llama.inference import Precision, load_for_inference, peak_memory, place
 from lit_llama.quantize import Quantize
@@ -52,6 +53,7 @@ def main(
         seed: seed of the sampling
         stop_on_eos: end a reply on EOS as well as on the end-of-turn token
         stop_tokens: more tokens that end a reply: special-token text, exact piece ("▁Human") or id
+            (digits that are a piece name the piece)
         max_seq_length: the context kept (default: the model's); the oldest exchanges are dropped, whole,
             when a message and its reply would not fit
         precision: 32-true, bf16-true or 16-true (default: bf16 on a GPU that supports it, else fp32)
@@ -80,7 +82,7 @@ def main(
         try:
             for text in chat.send(message):
                 print(text, end="", flush=True)
-        except ValueError as e:  # a message too long for the context: say so, keep chatting
+        except UsageError as e:  # a message too long for the context: say so, keep chatting
             print(f"error: {e}", file=sys.stderr)
             continue
         print(flush=True)

@@ -16,6 +16,7 @@ from typing import Optional
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lit_llama.cli import run
+from lit_llama.errors import BadValue, MissingPackage
 from lit_llama.generate import Decoder, compile_step
 from lit_llama.inference import Precision, load_for_inference, place
 from lit_llama.quantize import Quantize
@@ -60,13 +61,13 @@ def main(
 
         from lit_llama.serve import Engine, create_app
     except ImportError as e:
-        raise ImportError(f"{e.name} is missing: the server needs pip install -e '.[serve]'") from None
+        raise MissingPackage(f"{e.name} is missing: the server needs pip install -e '.[serve]'") from None
     if batch_size < 1:
-        raise ValueError("--batch_size must be at least 1")
+        raise BadValue("--batch_size must be at least 1")
     model, tokenizer = load_for_inference(checkpoint_dir, lora_path, adapter_path)
     if tokenizer.eot_id is None:
-        raise ValueError("the tokenizer has no end-of-turn token (a base checkpoint?): serve a fine-tune "
-                         "(--lora_path, --adapter_path, or a full or merged checkpoint)")
+        raise BadValue("the tokenizer has no end-of-turn token (a base checkpoint?): serve a fine-tune "
+                       "(--lora_path, --adapter_path, or a full or merged checkpoint)")
     if warning := system_warning(tokenizer):  # said once here, not with every request that has a system message
         print(warning, file=sys.stderr)
     model = place(model, precision, quantize)

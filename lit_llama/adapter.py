@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lit_llama.errors import BadValue
 from lit_llama.model import CausalSelfAttention, LLaMA, LLaMAConfig
 
 
@@ -54,7 +55,7 @@ class AdapterAttention(CausalSelfAttention):
 def inject_adapter(model: LLaMA, config: AdapterConfig) -> None:
     """Give the layers from `config.start_layer` on an adapter, keeping their weights."""
     if not 0 <= config.start_layer < model.config.n_layer:
-        raise ValueError(f"--adapter.start_layer {config.start_layer} must be in 0..{model.config.n_layer - 1}")
+        raise BadValue(f"--adapter.start_layer {config.start_layer} must be in 0..{model.config.n_layer - 1}")
     for block in model.transformer.h[config.start_layer :]:
         old = block.attn
         with torch.device("meta"):  # no throwaway copies of the attention weights

@@ -12,6 +12,7 @@ from typing import Iterator, Optional
 import torch
 
 from lit_llama.data import IGNORE_INDEX, TokenDataset
+from lit_llama.errors import BadValue
 
 
 def collate(samples: list[tuple[torch.Tensor, torch.Tensor]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,8 +47,8 @@ class Mixture:
 
     def __post_init__(self) -> None:
         if self.mix is not None and self.mix_per_epoch < 1:
-            raise ValueError(f"--mix_ratio {self.ratio} mixes no sample into {len(self.task)} task samples: "
-                             f"give at least {1 / len(self.task):.3g}")
+            raise BadValue(f"--mix_ratio {self.ratio} mixes no sample into {len(self.task)} task samples: "
+                           f"give at least {1 / len(self.task):.3g}")
 
     def __len__(self) -> int:
         return len(self.task) + (len(self.mix) if self.mix is not None else 0)

@@ -17,8 +17,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from torch.utils._pytree import tree_leaves
 
 from lit_llama.adapter import AdapterConfig, inject_adapter, is_adapter_name
+from lit_llama.errors import BadPath, BadValue, MissingFile, file_error
 from lit_llama.files import replace_durably, temporary_name, write_atomic
 from lit_llama.lora import LoRAConfig, inject_lora, is_lora_name, merge_lora
 from lit_llama.model import LLaMA, LLaMAConfig
@@ -36,7 +38,11 @@ GIVE_OUT_DIR = "give the out dir that finetune/lora.py or finetune/adapter.py wr
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file, then rename: a crash never leaves a half-written `path`."""
+    """torch.save to a temporary file, then rename: a crash never leaves a half-written `path`. Tensors
+    must be on the CPU: a file of GPU tensors names that GPU, and loads where it is."""
+    away = [t.device for t in tree_leaves(obj) if isinstance(t, torch.Tensor) and t.device != torch.device("cpu")]
+    if away:
+        raise ValueError(f"{path}: tensors on {away[0]} given to save; move them to the CPU first")
     tmp = temporary_name(path)
     torch.save(obj, tmp)
     replace_durably(tmp, path)
@@ -52,10 +58,10 @@ def check_writable(directory: Path, need_bytes: int, flag: str = "--out_dir") ->
         probe.write_bytes(b"ok")
         probe.unlink()
     except OSError as e:
-        raise OSError(f"{flag} {directory} is not writable ({e.strerror or e}); pick another directory") from None
+        raise BadPath(f"{flag} {directory} is not writable ({e.strerror or e}); pick another directory") from None
     free = shutil.disk_usage(directory).free
     if free < need_bytes:
-        raise OSError(f"{flag} {directory} has {free / 2**30:.2f} GiB free but checkpoints need about "
+        raise BadPath(f"{flag} {directory} has {free / 2**30:.2f} GiB free but checkpoints need about "
                       f"{need_bytes / 2**30:.2f} GiB; free some space or pick another directory")
 
 
@@ -65,7 +71,7 @@ def write_json(obj: Any, path: Path) -> None:
 
 def require_file(path: Path, what: str) -> Path:
     if not Path(path).is_file():
-        raise FileNotFoundError(f"{path} not found: {what}")
+        raise MissingFile(f"{path} not found: {what}")
     return Path(path)
 
 
@@ -73,9 +79,9 @@ def require_dir(path: Path, flag: str, what: str) -> Path:
     """`path`, given as `flag`, if it is a directory; else one line that names both and says `what` to do."""
     path = Path(path)
     if path.is_file():
-        raise NotADirectoryError(f"{flag} {path} is a file, not a directory: {what}")
+        raise BadPath(f"{flag} {path} is a file, not a directory: {what}")
     if not path.is_dir():
-        raise FileNotFoundError(f"{flag} {path} not found: {what}")
+        raise MissingFile(f"{flag} {path} not found: {what}")
     return path
 
 
@@ -84,22 +90,28 @@ def read_config(path: Path, what: str) -> LLaMAConfig:
     require_file(path, what)
     try:
         return LLaMAConfig.from_json(path)
+    except OSError as e:  # there but unreadable (permissions)
+        raise file_error(e, str(path)) from None
     except (ValueError, TypeError) as e:  # bad JSON, or fields that are not LLaMAConfig's
-        raise ValueError(f"{path} is not a model config of this repo ({str(e).splitlines()[0]}); write it again "
-                         f"with the script that made the dir") from None
+        raise BadValue(f"{path} is not a model config of this repo ({str(e).splitlines()[0]}); write it again "
+                       f"with the script that made the dir") from None
 
 
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors only, memory-mapped: nothing is read until it is used. A file that holds code (a pickle
-    that would run something when loaded) is refused, and a truncated or corrupted one is named."""
+    """Tensors only, memory-mapped and on the CPU (a file written from GPU tensors loads on a machine
+    without that GPU; the caller moves them where they run): nothing is read until it is used. A file
+    that holds code (a pickle that would run something when loaded) is refused, and a truncated or
+    corrupted one is named."""
     try:
-        return torch.load(path, mmap=True, weights_only=True)
+        return torch.load(path, mmap=True, weights_only=True, map_location="cpu")
+    except OSError as e:  # there but unreadable (permissions)
+        raise file_error(e, str(path)) from None
     except pickle.UnpicklingError:
-        raise ValueError(f"{path} holds more than tensors and was not loaded (it could run code); only load "
-                         f"checkpoints you trust, converted with this project's scripts") from None
+        raise BadValue(f"{path} holds more than tensors and was not loaded (it could run code); only load "
+                       f"checkpoints you trust, converted with this project's scripts") from None
     except (RuntimeError, EOFError) as e:
-        raise ValueError(f"{path} is truncated or corrupted ({str(e).split('.')[0]}); "
-                         f"write it again, or use the previous checkpoint") from None
+        raise BadValue(f"{path} is truncated or corrupted ({str(e).split('.')[0]}); "
+                       f"write it again, or use the previous checkpoint") from None
 
 
 def load_model(checkpoint_dir: Path, dtype: Optional[torch.dtype] = None) -> LLaMA:
@@ -129,13 +141,15 @@ def read_hparams(out_dir: Path) -> dict:
     """The hyperparameters.json of a finetune/*.py out dir; "method" says which script wrote it."""
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
-        raise FileNotFoundError(f"{out_dir} not found: {GIVE_OUT_DIR}")
+        raise MissingFile(f"{out_dir} not found: {GIVE_OUT_DIR}")
     hparams_path = require_file(out_dir / HPARAMS_FILE, "is this a finetune/*.py out dir?")
     try:
         hparams = json.loads(hparams_path.read_text())
         hparams["method"]
+    except OSError as e:  # there but unreadable (permissions)
+        raise file_error(e, str(hparams_path)) from None
     except (ValueError, KeyError, TypeError):
-        raise ValueError(f"{hparams_path} is damaged (not the JSON a finetune/*.py run writes)") from None
+        raise BadValue(f"{hparams_path} is damaged (not the JSON a finetune/*.py run writes)") from None
     return hparams
 
 
@@ -151,16 +165,16 @@ def load_finetuned(out_dir: Path, checkpoint_dir: Optional[Path] = None,
         return load_model(out_dir, dtype), tokenizer
     base_dir = Path(checkpoint_dir or hparams["checkpoint_dir"])
     if checkpoint_dir is None and not base_dir.is_dir():
-        raise FileNotFoundError(f"{base_dir} not found: it is the base checkpoint {out_dir} was trained from; "
-                                f"pass where it is now with --checkpoint_dir")
+        raise MissingFile(f"{base_dir} not found: it is the base checkpoint {out_dir} was trained from; "
+                          f"pass where it is now with --checkpoint_dir")
     model = load_model(base_dir, dtype)
     expected = read_config(out_dir / CONFIG_FILE, "the out dir has no model config")
     if replace(model.config, vocab_size=expected.vocab_size, padded_vocab_size=expected.padded_vocab_size) != expected:
-        raise ValueError(f"{base_dir} is not the base model {out_dir} was trained from (model configs differ); "
-                         f"pass the right one with --checkpoint_dir")
+        raise BadValue(f"{base_dir} is not the base model {out_dir} was trained from (model configs differ); "
+                       f"pass the right one with --checkpoint_dir")
     if Tokenizer.from_dir(base_dir).base_sha256 != tokenizer.base_sha256:  # same shapes, other ids: garbage out
-        raise ValueError(f"{base_dir} has another tokenizer than the base model {out_dir} was trained from; "
-                         f"pass the right one with --checkpoint_dir")
+        raise BadValue(f"{base_dir} has another tokenizer than the base model {out_dir} was trained from; "
+                       f"pass the right one with --checkpoint_dir")
     grow_vocab(model, tokenizer.vocab_size)
     if hparams.get("quantize"):  # trained beside a quantized base: the weights it learned against
         round_trip(model, hparams["quantize"], frozen_dtype(hparams["precision"]))
@@ -176,10 +190,12 @@ def load_finetuned(out_dir: Path, checkpoint_dir: Optional[Path] = None,
     try:
         missing, unexpected = model.load_state_dict(trained, strict=False)
     except RuntimeError as e:  # shapes that don't fit: another model size or LoRA rank
-        raise ValueError(f"{weights_path} does not fit the model of {base_dir}: {str(e).splitlines()[1].strip()}") from None
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        why = next((line for line in lines if line.startswith("size mismatch")), " ".join(lines))
+        raise BadValue(f"{weights_path} does not fit the model of {base_dir}: {why}") from None
     missing_trained = [k for k in missing if is_trained(k)]
     if missing_trained or unexpected:
-        raise ValueError(f"{weights_path} does not fit the model: missing {missing_trained}, unexpected {unexpected}")
+        raise BadValue(f"{weights_path} does not fit the model: missing {missing_trained}, unexpected {unexpected}")
     merge_lora(model)
     merge_token_rows(model)
     return model, tokenizer

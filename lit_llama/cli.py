@@ -9,8 +9,10 @@ from typing import Any, Callable, NoReturn, Optional, Sequence
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
+from lit_llama import device_check
+from lit_llama.errors import UsageError
+
 DEBUG_ENV = "LIT_LLAMA_DEBUG"
-USER_ERRORS = (OSError, ValueError)
 
 
 class Parser(ArgumentParser):
@@ -69,8 +71,9 @@ def parse_error_line(message: str, args: Sequence[str] = (), flags: Sequence[str
     return " ".join(lines)
 
 
-def error_line(error: BaseException) -> str:
-    """One line for a user error: the message, or for a bare OS error (no message of ours) its file and cause."""
+def error_line(error: UsageError) -> str:
+    """The one line a user error ends in: its message, or, for one made like an OS error (errno, cause,
+    file) with no message of ours, the file and its cause."""
     if isinstance(error, OSError) and error.strerror and error.filename:
         return f"{error.filename}: {error.strerror}"
     text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
@@ -96,8 +99,10 @@ def build_parser(fn: Callable[..., Any]) -> Parser:
 
 def run(fn: Callable[..., Any], args: Optional[list[str]] = None) -> Any:
     """Expose `fn` as a command: each parameter a flag (`--help` shows its docstring), `--config file.yaml`
-    reads many at once. A user error (a bad flag, a missing file, a bad value) ends in one line on stderr
-    and exit code 2; Ctrl-C ends with exit code 130. `--debug` (or LIT_LLAMA_DEBUG=1) shows the traceback."""
+    reads many at once. A user error (a bad flag, or a `UsageError` such as a missing file or a bad value)
+    ends in one line on stderr and exit code 2; Ctrl-C ends with exit code 130. Any other exception is a
+    bug, here or in a library, and ends with its traceback (exit code 1). `--debug` (or LIT_LLAMA_DEBUG=1)
+    shows the traceback of a user error too."""
     args = sys.argv[1:] if args is None else list(args)
     parser = build_parser(fn)
     parser.debug = "--debug" in args or bool(os.environ.get(DEBUG_ENV))
@@ -108,8 +113,11 @@ def run(fn: Callable[..., Any], args: Optional[list[str]] = None) -> Any:
         parser.debug = parser.debug or debug
         config.pop("config", None)
         kwargs = parser.instantiate(config)
+        if os.environ.get(device_check.ENV):  # tests: the command on a simulated accelerator
+            with device_check.DeviceCheck():
+                return fn(**kwargs)
         return fn(**kwargs)
-    except USER_ERRORS as e:
+    except UsageError as e:
         if parser.debug:
             raise
         print(f"error: {error_line(e)}", file=sys.stderr)

@@ -10,7 +10,6 @@ rotate interleaved pairs, so their q and k rows are reordered (`interleaved_to_h
 """
 
 import json
-import os
 import re
 from dataclasses import dataclass, replace
 from functools import partial
@@ -24,6 +23,8 @@ from tqdm import tqdm
 
 from lit_llama.checkpoint import (CONFIG_FILE, MODEL_FILE, check_writable, load_state_dict, read_config, require_dir,
                                   require_file, save_checkpoint_dir, write_json)
+from lit_llama.errors import BadValue, MissingFile, file_error
+from lit_llama.files import replace_durably, temporary_name
 from lit_llama.model import LLaMA, LLaMAConfig, configs, find_multiple
 from lit_llama.tokenizer import MODEL_FILE as TOKENIZER_FILE
 from lit_llama.tokenizer import Tokenizer
@@ -49,7 +50,7 @@ class Layout:
             return self.top[name], None
         match = re.fullmatch(re.escape(self.block_prefix) + r"(\d+)\.(.+)", name)
         if match is None or match[2] not in self.block:
-            raise ValueError(f"unexpected tensor {name!r}: not part of a Llama/Mistral checkpoint")
+            raise BadValue(f"unexpected tensor {name!r}: not part of a Llama/Mistral checkpoint")
         i, suffix = match.groups()
         return f"transformer.h.{i}.{self.block[suffix]}", self.qkv.index(suffix) if suffix in self.qkv else None
 
@@ -112,8 +113,8 @@ def vocab_sizes(rows: int, tokenizer: Tokenizer, source: Path) -> dict[str, int]
     """vocab_size and padded_vocab_size for a checkpoint with `rows` embedding rows. Rows beyond the
     tokenizer's ids (some checkpoints round the table up) are kept, as padding."""
     if tokenizer.vocab_size > rows:
-        raise ValueError(f"{source}: the weights have {rows} token rows but tokenizer.model has {tokenizer.vocab_size} "
-                         "ids; the tokenizer does not belong to this checkpoint")
+        raise BadValue(f"{source}: the weights have {rows} token rows but tokenizer.model has {tokenizer.vocab_size} "
+                       "ids; the tokenizer does not belong to this checkpoint")
     if tokenizer.vocab_size < rows:
         print(f"note: {rows} token rows but {tokenizer.vocab_size} tokenizer ids: the extra rows are kept as padding")
     return dict(vocab_size=tokenizer.vocab_size, padded_vocab_size=find_multiple(rows, 64))
@@ -121,7 +122,7 @@ def vocab_sizes(rows: int, tokenizer: Tokenizer, source: Path) -> dict[str, int]
 
 def required(config: dict, field: str, source: Path) -> Any:
     if field not in config:
-        raise ValueError(f"{source} has no {field!r}: it is not the config of a Llama or Mistral model")
+        raise BadValue(f"{source} has no {field!r}: it is not the config of a Llama or Mistral model")
     return config[field]
 
 
@@ -130,7 +131,7 @@ def config_from_hf(hf: dict, tokenizer: Tokenizer, source: Path) -> LLaMAConfig:
     get = partial(required, hf, source=source)
 
     def refuse(field: str, value: object, why: str) -> None:
-        raise ValueError(f"{source}: {field}={value!r} is not supported ({why})")
+        raise BadValue(f"{source}: {field}={value!r} is not supported ({why})")
 
     if get("model_type") not in ("llama", "mistral"):
         refuse("model_type", hf["model_type"], "this converter reads Llama and Mistral checkpoints")
@@ -170,7 +171,7 @@ def config_from_meta(params: dict, tokenizer: Tokenizer, source: Path) -> LLaMAC
     """Our config for Meta's params.json. Its block size is the one of the named config it matches
     (Meta's params do not record it), else our default."""
     if params.get("use_scaled_rope"):
-        raise ValueError(f"{source}: use_scaled_rope=True is not supported (our model implements plain RoPE only)")
+        raise BadValue(f"{source}: use_scaled_rope=True is not supported (our model implements plain RoPE only)")
     get = partial(required, params, source=source)
     dim, n_head = get("dim"), get("n_heads")
     hidden = int(2 * 4 * dim / 3)  # Meta's FeedForward sizing
@@ -218,7 +219,7 @@ def assemble(tensors: Iterable[tuple[str, torch.Tensor]], total: int, layout: La
             state[ours] = torch.cat([parts[0], parts[1], parts[2]])
             del pending[ours]
     if pending:
-        raise ValueError(f"q, k or v missing for {', '.join(sorted(pending))}")
+        raise BadValue(f"q, k or v missing for {', '.join(sorted(pending))}")
     return state
 
 
@@ -248,7 +249,7 @@ def fit_to_config(state: dict[str, torch.Tensor], config: LLaMAConfig, tie_word_
                  for n, t in expected.items() if n in state and state[n].shape != t.shape]
     if problems:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise ValueError(f"{source}: the weights do not fit the config: {'; '.join(problems[:3])}{more}")
+        raise BadValue(f"{source}: the weights do not fit the config: {'; '.join(problems[:3])}{more}")
     model.load_state_dict(state, assign=True)
     return model
 
@@ -266,8 +267,10 @@ def read_json(path: Path) -> dict:
     """A config file of a download; a damaged one is named in one line."""
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:  # there but unreadable (permissions)
+        raise file_error(e, str(path)) from None
     except ValueError as e:  # invalid JSON or UTF-8
-        raise ValueError(f"{path} is not valid JSON ({e}); download it again") from None
+        raise BadValue(f"{path} is not valid JSON ({e}); download it again") from None
 
 
 def hf_weight_loaders(checkpoint_dir: Path) -> dict[str, Callable[[], torch.Tensor]]:
@@ -276,15 +279,15 @@ def hf_weight_loaders(checkpoint_dir: Path) -> dict[str, Callable[[], torch.Tens
     for weights, index in (("model.safetensors", "model.safetensors.index.json"),
                            ("pytorch_model.bin", "pytorch_model.bin.index.json")):
         if (checkpoint_dir / index).is_file():
-            weight_map = json.loads((checkpoint_dir / index).read_text())["weight_map"]
+            weight_map = read_json(checkpoint_dir / index)["weight_map"]
             files = [checkpoint_dir / f for f in sorted(set(weight_map.values()))]
             break
         if (checkpoint_dir / weights).is_file():
             files = [checkpoint_dir / weights]
             break
     else:
-        raise FileNotFoundError(f"no weights in {checkpoint_dir}: expected model.safetensors, pytorch_model.bin or "
-                                "a sharded checkpoint's *.index.json; download them with the config")
+        raise MissingFile(f"no weights in {checkpoint_dir}: expected model.safetensors, pytorch_model.bin or "
+                          "a sharded checkpoint's *.index.json; download them with the config")
     loaders = {}
     for path in files:
         require_file(path, "a shard named in the checkpoint's index is missing; download it too")
@@ -342,7 +345,7 @@ def convert_meta_checkpoint(checkpoint_dir: Path, output_dir: Path, tokenizer_pa
                                "download (the folder with params.json and consolidated.00.pth)")
     shard_paths = sorted(checkpoint_dir.glob("consolidated.*.pth"))
     if not shard_paths:
-        raise FileNotFoundError(f"no consolidated.*.pth in {checkpoint_dir}: the weights are missing")
+        raise MissingFile(f"no consolidated.*.pth in {checkpoint_dir}: the weights are missing")
     if tokenizer_path is None:
         candidates = [checkpoint_dir / TOKENIZER_FILE, checkpoint_dir.parent / TOKENIZER_FILE]
         tokenizer_path = next((p for p in candidates if p.is_file()), candidates[0])
@@ -370,7 +373,7 @@ def hf_state(state: dict[str, torch.Tensor], config: LLaMAConfig,
             continue
         match = re.fullmatch(r"transformer\.h\.(\d+)\.(.+)", name)
         if match is None or (match[2] not in block and match[2] != "attn.c_attn.weight"):
-            raise ValueError(f"unexpected tensor {name!r} in the checkpoint (a LoRA out dir must be merged first)")
+            raise BadValue(f"unexpected tensor {name!r} in the checkpoint (a LoRA out dir must be merged first)")
         i, suffix = match.groups()
         prefix = f"{HF.block_prefix}{i}."
         if suffix == "attn.c_attn.weight":
@@ -489,8 +492,8 @@ def export_hf_checkpoint(checkpoint_dir: Path, output_dir: Path, dtype: Optional
     tensors = hf_state(state, config, torch_dtype(dtype))
     output_dir.mkdir(parents=True, exist_ok=True)
     weights = output_dir / "model.safetensors"
-    save_file(tensors, weights.with_name(weights.name + ".tmp"), metadata={"format": "pt"})
-    os.replace(weights.with_name(weights.name + ".tmp"), weights)
+    save_file(tensors, temporary_name(weights), metadata={"format": "pt"})
+    replace_durably(temporary_name(weights), weights)
     write_json(hf_config(config, tokenizer, tensors["lm_head.weight"].dtype), output_dir / HF_CONFIG_FILE)
     generation = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.stop_ids}
     if tokenizer.eot_id is not None:

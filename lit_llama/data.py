@@ -6,7 +6,7 @@ list of per-sample dicts: it loads with mmap in constant time and stays compact 
 """
 
 import json
-import os
+import pickle
 import sys
 from dataclasses import asdict, dataclass, field
 from itertools import islice
@@ -16,7 +16,9 @@ from typing import Callable, Iterable, Iterator, Literal, Optional, TypeVar, Uni
 import torch
 from tqdm import tqdm
 
-from lit_llama.checkpoint import CONFIG_FILE, MAKE_CHECKPOINT, check_writable, read_config, require_dir, write_json
+from lit_llama.checkpoint import (CONFIG_FILE, MAKE_CHECKPOINT, atomic_save, check_writable, read_config, require_dir,
+                                  write_json)
+from lit_llama.errors import BadPath, BadValue, MissingFile, file_error
 from lit_llama.prompts import (EncodedConversation, PromptStyle, Segment, alpaca_user_turn, conversation_segments,
                                encode_segments, mark_label_runs, split_special)
 from lit_llama.tokenizer import Tokenizer, extend_tokenizer
@@ -69,13 +71,20 @@ class TokenDataset:
                             offsets=lengths.cumsum(0))
 
     def save(self, path: Path) -> None:
-        tmp = Path(f"{path}.tmp")
-        torch.save({"input_ids": self.input_ids, "loss_mask": self.loss_mask, "offsets": self.offsets}, tmp)
-        os.replace(tmp, path)  # readers never see a half-written file
+        """Written whole or not at all, and on the disk before its name: see lit_llama/files.py."""
+        atomic_save({"input_ids": self.input_ids, "loss_mask": self.loss_mask, "offsets": self.offsets}, path)
 
     @classmethod
     def load(cls, path: Path) -> "TokenDataset":
-        return cls(**torch.load(path, mmap=True, weights_only=True))
+        """A split a prepare script wrote; one cut short or damaged (a full disk, a copy stopped midway)
+        is named in one line."""
+        try:
+            return cls(**torch.load(path, mmap=True, weights_only=True, map_location="cpu"))
+        except OSError as e:  # there but unreadable (permissions)
+            raise file_error(e, str(path)) from None
+        except (RuntimeError, EOFError, pickle.UnpicklingError, TypeError):  # TypeError: not the three tensors
+            raise BadValue(f"{path} is truncated or corrupted, or not a split a scripts/prepare_*.py script wrote: "
+                           f"prepare the data again") from None
 
 
 @dataclass
@@ -114,16 +123,20 @@ class BadRow(Exception):
 def json_rows(path: Path) -> Iterator[tuple[str, Union[object, BadRow]]]:
     """(where, row) for each row of a JSONL file, or of a JSON file holding one array of rows; a line
     that isn't valid UTF-8 or JSON comes as a BadRow. `where` is file:line, or file[index] in an array."""
-    with open(path, "rb") as f:
+    try:
+        f = open(path, "rb")
+    except OSError as e:  # there but unreadable (permissions)
+        raise file_error(e, str(path)) from None
+    with f:
         is_array = f.read(4096).lstrip().startswith((b"[", b"\xef\xbb\xbf["))
         f.seek(0)
         if is_array:  # one document: an error anywhere leaves nothing usable
             try:
                 rows = json.loads(f.read().decode("utf-8-sig"))
             except UnicodeDecodeError as e:
-                raise ValueError(f"{path}: invalid UTF-8 at byte {e.start}") from None
+                raise BadValue(f"{path}: invalid UTF-8 at byte {e.start}") from None
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{e.lineno}:{e.colno}: invalid JSON ({e.msg})") from None
+                raise BadValue(f"{path}:{e.lineno}:{e.colno}: invalid JSON ({e.msg})") from None
             yield from ((f"{path}[{i}]", row) for i, row in enumerate(rows))
             return
         for line_no, raw in enumerate(f, 1):
@@ -331,17 +344,17 @@ def prepare_data(data_path: Path, layout: Callable[[dict, Tokenizer], list[Segme
     may set while rows are read, says whether any row had a system text; the tokenizer records it."""
     data_path, checkpoint_dir, destination_path = Path(data_path), Path(checkpoint_dir), Path(destination_path)
     if data_path.is_dir():
-        raise IsADirectoryError(f"--data_path {data_path} is a directory: give the data file itself")
+        raise BadPath(f"--data_path {data_path} is a directory: give the data file itself")
     if not data_path.is_file():
-        raise FileNotFoundError(f"--data_path {data_path} not found")
+        raise MissingFile(f"--data_path {data_path} not found")
     if not 0 < val_split_fraction < 1:
-        raise ValueError(f"--val_split_fraction must be between 0 and 1, got {val_split_fraction}")
+        raise BadValue(f"--val_split_fraction must be between 0 and 1, got {val_split_fraction}")
     require_dir(checkpoint_dir, "--checkpoint_dir", "the base checkpoint whose tokenizer gets the end-of-turn token; "
                 + MAKE_CHECKPOINT)
     block_size = read_config(checkpoint_dir / CONFIG_FILE, "is this a checkpoint dir? " + MAKE_CHECKPOINT).block_size
     max_seq_length = max_seq_length or block_size
     if max_seq_length > block_size:
-        raise ValueError(f"--max_seq_length {max_seq_length} exceeds the model's block_size {block_size}")
+        raise BadValue(f"--max_seq_length {max_seq_length} exceeds the model's block_size {block_size}")
     base = Tokenizer.from_dir(checkpoint_dir)
     tokenizer = extend_tokenizer(base, eot_token, repurpose_eot, extra_special_tokens or [], role_tokens)
     repurposing = repurpose_eot is not None and base.eot_id is None  # not a second round's EOT, already there
@@ -354,15 +367,15 @@ def prepare_data(data_path: Path, layout: Callable[[dict, Tokenizer], list[Segme
     if repurposing:
         piece = base.processor.id_to_piece(tokenizer.eot_id)
         if repurposed and not allow_repurposed_in_data:
-            raise ValueError(f"{data_path}: the repurposed piece {piece!r} occurs {repurposed} times in the data; pick a rarer "
-                             f"piece, or pass --allow_repurposed_in_data true to encode those places with other pieces")
+            raise BadValue(f"{data_path}: the repurposed piece {piece!r} occurs {repurposed} times in the data; pick a rarer "
+                           f"piece, or pass --allow_repurposed_in_data true to encode those places with other pieces")
         print(f"the repurposed piece {piece!r} (id {tokenizer.eot_id}) occurs {repurposed} times in the data"
               + (" (encoded with other pieces)" if repurposed else ""))
     print(report.summary())
     if strict and report.dropped:
-        raise ValueError(f"{data_path}: {sum(report.dropped.values())} rows dropped and --strict is set (reasons above)")
+        raise BadValue(f"{data_path}: {sum(report.dropped.values())} rows dropped and --strict is set (reasons above)")
     if len(data) < 2:
-        raise ValueError(f"{data_path}: {len(data)} usable samples; need at least 2 (one for validation)")
+        raise BadValue(f"{data_path}: {len(data)} usable samples; need at least 2 (one for validation)")
 
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
     n_val = min(len(data) - 1, max(1, round(len(data) * val_split_fraction)))
@@ -391,13 +404,13 @@ def load_prepared(data_dir: Path, checkpoint_dir: Path) -> tuple[Tokenizer, Toke
     tokenizer = Tokenizer.from_dir(data_dir)
     base = Tokenizer.from_dir(checkpoint_dir)
     if tokenizer.base_sha256 != base.base_sha256:
-        raise ValueError(f"{data_dir} was prepared with another tokenizer than {checkpoint_dir}'s; "
-                         f"run the prepare script again with --checkpoint_dir {checkpoint_dir}")
+        raise BadValue(f"{data_dir} was prepared with another tokenizer than {checkpoint_dir}'s; "
+                       f"run the prepare script again with --checkpoint_dir {checkpoint_dir}")
     splits = []
     for name in ("train", "val"):
         path = data_dir / f"{name}.pt"
         if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: prepare the data first (scripts/prepare_lima.py)")
+            raise MissingFile(f"{path} not found: prepare the data first (scripts/prepare_lima.py)")
         splits.append(TokenDataset.load(path))
     return tokenizer, splits[0], splits[1]
 
@@ -409,10 +422,10 @@ def load_mix(mix_dir: Path, data_dir: Path, tokenizer: Tokenizer) -> TokenDatase
     mix_dir = require_dir(mix_dir, "--mix_dir", "prepare it first with a scripts/prepare_*.py script")
     mixed = Tokenizer.from_dir(mix_dir)
     if (mixed.model_proto, mixed.special_tokens) != (tokenizer.model_proto, tokenizer.special_tokens):
-        raise ValueError(f"--mix_dir {mix_dir} was prepared with another tokenizer than --data_dir {data_dir} "
-                         f"(special tokens {mixed.special_tokens} against {tokenizer.special_tokens}): prepare it "
-                         f"again with the same --checkpoint_dir and special-token flags")
+        raise BadValue(f"--mix_dir {mix_dir} was prepared with another tokenizer than --data_dir {data_dir} "
+                       f"(special tokens {mixed.special_tokens} against {tokenizer.special_tokens}): prepare it "
+                       f"again with the same --checkpoint_dir and special-token flags")
     path = mix_dir / "train.pt"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: prepare --mix_dir again")
+        raise MissingFile(f"{path} not found: prepare --mix_dir again")
     return TokenDataset.load(path)

@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Union
 import torch
 from tqdm import tqdm
 
+from lit_llama.errors import BadValue
 from lit_llama.model import LLaMA
 from lit_llama.prompts import encode_prompt, system_warning
 from lit_llama.tokenizer import Tokenizer
@@ -38,23 +39,24 @@ class Sampling:
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
-            raise ValueError(f"--temperature must be >= 0, got {self.temperature}")
+            raise BadValue(f"--temperature must be >= 0, got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"--top_k must be >= 1, got {self.top_k}")
+            raise BadValue(f"--top_k must be >= 1, got {self.top_k}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"--top_p must be in (0, 1], got {self.top_p}")
+            raise BadValue(f"--top_p must be in (0, 1], got {self.top_p}")
 
 
 def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: Optional[int] = None, top_p: float = 1.0,
            generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """One id from the logits (V,) of the last position, as a (1,) tensor: greedy at temperature 0, else
-    drawn from the `top_k` most likely ids, cut further to the fewest that hold `top_p` of the probability."""
+    """One id from the logits (V,) of the last position, as a (1,) tensor on their device: greedy at
+    temperature 0, else drawn from the `top_k` most likely ids (exactly k, ties broken by topk), cut
+    further to the fewest that hold `top_p` of the probability."""
     if temperature == 0.0:
         return logits.argmax(-1, keepdim=True)
     logits = logits.float() / temperature
     if top_k is not None and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        top = torch.topk(logits, top_k)
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, top.indices, top.values)
     if top_p < 1.0:
         sorted_logits, order = logits.sort(descending=True)
         probs = sorted_logits.softmax(-1)
@@ -74,18 +76,24 @@ class Decoder:
     """A model with a preallocated KV cache of `batch_size` rows and `max_seq_length` positions, and the
     ids each row holds. Rows are independent sequences: each has its own length, and a prompt read into
     one row leaves the others as they are. A prompt that starts with what its row holds (the next turn
-    of a chat, another sample) reads only the rest."""
+    of a chat, another sample) reads only the rest.
+
+    Each row's next position lives on the device beside the cache, and steps take their tokens as a
+    device tensor: a step copies nothing from the host and reads nothing back."""
 
     def __init__(self, model: LLaMA, batch_size: int = 1, max_seq_length: Optional[int] = None,
-                 step: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None) -> None:
+                 step: Optional[Callable[..., torch.Tensor]] = None) -> None:
         self.model = model
         self.max_seq_length = max_seq_length or model.config.block_size
         model.set_kv_cache(batch_size=batch_size, max_seq_length=self.max_seq_length)
         self.run_step = model if step is None else step  # what runs one-token steps: the model, or compile_step(model)
+        self.compiled = step is not None
         self.device = model.lm_head.weight.device
         self.ids: list[list[int]] = [[] for _ in range(batch_size)]  # what each row's cache holds
+        self.positions = torch.zeros(batch_size, dtype=torch.long, device=self.device)  # where each row's next token goes
+        self.active = torch.zeros(batch_size, dtype=torch.bool, device=self.device)  # rows that hold a sequence
         self.prefilled = 0  # prompt tokens read by the last `prefill` (the rest came from the cache)
-        self.steps, self.step_seconds = 0, 0.0  # one-token steps run, and their time
+        self.steps = 0  # one-token steps run
 
     def __enter__(self) -> "Decoder":
         return self
@@ -97,40 +105,53 @@ class Decoder:
     def batch_size(self) -> int:
         return len(self.ids)
 
+    def reset(self) -> None:
+        """Forget what every row holds (after a failed step, whose writes to the cache are unknown)."""
+        for row in range(self.batch_size):
+            self.release(row)
+
+    def release(self, row: int) -> None:
+        """`row` holds nothing any more: its steps compute a throwaway token at position 0."""
+        self.ids[row].clear()
+        self.positions[row] = 0
+        self.active[row] = False
+
     def prefill(self, row: int, prompt: list[int]) -> torch.Tensor:
         """Make `row` hold `prompt`, reading only what it does not hold yet: positions past the common
         prefix are overwritten, and the causal mask never lets a token see a stale position after its
         own. The logits (V,) after the last prompt token."""
         if not 0 < len(prompt) <= self.max_seq_length:
-            raise ValueError(f"a prompt of {len(prompt)} tokens does not fit in the KV cache of {self.max_seq_length}")
+            raise BadValue(f"a prompt of {len(prompt)} tokens does not fit in the KV cache of {self.max_seq_length}")
         cached = self.ids[row]
         keep = min(common_prefix(cached, prompt), len(prompt) - 1)  # the last token is read again: its logits are needed
         del cached[keep:]
         idx = torch.tensor([prompt[keep:]], device=self.device)  # (1, T)
         input_pos = torch.arange(keep, len(prompt), device=self.device).unsqueeze(0)  # (1, T)
-        logits = self.model(idx, input_pos, last_only=True, row=row)[0, -1]
+        logits = self.model(idx, input_pos, last_only=True, row=row, kv_length=len(prompt))[0, -1]
         cached.extend(prompt[keep:])
+        self.positions[row] = len(prompt)
+        self.active[row] = True
         self.prefilled = len(prompt) - keep
         return logits
 
-    def feed(self, tokens: list[Optional[int]]) -> torch.Tensor:
-        """Append one token to each row in one step; the logits (B, V) after them. A row given None has
-        nothing to decode: it computes a throwaway token at position 0 and forgets what it held."""
-        positions = []
-        for row, token in zip(self.ids, tokens):
+    def feed(self, tokens: torch.Tensor, read: list[Optional[int]]) -> torch.Tensor:
+        """Append one token to each row in one step: `tokens` (B,) on the device, `read` the same ids as
+        the host has them, None for a row with nothing to decode (it is released). The logits (B, V)."""
+        for row, token in enumerate(read):
             if token is None:
-                row.clear()
-            elif len(row) >= self.max_seq_length:
-                raise ValueError(f"a row of {len(row) + 1} tokens does not fit in the KV cache of {self.max_seq_length}")
-            positions.append(len(row))
-        idx = torch.tensor([[0 if t is None else t] for t in tokens], device=self.device)  # (B, 1)
-        input_pos = torch.tensor(positions, device=self.device).unsqueeze(1)  # (B, 1)
-        begin = time.perf_counter()
-        logits = self.run_step(idx, input_pos)[:, -1]
-        for row, token in zip(self.ids, tokens):
+                if self.ids[row]:
+                    self.release(row)
+            elif len(self.ids[row]) >= self.max_seq_length:
+                raise ValueError(f"a row of {len(self.ids[row]) + 1} tokens does not fit in the KV cache of "
+                                 f"{self.max_seq_length}")
+        # eager steps attend as far as the furthest row reaches; a compiled one keeps the cache's shape
+        kv_length = None if self.compiled else max(len(ids) for ids in self.ids) + 1
+        logits = self.run_step(tokens.view(-1, 1), self.positions.view(-1, 1), kv_length=kv_length)[:, -1]
+        self.positions += self.active
+        for ids, token in zip(self.ids, read):
             if token is not None:
-                row.append(token)
-        self.steps, self.step_seconds = self.steps + 1, self.step_seconds + time.perf_counter() - begin
+                ids.append(token)
+        self.steps += 1
         return logits
 
 
@@ -169,10 +190,10 @@ class ContinuousBatch:
 
     def submit(self, request: Request) -> None:
         if request.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be at least 1, got {request.max_new_tokens}")
+            raise BadValue(f"max_new_tokens must be at least 1, got {request.max_new_tokens}")
         if len(request.prompt) + request.max_new_tokens > self.decoder.max_seq_length:
-            raise ValueError(f"a prompt of {len(request.prompt)} tokens and {request.max_new_tokens} new tokens do not "
-                             f"fit in the KV cache of {self.decoder.max_seq_length}")
+            raise BadValue(f"a prompt of {len(request.prompt)} tokens and {request.max_new_tokens} new tokens do not "
+                           f"fit in the KV cache of {self.decoder.max_seq_length}")
         self.waiting.append(request)
 
     @property
@@ -188,7 +209,8 @@ class ContinuousBatch:
 
     def step(self) -> list[tuple[Request, int]]:
         """Free rows take waiting requests (their prompts are read), then every row samples one token.
-        Returns each request's token; a request that is done afterwards has left the batch."""
+        Returns each request's token; a request that is done afterwards has left the batch. The sampled
+        ids are read back to the host once per step, for all rows together."""
         for row in range(len(self.rows)):
             if self.rows[row] is None and self.waiting:
                 request = self.waiting.popleft()
@@ -200,22 +222,23 @@ class ContinuousBatch:
         active = [(row, request) for row, request in enumerate(self.rows) if request is not None]
         if not active:
             return []
-        greedy = self.logits.argmax(-1).tolist()  # one transfer for every greedy row
-        sampled, tokens = [], [None] * len(self.rows)
+        tokens = self.logits.argmax(-1)  # (B,): greedy rows, and what free rows feed
         for row, request in active:
             s = request.sampling
-            token = greedy[row] if s.temperature == 0.0 else \
-                int(sample(self.logits[row], s.temperature, s.top_k, s.top_p, request.generator))
-            request.add(token)
-            sampled.append((request, token))
+            if s.temperature > 0.0:  # each with its own generator: a draw never depends on the neighbours
+                tokens[row : row + 1] = sample(self.logits[row], s.temperature, s.top_k, s.top_p, request.generator)
+        read = tokens.tolist()
+        sampled, fed = [], [None] * len(self.rows)
+        for row, request in active:
+            request.add(read[row])
+            sampled.append((request, read[row]))
             if request.done:
                 self.rows[row] = None
             else:
-                tokens[row] = token
+                fed[row] = read[row]
         if any(self.rows):
-            self.logits = self.decoder.feed(tokens)
+            self.logits = self.decoder.feed(tokens, fed)
         return sampled
-
 
 def decode(decoder: Decoder, request: Request) -> Iterator[int]:
     """The ids `request` samples, one per step, alone on `decoder`: a stop id, if one ends it, last."""
@@ -230,8 +253,8 @@ def room_for(model: LLaMA, prompt_length: int, max_new_tokens: int) -> int:
     """How many tokens may follow a prompt: `max_new_tokens`, or fewer where the context ends first."""
     room = min(max_new_tokens, model.config.block_size - prompt_length)
     if room <= 0:
-        raise ValueError(f"the prompt has {prompt_length} tokens: no room left in the model's context of "
-                         f"{model.config.block_size}")
+        raise BadValue(f"the prompt has {prompt_length} tokens: no room left in the model's context of "
+                       f"{model.config.block_size}")
     return room
 
 
@@ -266,14 +289,14 @@ def generate_batch(model: LLaMA, prompts: list[list[int]], max_new_tokens: Union
     if isinstance(max_new_tokens, int):
         max_new_tokens = [max_new_tokens] * len(prompts)
     if len(max_new_tokens) != len(prompts) or min(max_new_tokens, default=1) < 1:
-        raise ValueError(f"max_new_tokens must be at least 1 for each of the {len(prompts)} prompts, got {max_new_tokens}")
+        raise BadValue(f"max_new_tokens must be at least 1 for each of the {len(prompts)} prompts, got {max_new_tokens}")
     generators = generators or [None] * len(prompts)
     requests = [Request(prompt, room_for(model, len(prompt), limit), sampling, stop_ids, generator)
                 for prompt, limit, generator in zip(prompts, max_new_tokens, generators)]
     if not requests:
         return []
-    # compiled steps keep one cache shape whatever the prompts; eager ones size it to the need
-    cache_length = model.config.block_size if compile else max(len(r.prompt) + r.max_new_tokens for r in requests)
+    # sized to the longest request, compiled or not: block_size rows of a long-context model can take tens of GiB
+    cache_length = max(len(r.prompt) + r.max_new_tokens for r in requests)
     with Decoder(model, min(batch_size, len(requests)), cache_length, compile_step(model) if compile else None) as decoder, \
             tqdm(total=len(requests), unit="reply", disable=not progress) as bar:
         batch = ContinuousBatch(decoder)
@@ -297,13 +320,14 @@ def stop_reason(generation: Generation, tokenizer: Tokenizer) -> str:
 
 def resolve_stop_ids(tokenizer: Tokenizer, stop_on_eos: bool = True, stop_tokens: Sequence[str] = ()) -> tuple[int, ...]:
     """The ids that end a reply: the tokenizer's (EOT when it has one, and EOS), EOS left out unless
-    `stop_on_eos`, plus `stop_tokens` named by special-token text, exact piece ("▁Human") or id."""
+    `stop_on_eos`, plus `stop_tokens` named by special-token text, exact piece ("▁Human") or id (digits
+    that are a piece name the piece)."""
     ids = [i for i in tokenizer.stop_ids if stop_on_eos or i != tokenizer.eos_id]
     for token in stop_tokens:
         try:
             ids.append(tokenizer.special_tokens[token] if token in tokenizer.special_tokens else tokenizer.piece_id(token))
         except ValueError as e:
-            raise ValueError(f"--stop_tokens: {e}") from None
+            raise BadValue(f"--stop_tokens: {e}") from None
     return tuple(dict.fromkeys(ids))
 
 
@@ -336,10 +360,12 @@ class Detokenizer:
 
 class Stream:
     """`request`'s reply as it is decoded alone on `decoder`: iterate for its text, piece by piece;
-    afterwards `generation` holds its tokens and stop id, as `generate` returns them."""
+    afterwards `generation` holds its tokens and stop id, as `generate` returns them, and
+    `first_token_at` the time (perf_counter) the host had the first one: the prompt's read ends there."""
 
     def __init__(self, tokenizer: Tokenizer, decoder: Decoder, request: Request) -> None:
         self.tokenizer, self.decoder, self.request = tokenizer, decoder, request
+        self.first_token_at: Optional[float] = None
 
     @property
     def generation(self) -> Generation:
@@ -348,6 +374,7 @@ class Stream:
     def __iter__(self) -> Iterator[str]:
         detokenizer = Detokenizer(self.tokenizer)
         for token in decode(self.decoder, self.request):
+            self.first_token_at = self.first_token_at or time.perf_counter()
             if token in self.request.stop_ids:
                 break
             if text := detokenizer.add(token):
@@ -367,9 +394,9 @@ class Chat:
                  max_seq_length: Optional[int] = None, sampling: Sampling = Sampling(),
                  stop_ids: Optional[Sequence[int]] = None, seed: int = 1234, compile: bool = False) -> None:
         if tokenizer.eot_id is None:  # refused now, not at every message
-            raise ValueError("the tokenizer has no end-of-turn token (a base checkpoint?): chat with a fine-tune "
-                             "(--lora_path, --adapter_path, or a full or merged checkpoint); continue plain text "
-                             "with generate/base.py")
+            raise BadValue("the tokenizer has no end-of-turn token (a base checkpoint?): chat with a fine-tune "
+                           "(--lora_path, --adapter_path, or a full or merged checkpoint); continue plain text "
+                           "with generate/base.py")
         if system is not None and (warning := system_warning(tokenizer)):
             print(warning, file=sys.stderr)
         self.tokenizer, self.system, self.max_new_tokens, self.sampling = tokenizer, system, max_new_tokens, sampling
@@ -394,7 +421,7 @@ class Chat:
             turns = turns[2:]
             ids = encode_prompt(self.tokenizer, turns, self.system)
         if len(ids) >= limit:
-            raise ValueError(f"the message makes a prompt of {len(ids)} tokens: no room left in the context of {limit}")
+            raise BadValue(f"the message makes a prompt of {len(ids)} tokens: no room left in the context of {limit}")
         self.dropped = len(self.turns) + 1 - len(turns)
         self.turns = turns[:-1]
         return ids

@@ -18,11 +18,14 @@ from typing import Any, Literal, Optional
 import torch
 
 from lit_llama.checkpoint import GIVE_OUT_DIR, load_finetuned, load_model, require_dir
+from lit_llama.device_check import simulated_accelerator
+from lit_llama.errors import BadValue, file_error
 from lit_llama.generate import (Decoder, Request, Sampling, Stream, compile_step, generate_batch, resolve_stop_ids,
                                 room_for, stop_reason)
 from lit_llama.model import LLaMA
+from lit_llama.precision import gpu_computes_bf16
 from lit_llama.prompts import encode_prompt, system_warning
-from lit_llama.quantize import Quantize, quantize as quantize_weights
+from lit_llama.quantize import Quantize, nf4_tensor, quantize as quantize_weights
 from lit_llama.tokenizer import Tokenizer
 
 Precision = Literal["32-true", "bf16-true", "16-true"]
@@ -30,21 +33,29 @@ DTYPES = {"32-true": torch.float32, "bf16-true": torch.bfloat16, "16-true": torc
 
 
 def inference_device_dtype(precision: Optional[Precision] = None) -> tuple[torch.device, torch.dtype]:
-    """Where and in what dtype to run: `precision` when given, else bf16 on a GPU that supports it
-    (fp16 on one that doesn't) and fp32 on the CPU."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """Where and in what dtype to run: `precision` when given, else bf16 on a GPU that computes it
+    natively, fp16 on an older GPU, and fp32 on the CPU. Under a `DeviceCheck`, its simulated accelerator."""
+    device = simulated_accelerator() or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if precision is not None:
         return device, DTYPES[precision]
     if device.type == "cuda":
-        return device, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return device, torch.bfloat16 if gpu_computes_bf16() else torch.float16
     return device, torch.float32
 
 
 def place(model: LLaMA, precision: Optional[Precision] = None, quantize: Optional[Quantize] = None) -> LLaMA:
-    """The model where and in the dtype it runs, its block weights then quantized when asked (in that
-    order: moving an NF4 weight to a dtype would dequantize it)."""
+    """The model where and in the dtype it runs. With `quantize`, the block weights are quantized a
+    layer at a time on their way to the device, so the dense model is never there whole (a 70B base
+    would need 140 GB); the rest follows, past the NF4 weights (moved to a dtype, one would dequantize)."""
     device, dtype = inference_device_dtype(precision)
-    return quantize_weights(model.to(device=device, dtype=dtype).eval(), quantize)
+    model.requires_grad_(False)  # nothing trains here: a checkpoint loads its weights as trainable parameters
+    if quantize is None:
+        return model.to(device=device, dtype=dtype).eval()
+    quantize_weights(model, quantize, device, dtype)
+    for param in model.parameters():
+        if not isinstance(param, nf4_tensor()):  # embeddings, norms, the head
+            param.data = param.data.to(device=device, dtype=dtype)
+    return model.eval()
 
 
 def peak_memory(device: torch.device) -> str:
@@ -62,14 +73,14 @@ def load_for_inference(checkpoint_dir: Optional[Path] = None, lora_path: Optiona
     """The model and tokenizer a script is pointed at: a LoRA or adapter out dir (on the base checkpoint
     it names, or `checkpoint_dir`), else a checkpoint dir (a base model, a merged LoRA, a full fine-tune)."""
     if lora_path is not None and adapter_path is not None:
-        raise ValueError("pass --lora_path or --adapter_path, not both")
+        raise BadValue("pass --lora_path or --adapter_path, not both")
     out_dir = lora_path or adapter_path
     if out_dir is not None:
         # named by its flag here; load_finetuned, called by other scripts too, names the path only
         require_dir(out_dir, "--lora_path" if lora_path is not None else "--adapter_path", GIVE_OUT_DIR)
         return load_finetuned(out_dir, checkpoint_dir)
     if checkpoint_dir is None:
-        raise ValueError("pass --checkpoint_dir, --lora_path or --adapter_path")
+        raise BadValue("pass --checkpoint_dir, --lora_path or --adapter_path")
     return load_model(checkpoint_dir), Tokenizer.from_dir(checkpoint_dir)
 
 
@@ -88,7 +99,7 @@ def parse_prompt_row(row: Any) -> PromptRow:
     elif isinstance(row, list):
         row = {"conversations": row}
     if not isinstance(row, dict):
-        raise ValueError("expected a string, a list of turns or an object")
+        raise BadValue("expected a string, a list of turns or an object")
     system = row.get("system")
     if "prompt" in row:
         turns = [row["prompt"]]
@@ -96,32 +107,39 @@ def parse_prompt_row(row: Any) -> PromptRow:
         turns = row["conversations"]
     elif "messages" in row:
         messages = row["messages"]
-        if messages and isinstance(messages[0], dict) and messages[0].get("role") == "system":
-            system, messages = messages[0].get("content"), messages[1:]
-        roles = [m.get("role") if isinstance(m, dict) else None for m in messages]
+        if not isinstance(messages, list) or not all(isinstance(m, dict) and isinstance(m.get("content"), str)
+                                                     for m in messages):
+            raise BadValue("'messages' must be a list of objects with a 'role' and a text 'content'")
+        if messages and messages[0].get("role") == "system":
+            system, messages = messages[0]["content"], messages[1:]
+        roles = [m.get("role") for m in messages]
         if roles != ["user", "assistant"] * (len(roles) // 2) + ["user"]:
-            raise ValueError("messages must alternate user, assistant, ..., and end with the user's")
-        turns = [m.get("content") for m in messages]
+            raise BadValue("messages must alternate user, assistant, ..., and end with the user's")
+        turns = [m["content"] for m in messages]
     else:
-        raise ValueError("expected a 'prompt', 'conversations' or 'messages' field")
-    if not turns or len(turns) % 2 != 1 or not all(isinstance(t, str) for t in turns):
-        raise ValueError("expected an odd number of text turns, ending with the user's")
+        raise BadValue("expected a 'prompt', 'conversations' or 'messages' field")
+    if not isinstance(turns, list) or len(turns) % 2 != 1 or not all(isinstance(t, str) for t in turns):
+        raise BadValue("expected an odd number of text turns, ending with the user's")
     if system is not None and not isinstance(system, str):
-        raise ValueError("'system' must be a string")
+        raise BadValue("'system' must be a string")
     return PromptRow(row, turns, system)
 
 
 def read_prompts(path: Path) -> list[PromptRow]:
     """The rows of a JSONL prompts file; a bad row is an error naming its file and line."""
     rows = []
-    with open(path, encoding="utf-8") as f:
+    try:
+        f = open(path, "rb")
+    except OSError as e:  # missing, a directory, unreadable
+        raise file_error(e, str(path)) from None
+    with f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                rows.append(parse_prompt_row(json.loads(line)))
-            except ValueError as e:  # json.JSONDecodeError is one
-                raise ValueError(f"{path}:{n}: {e}") from None
+                rows.append(parse_prompt_row(json.loads(line.decode("utf-8"))))
+            except ValueError as e:  # invalid UTF-8 and json.JSONDecodeError are ValueErrors too
+                raise BadValue(f"{path}:{n}: {e}") from None
     return rows
 
 
@@ -130,7 +148,7 @@ def prompt_ids(tokenizer: Tokenizer, turns: list[str], system: Optional[str], ra
     if not raw:
         return encode_prompt(tokenizer, turns, system)
     if len(turns) != 1 or system is not None:
-        raise ValueError("--raw takes a single prompt text, not turns or a system text")
+        raise BadValue("--raw takes a single prompt text, not turns or a system text")
     return tokenizer.encode(turns[0], bos=True)
 
 
@@ -156,7 +174,8 @@ def reply(model: LLaMA, tokenizer: Tokenizer, prompt: str = "How do plants drink
         system: a system text before the conversation (when the fine-tune was trained with one)
         num_samples: replies to generate for each prompt
         stop_on_eos: stop on EOS as well as on the end-of-turn token
-        stop_tokens: more tokens to stop on: special-token text, exact piece ("▁Human") or id
+        stop_tokens: more tokens to stop on: special-token text, exact piece ("▁Human") or id (digits
+            that are a piece name the piece)
         prompts_file: a JSONL file, one prompt per line: "text", {"prompt": "text"}, or a conversation
             ending with a user turn ({"conversations": [...]}, {"messages": [{"role", "content"}, ...]})
         output_file: where the replies to `prompts_file` go, as JSONL (default: stdout); each row is the
@@ -168,7 +187,7 @@ def reply(model: LLaMA, tokenizer: Tokenizer, prompt: str = "How do plants drink
             long generations, the first step waits for the compilation)
     """
     if num_samples < 1 or batch_size < 1:
-        raise ValueError("--num_samples and --batch_size must be at least 1")
+        raise BadValue("--num_samples and --batch_size must be at least 1")
     model = place(model, precision, quantize)
     sampling = Sampling(temperature, top_k, top_p)
     stop_ids = resolve_stop_ids(tokenizer, stop_on_eos, stop_tokens)
@@ -186,19 +205,21 @@ def reply(model: LLaMA, tokenizer: Tokenizer, prompt: str = "How do plants drink
         print(warning, file=sys.stderr)
     room = room_for(model, len(ids), max_new_tokens)
     device = model.lm_head.weight.device
-    with torch.inference_mode(), Decoder(model, 1, model.config.block_size if compile else len(ids) + room,
-                                         compile_step(model) if compile else None) as decoder:
+    # the cache holds what this prompt and its reply need, compiled or not (one graph per cache length)
+    with torch.inference_mode(), Decoder(model, 1, len(ids) + room, compile_step(model) if compile else None) as decoder:
         for i in range(num_samples):
             generator = torch.Generator(device).manual_seed(seed + i)
-            steps, seconds = decoder.steps, decoder.step_seconds
+            steps = decoder.steps
             start = time.perf_counter()
             stream = Stream(tokenizer, decoder, Request(ids, room, sampling, stop_ids, generator))
             for text in stream:
                 print(text, end="", flush=True)
             print(flush=True)
-            elapsed = time.perf_counter() - start
-            n = len(stream.generation.tokens)
-            decode_rate = (decoder.steps - steps) / max(decoder.step_seconds - seconds, 1e-9)
+            end = time.perf_counter()
+            elapsed, n = end - start, len(stream.generation.tokens)
+            # after the first token, each step's token reaches the host one step after the last: steps / time
+            # holds on a GPU too, where a step's launch returns before its work is done
+            decode_rate = (decoder.steps - steps) / max(end - (stream.first_token_at or end), 1e-9)
             print(f"stop reason: {stop_reason(stream.generation, tokenizer)} after {n} tokens | {n / elapsed:.1f} tokens/s, "
                   f"decode steps {decode_rate:.1f} tokens/s | {peak_memory(device)}", file=sys.stderr)
 
@@ -215,7 +236,10 @@ def reply_to_file(model: LLaMA, tokenizer: Tokenizer, rows: list[PromptRow], out
                              top_p=sampling.top_p, stop_ids=stop_ids, generators=generators, batch_size=batch_size,
                              compile=compile, progress=True)
     elapsed = time.perf_counter() - start
-    out = open(output_file, "w", encoding="utf-8") if output_file is not None else sys.stdout
+    try:
+        out = open(output_file, "w", encoding="utf-8") if output_file is not None else sys.stdout
+    except OSError as e:  # its dir missing, a directory, not writable
+        raise file_error(e, f"--output_file {output_file}") from None
     try:
         for (row, i), ids, result in zip(jobs, prompts, results):
             extra = {"sample": i} if num_samples > 1 else {}

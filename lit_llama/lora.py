@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lit_llama.errors import BadValue
 from lit_llama.model import LLaMA
 
 
@@ -45,9 +46,9 @@ class LoRAConfig:
 
     def __post_init__(self) -> None:
         if self.r <= 0:
-            raise ValueError(f"LoRA rank r must be positive, got {self.r}")
+            raise BadValue(f"LoRA rank r must be positive, got {self.r}")
         if not any((self.query, self.key, self.value, self.projection, self.mlp, self.head)):
-            raise ValueError("LoRA needs at least one target: query, key, value, projection, mlp or head")
+            raise BadValue("LoRA needs at least one target: query, key, value, projection, mlp or head")
 
 
 class LoRALinear(nn.Linear):
@@ -87,7 +88,7 @@ class LoRALinear(nn.Linear):
         return torch.cat(parts)
 
     def delta_weight(self) -> torch.Tensor:
-        """The update as a full (out, in) matrix: B @ A * scaling on the enabled rows."""
+        """The update as a full (out, in) fp32 matrix: B @ A * scaling on the enabled rows."""
         delta = torch.zeros_like(self.weight, dtype=torch.float32)
         b_start = 0
         for i, (start, size) in enumerate(self.lora_slices):
@@ -95,7 +96,7 @@ class LoRALinear(nn.Linear):
             b_i = self.lora_B[b_start : b_start + size].float()
             delta[start : start + size] = b_i @ a_i * self.scaling
             b_start += size
-        return delta.to(self.weight.dtype)
+        return delta
 
 
 def _lora_linear(old: nn.Linear, config: LoRAConfig, chunks: Optional[list[int]] = None,
@@ -134,5 +135,8 @@ def merge_lora(model: LLaMA) -> None:
         for name, child in list(parent.named_children()):
             if isinstance(child, LoRALinear):
                 plain = nn.Linear(child.in_features, child.out_features, bias=False, device="meta")
-                plain.weight = nn.Parameter(child.weight + child.delta_weight(), requires_grad=False)
+                # added in fp32 and rounded once to the weight's dtype: rounding the update to bf16 first, then
+                # the sum, would round twice
+                merged = (child.weight.float() + child.delta_weight()).to(child.weight.dtype)
+                plain.weight = nn.Parameter(merged, requires_grad=False)
                 setattr(parent, name, plain)

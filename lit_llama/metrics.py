@@ -13,6 +13,7 @@ from typing import Any, Literal, Optional
 from lightning.fabric.loggers import Logger, TensorBoardLogger
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 
+from lit_llama.errors import BadValue, MissingPackage
 from lit_llama.files import write_atomic
 
 LoggerName = Literal["csv", "tensorboard", "wandb"]
@@ -67,19 +68,19 @@ def make_loggers(name: LoggerName, out_dir: Path) -> list[Logger]:
         try:
             import tensorboard  # noqa: F401  (Lightning's logger also takes tensorboardX; check for one clearly)
         except ImportError:
-            raise ValueError("--logger_name tensorboard: the tensorboard package is not installed "
-                             "(pip install tensorboard)") from None
+            raise MissingPackage("--logger_name tensorboard: the tensorboard package is not installed "
+                                 "(pip install tensorboard)") from None
         loggers.append(TensorBoardLogger(root_dir=Path(out_dir) / "logs", name="tensorboard", version=""))
     elif name == "wandb":
         try:
             from lightning.pytorch.loggers import WandbLogger
             import wandb  # noqa: F401
         except ImportError:
-            raise ValueError("--logger_name wandb: the wandb package is not installed (pip install wandb)") from None
+            raise MissingPackage("--logger_name wandb: the wandb package is not installed (pip install wandb)") from None
         loggers.append(WandbLogger(project="lit-llama-lima", name=Path(out_dir).name, save_dir=str(out_dir),
                                    resume="allow"))
     elif name != "csv":
-        raise ValueError(f"--logger_name {name!r} is not one of csv, tensorboard, wandb")
+        raise BadValue(f"--logger_name {name!r} is not one of csv, tensorboard, wandb")
     return loggers
 
 

@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from lit_llama.errors import BadValue
 from lit_llama.files import write_atomic
 
 
@@ -49,11 +50,11 @@ class LLaMAConfig:
             # LLaMA's rule: 2/3 of 4 * n_embd, rounded up to a multiple of 256
             self.intermediate_size = find_multiple(int(2 * 4 * self.n_embd / 3), 256)
         if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+            raise BadValue(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
         if self.n_head % self.n_query_groups:
-            raise ValueError(f"n_head={self.n_head} is not divisible by n_query_groups={self.n_query_groups}")
+            raise BadValue(f"n_head={self.n_head} is not divisible by n_query_groups={self.n_query_groups}")
         if self.padded_vocab_size < self.vocab_size:
-            raise ValueError(f"padded_vocab_size={self.padded_vocab_size} < vocab_size={self.vocab_size}")
+            raise BadValue(f"padded_vocab_size={self.padded_vocab_size} < vocab_size={self.vocab_size}")
 
     @property
     def head_size(self) -> int:
@@ -168,11 +169,18 @@ class CausalSelfAttention(nn.Module):
         return q, k, v
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-        # q: (B, nh, T, hs); k, v: (B, G, S, hs) -> (B, nh, T, hs). SDPA shares each k/v head across its query group
-        gqa = self.n_query_groups != self.n_head
-        if mask is None:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        # q: (B, nh, T, hs); k, v: (B, G, S, hs) -> (B, nh, T, hs). Each k/v head serves its group of query heads
+        if mask is None:  # causal, no mask: flash attention on a GPU, which takes grouped heads as they are
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_query_groups != self.n_head)
+        # with a mask (the KV cache) a GPU runs the memory-efficient kernel, which does not take grouped heads in
+        # every torch build (and math would hold fp32 (B, nh, T, S) scores): each group's query heads become
+        # rows of one head, so SDPA sees as many query heads as k/v heads and no k/v is copied
+        B, nh, T, hs = q.shape
+        per_group = nh // self.n_query_groups
+        q = q.reshape(B, self.n_query_groups, per_group * T, hs)  # (B, G, per_group * T, hs), head h = g * per_group + j
+        mask = mask.repeat(1, 1, per_group, 1)  # (B, 1, per_group * T, S): row j * T + t is position t's
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, G, per_group * T, hs)
+        return y.view(B, nh, T, hs)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Optional[torch.Tensor] = None,
                 input_pos: Optional[torch.Tensor] = None, row: Optional[int] = None) -> torch.Tensor:
@@ -232,66 +240,91 @@ class ScoreRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
+        # under autocast the logits (and their gradient) are bf16 while a trained head is fp32: the backward,
+        # which autocast does not cover, computes in the gradient's dtype and returns each input's own
         x, weight, rows, ids = ctx.saved_tensors
+        dtype = grad.dtype
         grad_ids = grad[..., ids]  # (..., k)
         grad_x = grad_weight = grad_rows = None
         if ctx.needs_input_grad[0]:
             # grad @ weight counts weight[ids] where rows[ids] scored: swap their parts
-            grad_x = torch.matmul(grad, weight) + torch.matmul(grad_ids, rows.to(x.dtype) - weight[ids])
+            grad_x = (grad @ weight.to(dtype) + grad_ids @ (rows - weight[ids]).to(dtype)).to(x.dtype)
         if ctx.needs_input_grad[1]:
-            grad_weight = grad.flatten(0, -2).T @ x.flatten(0, -2)
+            grad_weight = (grad.flatten(0, -2).T @ x.flatten(0, -2).to(dtype)).to(weight.dtype)
             grad_weight[ids] = 0
         if ctx.needs_input_grad[2]:
-            grad_rows = (grad_ids.flatten(0, -2).T @ x.flatten(0, -2)).to(rows.dtype)
+            grad_rows = (grad_ids.flatten(0, -2).T @ x.flatten(0, -2).to(dtype)).to(rows.dtype)
         return grad_x, grad_weight, grad_rows, None
 
 
-class HeadLoss(torch.autograd.Function):
-    """The summed cross-entropy of the head's logits against `targets`, a chunk of positions at a time.
+def chunked_head_loss(x: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor,
+                      targets: torch.Tensor, groups: torch.Tensor, n_groups: int, chunk_size: int,
+                      with_grads: bool) -> tuple[torch.Tensor, ...]:
+    """The cross-entropy of the head's logits against `targets`, summed per group of positions, a chunk of
+    positions at a time, so the (N, V) logits never exist whole. With `with_grads`, also the gradients
+    of each group's sum by x (per position: the positions are the groups'), by `rows` and by `weight`.
 
-    The gradient is worked out during the forward pass, chunk by chunk (softmax minus one-hot, times
-    the head), so neither the (N, V) logits nor their gradient ever exist whole: a (chunk, V) block
-    and the (N, C) gradient of the hidden states are all the memory the head and the loss take."""
+    x: (N, C); weight: (V, C); rows: (k, C) scoring `ids` (k,) in place of weight[ids]; targets: (N,),
+    -100 not scored; groups: (N,) in [0, n_groups). Returns sums (G,) [, grad_x (N, C), grad_rows
+    (G, k, C), grad_weight (G, V, C) or None when weight does not train]."""
+    rows = rows.to(x.dtype)
+    sums = torch.zeros(n_groups, device=x.device, dtype=torch.float32)
+    if with_grads:
+        grad_x = torch.empty_like(x)
+        grad_rows = torch.zeros((n_groups, *rows.shape), device=x.device, dtype=torch.float32)
+        grad_weight = torch.zeros((n_groups, *weight.shape), device=x.device, dtype=torch.float32) \
+            if weight.requires_grad else None
+    for start in range(0, x.shape[0], chunk_size):
+        x_c, t_c, g_c = (t[start : start + chunk_size] for t in (x, targets, groups))
+        logits = F.linear(x_c, weight).float()  # (chunk, V)
+        logits[:, ids] = F.linear(x_c, rows).float()
+        valid = t_c != -100
+        safe = t_c.clamp(min=0).unsqueeze(1)
+        log_probs = logits.log_softmax(-1)
+        sums.index_add_(0, g_c, -log_probs.gather(1, safe).squeeze(1) * valid)
+        if not with_grads:
+            continue
+        probs = log_probs.exp_()  # the gradient of the loss by the logits: softmax - one-hot
+        probs.scatter_add_(1, safe, -torch.ones_like(safe, dtype=probs.dtype))
+        probs.mul_(valid.unsqueeze(1))
+        probs_ids = probs[:, ids]
+        probs = probs.to(x.dtype)
+        grad_x[start : start + chunk_size] = probs @ weight + probs_ids.to(x.dtype) @ (rows - weight[ids])
+        for g in range(n_groups):  # each group's positions alone (one group: all of them)
+            x_g = x_c if n_groups == 1 else x_c * (g_c == g).unsqueeze(1).to(x_c.dtype)
+            grad_rows[g] += probs_ids.T @ x_g.float()
+            if grad_weight is not None:
+                grad_weight[g] += (probs.T @ x_g).float()
+    if not with_grads:
+        return (sums,)
+    if grad_weight is not None:
+        grad_weight[:, ids] = 0
+    return sums, grad_x, grad_rows, grad_weight
+
+
+class HeadLoss(torch.autograd.Function):
+    """`chunked_head_loss` with its backward: the gradient is worked out during the forward pass, chunk
+    by chunk (softmax minus one-hot, times the head), so neither the (N, V) logits nor their gradient
+    ever exist whole: a (chunk, V) block and the (N, C) gradient of the hidden states are all the memory
+    the head and the loss take."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor,
-                targets: torch.Tensor, chunk_size: int) -> torch.Tensor:
-        # x: (N, C); weight: (V, C); rows: (k, C) scoring `ids` (k,) in place of weight[ids]; targets: (N,), -100 ignored
-        ctx.rows_dtype = rows.dtype
-        rows = rows.to(x.dtype)
-        grad_x = torch.empty_like(x)
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if weight.requires_grad else None
-        grad_rows = torch.zeros_like(rows, dtype=torch.float32)
-        total = torch.zeros((), device=x.device, dtype=torch.float32)
-        for start in range(0, x.shape[0], chunk_size):
-            x_c, t_c = x[start : start + chunk_size], targets[start : start + chunk_size]
-            logits = F.linear(x_c, weight).float()  # (chunk, V)
-            logits[:, ids] = F.linear(x_c, rows).float()
-            valid = t_c != -100
-            safe = t_c.clamp(min=0).unsqueeze(1)
-            log_probs = logits.log_softmax(-1)
-            total -= (log_probs.gather(1, safe).squeeze(1) * valid).sum()
-            probs = log_probs.exp_()  # the gradient of the loss by the logits: softmax - one-hot
-            probs.scatter_add_(1, safe, -torch.ones_like(safe, dtype=probs.dtype))
-            probs.mul_(valid.unsqueeze(1))
-            probs_ids = probs[:, ids]
-            probs = probs.to(x.dtype)
-            grad_x[start : start + chunk_size] = probs @ weight + probs_ids.to(x.dtype) @ (rows - weight[ids])
-            grad_rows += probs_ids.T @ x_c.float()
-            if grad_weight is not None:
-                grad_weight += (probs.T @ x_c).float()
-        if grad_weight is not None:
-            grad_weight[ids] = 0
-            grad_weight = grad_weight.to(weight.dtype)
-        ctx.save_for_backward(grad_x, grad_weight if grad_weight is not None else torch.empty(0), grad_rows)
-        return total
+                targets: torch.Tensor, groups: torch.Tensor, n_groups: int, chunk_size: int) -> torch.Tensor:
+        sums, grad_x, grad_rows, grad_weight = chunked_head_loss(x, weight, rows, ids, targets, groups, n_groups,
+                                                                 chunk_size, with_grads=True)
+        ctx.rows_dtype, ctx.weight_dtype = rows.dtype, weight.dtype
+        ctx.save_for_backward(grad_x, grad_rows, grad_weight if grad_weight is not None else torch.empty(0), groups)
+        return sums
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
-        grad_x, grad_weight, grad_rows = ctx.saved_tensors
-        grad_weight = grad_weight * grad.to(grad_weight.dtype) if ctx.needs_input_grad[1] else None
-        grad_rows = (grad_rows * grad).to(ctx.rows_dtype) if ctx.needs_input_grad[2] else None
-        return grad_x * grad.to(grad_x.dtype), grad_weight, grad_rows, None, None, None
+        # grad: (G,), one per group's sum; each position's gradient scales by its group's
+        grad_x, grad_rows, grad_weight, groups = ctx.saved_tensors
+        grad_x = grad_x * grad[groups].unsqueeze(1).to(grad_x.dtype)
+        grad_rows = (grad_rows * grad[:, None, None]).sum(0).to(ctx.rows_dtype) if ctx.needs_input_grad[2] else None
+        grad_weight = (grad_weight * grad[:, None, None]).sum(0).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_weight, grad_rows, None, None, None, None, None
 
 
 class TokenRows(nn.Module):
@@ -347,7 +380,7 @@ class LLaMA(nn.Module):
     def set_residual_dropout(self, top: float) -> None:
         """Residual dropout rising linearly with depth, from 0 at the first block to `top` at the last (LIMA's)."""
         if not 0 <= top < 1:
-            raise ValueError(f"residual dropout must be in [0, 1), got {top}")
+            raise BadValue(f"residual dropout must be in [0, 1), got {top}")
         n = len(self.transformer.h)
         for i, block in enumerate(self.transformer.h):
             block.residual_dropout = top * i / max(n - 1, 1)
@@ -361,7 +394,7 @@ class LLaMA(nn.Module):
                      device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None) -> None:
         max_seq_length = max_seq_length or self.config.block_size
         if max_seq_length > self.config.block_size:
-            raise ValueError(f"max_seq_length={max_seq_length} exceeds the model's block_size={self.config.block_size}")
+            raise BadValue(f"max_seq_length={max_seq_length} exceeds the model's block_size={self.config.block_size}")
         weight = self.lm_head.weight
         for block in self.transformer.h:
             block.attn.kv_cache = KVCache(batch_size, max_seq_length, self.config.n_query_groups, self.config.head_size,
@@ -373,29 +406,31 @@ class LLaMA(nn.Module):
 
     def forward(self, idx: torch.Tensor, input_pos: Optional[torch.Tensor] = None,
                 targets: Optional[torch.Tensor] = None, last_only: bool = False, row: Optional[int] = None,
-                loss_split: Optional[torch.Tensor] = None) -> torch.Tensor:
+                loss_split: Optional[torch.Tensor] = None, kv_length: Optional[int] = None) -> torch.Tensor:
         """idx: (B, T) token ids. Without a KV cache, positions are 0..T-1 and attention is causal.
         With one (`set_kv_cache`), `input_pos` (B, T) says where each token sits in its row's sequence,
         rows 0..B-1 of the cache; given `row`, the one row of idx (B = 1) goes to that cache row (a
-        prompt read into a batch whose other rows are decoding). Returns logits (B, T, vocab_size): the
-        padding rows of the head are never scored; with `last_only`, (B, 1, vocab_size) for the last
-        position, all a prompt's prefill needs. Given `targets` (B, T), the id each position should
-        predict (-100: none), returns instead the summed cross-entropy, computed without the whole
-        logits tensor (`HeadLoss`); with `loss_split` (B, T) bool, the two sums (2,) over the positions
-        where it is false and where it is true (the task's and the mix's samples, the other tokens and
-        the end-of-turn ones), for the cost of one."""
+        prompt read into a batch whose other rows are decoding). Attention reads the first `kv_length`
+        cache positions (at least the furthest input_pos + 1; by default the whole cache, the one shape
+        a compiled step keeps): the caller knows it without reading input_pos back from the device.
+        Returns logits (B, T, vocab_size): the padding rows of the head are never scored; with
+        `last_only`, (B, 1, vocab_size) for the last position, all a prompt's prefill needs. Given
+        `targets` (B, T), the id each position should predict (-100: none), returns instead the summed
+        cross-entropy, computed without the whole logits tensor (`chunked_head_loss`); with
+        `loss_split` (B, T) bool, the two sums (2,) over the positions where it is false and where it is
+        true (the task's and the mix's samples, the other tokens and the end-of-turn ones), in one pass."""
         B, T = idx.shape
         cos, sin = self.rope(idx.device)
         if input_pos is None:
             if T > self.config.block_size:
-                raise ValueError(f"sequence of length {T} exceeds block_size={self.config.block_size}")
+                raise BadValue(f"sequence of length {T} exceeds block_size={self.config.block_size}")
             cos, sin, mask = cos[:T], sin[:T], None
         else:
+            cache = self.transformer.h[0].attn.kv_cache
+            if cache is None:
+                raise ValueError("input_pos places tokens in the KV cache: call set_kv_cache first")
             cos, sin = cos[input_pos].unsqueeze(1), sin[input_pos].unsqueeze(1)  # (B, 1, T, hs): each row its positions
-            # attend as far as the furthest row reaches; compiled steps keep one shape, the whole cache
-            S = self.transformer.h[0].attn.kv_cache.k.shape[2]
-            if not torch.compiler.is_compiling():
-                S = int(input_pos.max()) + 1
+            S = kv_length or cache.k.shape[2]
             # (B, 1, T, S): each new token sees its row's cached positions up to its own, never what a
             # longer sequence left in the row before
             mask = (torch.arange(S, device=idx.device) <= input_pos.unsqueeze(-1)).unsqueeze(1)
@@ -406,7 +441,7 @@ class LLaMA(nn.Module):
         for block in self.transformer.h:
             if self.activation_checkpointing and torch.is_grad_enabled():
                 # the backward pass runs the block again (same dropout draws) instead of storing its activations
-                x = checkpoint(block, x, cos, sin, mask, input_pos, use_reentrant=False)
+                x = checkpoint(block, x, cos, sin, mask, input_pos, row, use_reentrant=False)
             else:
                 x = block(x, cos, sin, mask, input_pos, row)
         if last_only:
@@ -415,10 +450,8 @@ class LLaMA(nn.Module):
         if targets is None:
             return self.head(x)
         if loss_split is None:
-            return self.head_loss(x, targets)
-        x, targets, split = x.flatten(0, 1), targets.flatten(), loss_split.flatten()  # (B*T, C), (B*T,), (B*T,)
-        return torch.stack([self.head_loss(x[~split].unsqueeze(0), targets[~split].unsqueeze(0)),
-                            self.head_loss(x[split].unsqueeze(0), targets[split].unsqueeze(0))])
+            return self.head_loss(x, targets).sum()  # the one group's sum, (): not a view, which FSDP2's hooks would lose
+        return self.head_loss(x, targets, loss_split.long(), n_groups=2)
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (B, T, vocab_size) of the final hidden states x (B, T, C), the special tokens' ids
@@ -435,13 +468,23 @@ class LLaMA(nn.Module):
             return F.linear(x, weight)
         return self.token_rows.head(x, weight)
 
-    def head_loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """The summed cross-entropy of the logits of x (B, T, C) against targets (B, T), -100 not scored."""
-        if type(self.lm_head) is not nn.Linear or not torch.is_grad_enabled():  # LoRA on the head, or no backward
-            return F.cross_entropy(self.head(x).flatten(0, 1).float(), targets.flatten(), reduction="sum")
+    def head_loss(self, x: torch.Tensor, targets: torch.Tensor, groups: Optional[torch.Tensor] = None,
+                  n_groups: int = 1) -> torch.Tensor:
+        """The cross-entropy of the logits of x (B, T, C) against targets (B, T), -100 not scored, summed
+        per group (groups (B, T) in [0, n_groups); default: one group): (n_groups,)."""
+        x, targets = x.flatten(0, 1), targets.flatten()  # (N, C), (N,)
+        groups = torch.zeros_like(targets) if groups is None else groups.flatten()
+        if type(self.lm_head) is not nn.Linear:  # LoRA on the head: its logits, a chunk of positions at a time
+            sums = torch.zeros(n_groups, device=x.device, dtype=torch.float32)
+            for x_c, t_c, g_c in zip(*(t.split(LOSS_CHUNK_SIZE) for t in (x, targets, groups))):
+                losses = F.cross_entropy(self.head(x_c).float(), t_c, reduction="none")
+                sums = sums.index_add(0, g_c, losses)
+            return sums
         weight = self.lm_head.weight[: self.config.vocab_size]
         if self.token_rows is None:
             rows, ids = weight[:0], torch.zeros(0, dtype=torch.long, device=x.device)
         else:
             rows, ids = self.token_rows.lm_head, self.token_rows.ids
-        return HeadLoss.apply(x.flatten(0, 1), weight, rows, ids, targets.flatten(), LOSS_CHUNK_SIZE)
+        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or rows.requires_grad):
+            return HeadLoss.apply(x, weight, rows, ids, targets, groups, n_groups, LOSS_CHUNK_SIZE)
+        return chunked_head_loss(x, weight, rows, ids, targets, groups, n_groups, LOSS_CHUNK_SIZE, with_grads=False)[0]

@@ -10,7 +10,7 @@ Both run on CPU over gloo, so the multi-GPU path is the one the tests take.
 """
 
 from functools import partial
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import lightning as L
 import torch
@@ -19,6 +19,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from lit_llama.errors import BadValue
 from lit_llama.model import LLaMA
 
 
@@ -33,15 +34,15 @@ def check_devices(accelerator: str, devices: int) -> None:
     """A device count the machine doesn't have fails here, in one line, instead of deep in the launch.
     On CPU each device is a process, so any count runs."""
     if devices < 1:
-        raise ValueError(f"--devices {devices}: give the number of devices per node, at least 1")
+        raise BadValue(f"--devices {devices}: give the number of devices per node, at least 1")
     if device_type(accelerator) == "cuda":
         available = torch.cuda.device_count()
         if available == 0:
-            raise ValueError(f"--accelerator {accelerator}: no CUDA device is visible; check the driver and "
-                             "CUDA_VISIBLE_DEVICES, or train with --accelerator cpu")
+            raise BadValue(f"--accelerator {accelerator}: no CUDA device is visible; check the driver and "
+                           "CUDA_VISIBLE_DEVICES, or train with --accelerator cpu")
         if devices > available:
-            raise ValueError(f"--devices {devices}: this machine has {available} CUDA device(s) visible; use "
-                             f"--devices {available} or fewer (across machines: --num_nodes)")
+            raise BadValue(f"--devices {devices}: this machine has {available} CUDA device(s) visible; use "
+                           f"--devices {available} or fewer (across machines: --num_nodes)")
 
 
 def shard_per_block(model: LLaMA, device_mesh: Any, compute_dtype: Optional[torch.dtype] = None) -> LLaMA:
@@ -64,7 +65,7 @@ def make_strategy(strategy: str, devices: int, num_nodes: int, compute_dtype: Op
                                      data_parallel_size=devices * num_nodes, tensor_parallel_size=1,
                                      save_distributed_checkpoint=False)
     if strategy not in ("auto", "ddp"):
-        raise ValueError(f"--strategy {strategy!r} is not one of auto, ddp, fsdp")
+        raise BadValue(f"--strategy {strategy!r} is not one of auto, ddp, fsdp")
     return strategy
 
 
@@ -72,12 +73,17 @@ def is_sharded(fabric: L.Fabric) -> bool:
     return isinstance(fabric.strategy, ModelParallelStrategy)
 
 
-def full_state_dict(fabric: L.Fabric, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state dict as whole tensors on the CPU of rank 0 (other ranks: {} under fsdp).
-    Every rank must call it: under fsdp it gathers."""
+def full_state_dict(fabric: L.Fabric, model: torch.nn.Module,
+                    keep: Callable[[str], bool] = lambda name: True) -> dict[str, torch.Tensor]:
+    """The entries of the model's state dict that `keep` accepts, as whole tensors on the CPU of rank 0
+    (other ranks: {} under fsdp). Every rank must call it: under fsdp it gathers. Tensors leave the
+    device one at a time, so a save never holds a second copy of the model there, and the file loads
+    on any machine."""
     if is_sharded(fabric):
-        return get_model_state_dict(model.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return fabric.strategy.get_module_state_dict(model)
+        state = get_model_state_dict(model.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        state = fabric.strategy.get_module_state_dict(model)
+    return {name: tensor.detach().cpu() for name, tensor in state.items() if keep(name)}
 
 
 @torch.no_grad()
@@ -101,15 +107,19 @@ def gather_objects(fabric: L.Fabric, obj: Any) -> list:
     return objects
 
 
-def rng_state() -> dict[str, Any]:
-    """This process's random state: the CPU's and every CUDA device's (dropout draws from the device's)."""
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """This process's random state: the CPU's, and its own GPU's when it runs on one (dropout draws
+    from the device's). Other GPUs are other ranks': a resume with fewer of them must not need theirs."""
     state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["cpu"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if isinstance(cuda, list):  # a state that holds every visible GPU's: this rank's device is at its index
+        cuda = cuda[device.index] if device.type == "cuda" and device.index < len(cuda) else None
+    if cuda is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda, device)

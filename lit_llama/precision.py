@@ -24,11 +24,15 @@ if TYPE_CHECKING:  # imported where a plugin is built: loading a fine-tune for i
 TrainPrecision = Literal["bf16-true", "bf16-mixed", "16-mixed", "32-true"]
 
 
+def gpu_computes_bf16() -> bool:
+    """Whether there is a GPU that computes bf16 natively (Ampere and later). torch's check counts by
+    default the GPUs that only emulate it (V100, T4), where bf16 runs far slower than fp16 or fp32."""
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def default_precision() -> TrainPrecision:
-    """bf16 weights on a GPU that supports it, fp32 elsewhere."""
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return "bf16-true"
-    return "32-true"
+    """bf16 weights on a GPU that computes bf16 natively, fp32 elsewhere."""
+    return "bf16-true" if gpu_computes_bf16() else "32-true"
 
 
 def frozen_dtype(precision: TrainPrecision) -> torch.dtype:

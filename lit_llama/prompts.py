@@ -24,6 +24,7 @@ from typing import Literal, Optional, Union
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
 
+from lit_llama.errors import BadValue
 from lit_llama.tokenizer import Tokenizer
 
 PromptStyle = Literal["plain", "alpaca"]
@@ -52,7 +53,7 @@ class EncodedConversation:
 
 def require_eot(tokenizer: Tokenizer) -> int:
     if tokenizer.eot_id is None:
-        raise ValueError("the tokenizer has no end-of-turn token: prepare the data with scripts/prepare_lima.py")
+        raise BadValue("the tokenizer has no end-of-turn token: prepare the data with scripts/prepare_lima.py")
     return tokenizer.eot_id
 
 
@@ -101,6 +102,26 @@ def encode_prompt(tokenizer: Tokenizer, turns: list[str], system: Optional[str] 
     return encode_conversation(tokenizer, turns, system=system).ids + opening
 
 
+def first_exchange(tokenizer: Tokenizer, ids: list[int], loss_mask: list[bool]) -> Optional[tuple[list[int], list[int]]]:
+    """A prepared sample's first reply and the prompt it follows, as `encode_prompt` lays that prompt out:
+    `<bos> [system <EOT>] user <EOT> [<|ASSISTANT|>]`, whether user turns were trained or not. A
+    conversation has a system text when its turns (its EOTs) are odd in number; the reply follows the
+    user's EOT and, with role tokens, the assistant's role token. A sample of another layout (the
+    segments format) replies with its first trained run after an untrained token. The reply ends
+    before its EOT. None when nothing but the first token is untrained."""
+    eots = [i for i, token in enumerate(ids) if token == tokenizer.eot_id]
+    start = None
+    if len(eots) >= 2:
+        start = eots[len(eots) % 2] + 1
+        start += ids[start : start + 1] == [tokenizer.roles.get("assistant")]
+    if start is None or start >= len(ids) or not loss_mask[start]:
+        start = next((i for i in range(1, len(ids)) if loss_mask[i] and not loss_mask[i - 1]), None)
+    if start is None:
+        return None
+    end = next((i for i in range(start, len(ids)) if ids[i] == tokenizer.eot_id or not loss_mask[i]), len(ids))
+    return ids[:start], ids[start:end]
+
+
 def alpaca_user_turn(instruction: str, input_text: str = "", style: PromptStyle = "plain") -> str:
     """The user turn of an Alpaca row: the instruction, then the input after a blank line when there is
     one; with style "alpaca", the classic template around them (ending in "### Response:")."""
@@ -108,7 +129,7 @@ def alpaca_user_turn(instruction: str, input_text: str = "", style: PromptStyle 
     if style == "plain":
         return f"{instruction}\n\n{input_text}" if has_input else instruction
     if style != "alpaca":
-        raise ValueError(f"--prompt_style must be plain or alpaca, got {style!r}")
+        raise BadValue(f"--prompt_style must be plain or alpaca, got {style!r}")
     if has_input:
         return (f"{ALPACA_INTRO_WITH_INPUT}\n\n### Instruction:\n{instruction}\n\n"
                 f"### Input:\n{input_text}\n\n### Response:")

@@ -15,6 +15,7 @@ from typing import Iterator, Literal, Optional
 import torch
 import torch.nn as nn
 
+from lit_llama.errors import BadValue, MissingPackage
 from lit_llama.model import LLaMA
 
 Quantize = Literal["nf4"]
@@ -27,7 +28,7 @@ def nf4_tensor() -> type:
     try:
         from torchao.quantization import NF4Tensor
     except ImportError:
-        raise ImportError(f"--quantize nf4 needs torchao: {INSTALL}") from None
+        raise MissingPackage(f"--quantize nf4 needs torchao: {INSTALL}") from None
     return NF4Tensor
 
 
@@ -39,20 +40,21 @@ def block_linears(model: LLaMA) -> Iterator[tuple[str, nn.Linear]]:
 
 
 @torch.no_grad()
-def quantize(model: LLaMA, method: Optional[Quantize], device: Optional[torch.device] = None) -> LLaMA:
-    """Store the block linears' weights in `method` ("nf4"; None: leave the model as it is), in their
-    current dtype, one layer at a time on `device` (by default where they are): moving a 7B base to a
-    GPU this way never holds more than one dense layer there."""
+def quantize(model: LLaMA, method: Optional[Quantize], device: Optional[torch.device] = None,
+             dtype: Optional[torch.dtype] = None) -> LLaMA:
+    """Store the block linears' weights in `method` ("nf4"; None: leave the model as it is), quantized
+    from `dtype` (by default their own), one layer at a time on `device` (by default where they are):
+    moving a 70B base to a GPU this way never holds more than one dense layer there."""
     if method is None:
         return model
     NF4Tensor = nf4_tensor()
     for name, module in block_linears(model):
         if module.weight.requires_grad:
             raise ValueError(f"{name}.weight trains: only a frozen base is quantized (LoRA or adapter, not full fine-tuning)")
-        weight = module.weight.to(device) if device is not None else module.weight
+        weight = module.weight.to(device=device, dtype=dtype)
         if weight.numel() % (BLOCK_SIZE * SCALER_BLOCK_SIZE):
-            raise ValueError(f"{name}.weight {tuple(weight.shape)} does not split into NF4 blocks of "
-                             f"{BLOCK_SIZE} x {SCALER_BLOCK_SIZE} weights")
+            raise BadValue(f"{name}.weight {tuple(weight.shape)} does not split into NF4 blocks of "
+                           f"{BLOCK_SIZE} x {SCALER_BLOCK_SIZE} weights")
         module.weight = nn.Parameter(NF4Tensor.from_tensor(weight, BLOCK_SIZE, SCALER_BLOCK_SIZE), requires_grad=False)
     return model
 

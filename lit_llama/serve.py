@@ -28,6 +28,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from lit_llama.errors import UsageError
 from lit_llama.generate import ContinuousBatch, Decoder, Detokenizer, Request, Sampling, resolve_stop_ids
 from lit_llama.inference import parse_prompt_row
 from lit_llama.prompts import encode_prompt
@@ -73,7 +74,7 @@ class Engine:
                     try:
                         self.batch.submit(request)
                         self.sinks[request] = sink
-                    except ValueError as error:  # checked by the caller already; a bad one fails alone
+                    except UsageError as error:  # checked by the caller already; a bad one fails alone
                         sink(error)
                 elif kind == "cancel" and request in self.sinks:
                     self.batch.cancel(request)
@@ -91,11 +92,11 @@ class Engine:
             try:
                 events = self.batch.step()
             except Exception as error:  # a failed step fails the requests in the batch, not the server
-                traceback.print_exc()
+                traceback.print_exc()  # the server's log keeps the traceback; clients get a 500 naming the error
                 for sink in self.sinks.values():
                     sink(error)
                 self.sinks.clear()
-                self.decoder.ids = [[] for _ in self.decoder.ids]
+                self.decoder.reset()  # what the failed step wrote to the cache is unknown: no row is reused
                 self.batch = ContinuousBatch(self.decoder)
                 continue
             for request, token in events:
@@ -166,9 +167,19 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.message, self.code, self.param, self.kind = status, message, code, param, kind
 
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
     def response(self) -> JSONResponse:
-        error = {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}
-        return JSONResponse({"error": error}, status_code=self.status)
+        return JSONResponse(self.body(), status_code=self.status)
+
+
+def engine_error(error: BaseException) -> APIError:
+    """What a request whose decoding failed gets: a 400 for a request the batch refused (it does not fit),
+    a 500 naming the error for a failed step."""
+    if isinstance(error, UsageError):
+        return APIError(400, str(error), "context_length_exceeded", "messages")
+    return APIError(500, f"decoding failed: {type(error).__name__}: {error}", kind="server_error")
 
 
 def validation_error(error: RequestValidationError) -> APIError:
@@ -265,8 +276,12 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: O
 
         async def events() -> AsyncIterator[str]:
             yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
-            async for piece in pieces(request, tokens, text):
-                yield chunk([{"index": 0, "delta": {"content": piece}, "finish_reason": None}])
+            try:
+                async for piece in pieces(request, tokens, text):
+                    yield chunk([{"index": 0, "delta": {"content": piece}, "finish_reason": None}])
+            except APIError as error:  # the status went out with the first chunk: the error is an event
+                yield f"data: {json.dumps(error.body())}\n\n"
+                return
             yield chunk([{"index": 0, "delta": {}, "finish_reason": finish_reason()}])
             if (body.stream_options or {}).get("include_usage"):
                 yield chunk([], usage=usage())
@@ -287,7 +302,7 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: O
             while True:
                 item = await tokens.get()
                 if isinstance(item, BaseException):
-                    raise item
+                    raise engine_error(item)
                 token, done = item
                 if token not in stop_ids and (piece := text.add(token)):
                     yield piece

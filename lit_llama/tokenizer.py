@@ -28,6 +28,7 @@ from typing import Literal, Optional, Union
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
 
+from lit_llama.errors import BadValue, MissingFile, file_error
 from lit_llama.files import write_atomic
 
 DEFAULT_EOT = "<|eot|>"
@@ -75,18 +76,21 @@ class Tokenizer:
         directory = Path(directory)
         model_path = directory / MODEL_FILE
         if not model_path.is_file():
-            raise FileNotFoundError(f"{model_path} not found: a checkpoint or data dir must hold its tokenizer.model")
+            raise MissingFile(f"{model_path} not found: a checkpoint or data dir must hold its tokenizer.model")
         special_path = directory / SPECIAL_TOKENS_FILE
         try:
             special = json.loads(special_path.read_text()) if special_path.is_file() else None
+            model_proto = model_path.read_bytes()
+        except OSError as e:  # there but unreadable (permissions)
+            raise file_error(e, e.filename) from None
         except ValueError as e:
-            raise ValueError(f"{special_path} is damaged ({e}); copy it again with the tokenizer.model "
-                             f"beside it") from None
+            raise BadValue(f"{special_path} is damaged ({e}); copy it again with the tokenizer.model "
+                           f"beside it") from None
         try:
-            return cls(model_path.read_bytes(), special)
+            return cls(model_proto, special)
         except RuntimeError:  # sentencepiece could not parse it
-            raise ValueError(f"{model_path} is not a sentencepiece model (damaged, or another kind of tokenizer); "
-                             f"LLaMA-family models ship one, copy it again") from None
+            raise BadValue(f"{model_path} is not a sentencepiece model (damaged, or another kind of tokenizer); "
+                           f"LLaMA-family models ship one, copy it again") from None
 
     @property
     def special_tokens(self) -> dict[str, int]:
@@ -98,15 +102,17 @@ class Tokenizer:
         return [i for i in (self.eot_id, self.eos_id) if i is not None and i >= 0]
 
     def piece_id(self, piece: Union[str, int]) -> int:
-        """The id of `piece`, given as its exact piece text (e.g. "▁zebra") or as an id."""
-        if isinstance(piece, int) or piece.isdigit():
-            i = int(piece)
-            if not 0 <= i < self.vocab_size:
-                raise ValueError(f"id {i} is outside the vocabulary (0..{self.vocab_size - 1})")
-            return i
-        i = self.processor.piece_to_id(piece)
-        if self.processor.id_to_piece(i) != piece:
-            raise ValueError(f"{piece!r} is not a piece of the tokenizer (pieces spell a leading space as '▁')")
+        """The id of `piece`, given as its exact piece text (e.g. "▁zebra") or as an id. A text that is a
+        piece is that piece, digits included (the piece "1"); digits that are no piece are an id."""
+        if isinstance(piece, str):
+            i = self.processor.piece_to_id(piece)
+            if self.processor.id_to_piece(i) == piece:
+                return i
+            if not piece.isdecimal():
+                raise BadValue(f"{piece!r} is not a piece of the tokenizer (pieces spell a leading space as '▁')")
+        i = int(piece)
+        if not 0 <= i < self.vocab_size:
+            raise BadValue(f"id {i} is outside the vocabulary (0..{self.vocab_size - 1})")
         return i
 
     def with_special_tokens(self, append: list[str] = (), repurpose: Optional[dict[Union[str, int], str]] = None,
@@ -126,24 +132,24 @@ class Tokenizer:
             i = self.piece_id(piece)
             entry = proto.pieces[i]
             if i in keep_roles or i in self.special_tokens.values():
-                raise ValueError(f"cannot repurpose {entry.piece!r} (id {i}): the tokenizer's bos/eos/unk/pad and special "
-                                 "tokens keep their roles; pick a reserved control piece or a rarely used ordinary one")
+                raise BadValue(f"cannot repurpose {entry.piece!r} (id {i}): the tokenizer's bos/eos/unk/pad and special "
+                               "tokens keep their roles; pick a reserved control piece or a rarely used ordinary one")
             if entry.type not in (Piece.NORMAL, Piece.USER_DEFINED, Piece.UNUSED, Piece.CONTROL):
-                raise ValueError(f"cannot repurpose {entry.piece!r} (id {i}): it is a {Piece.Type.Name(entry.type).lower()} "
-                                 "piece that byte fallback needs to encode arbitrary text; pick a rarely used ordinary piece")
+                raise BadValue(f"cannot repurpose {entry.piece!r} (id {i}): it is a {Piece.Type.Name(entry.type).lower()} "
+                               "piece that byte fallback needs to encode arbitrary text; pick a rarely used ordinary piece")
             if entry.type == Piece.CONTROL and not RESERVED_NAME.search(entry.piece):
                 print(f"warning: {entry.piece!r} (id {i}) is a control piece whose name suggests a role in the model's "
                       f"own chat format; repurposing it as {name!r} anyway", file=sys.stderr)
             if name != entry.piece and name in existing:
-                raise ValueError(f"cannot name the repurposed piece {entry.piece!r} {name!r}: that is already a piece "
-                                 f"of the tokenizer; choose another name")
+                raise BadValue(f"cannot name the repurposed piece {entry.piece!r} {name!r}: that is already a piece "
+                               f"of the tokenizer; choose another name")
             existing.add(name)
             special.append(SpecialToken(name, i, "repurposed", piece=entry.piece))
             entry.piece, entry.type = name, Piece.CONTROL  # from now on text never encodes to it, in any tool
         for content in append:
             if content in existing:
-                raise ValueError(f"{content!r} is already a piece of the tokenizer (id {self.processor.piece_to_id(content)}); "
-                                 f"repurpose it or append another text")
+                raise BadValue(f"{content!r} is already a piece of the tokenizer (id {self.processor.piece_to_id(content)}); "
+                               f"repurpose it or append another text")
             existing.add(content)
             proto.pieces.add(piece=content, score=0.0, type=Piece.CONTROL)
             special.append(SpecialToken(content, len(proto.pieces) - 1, "appended"))
@@ -217,8 +223,8 @@ def extend_tokenizer(base: Tokenizer, eot_token: Optional[str] = None, repurpose
         eot = next(t for t in base.special if t.id == base.eot_id)
         asked = repurpose_eot if repurpose_eot is not None else eot_token
         if asked is not None and asked not in (eot.content, eot.piece):
-            raise ValueError(f"the checkpoint already has an end-of-turn token, {eot.content!r} (id {eot.id}): a second "
-                             f"round reuses it; drop --eot_token/--repurpose_eot, or prepare for the original base checkpoint")
+            raise BadValue(f"the checkpoint already has an end-of-turn token, {eot.content!r} (id {eot.id}): a second "
+                           f"round reuses it; drop --eot_token/--repurpose_eot, or prepare for the original base checkpoint")
         return base.with_special_tokens(append=extra, roles=roles) if extra else base
     eot_token = eot_token or DEFAULT_EOT
     if repurpose_eot is not None:

@@ -29,6 +29,7 @@ from lit_llama.checkpoint import (CONFIG_FILE, HPARAMS_FILE, WEIGHTS_FILES, atom
                                   read_hparams, write_json)
 from lit_llama.batches import Mixture, collate, length_grouped_batches, random_batches
 from lit_llama.data import IGNORE_INDEX, TokenDataset, load_mix, load_prepared
+from lit_llama.errors import BadValue, MissingFile
 from lit_llama.files import replace_durably, temporary_name
 from lit_llama.generate import generate, stop_reason
 from lit_llama.lora import LoRAConfig, inject_lora, is_lora_name
@@ -36,6 +37,7 @@ from lit_llama.metrics import LoggerName, make_loggers, plot_losses, truncate_me
 from lit_llama.model import LLaMA
 from lit_llama.parallel import (check_devices, device_type, full_state_dict, gather_objects, make_strategy,
                                 rng_state, set_rng_state, trained_checksum)
+from lit_llama.prompts import first_exchange
 from lit_llama.precision import (TrainPrecision, compute_dtype, default_precision, grad_scaler, precision_plugin,
                                  set_training_dtypes)
 from lit_llama.quantize import Quantize, nf4_tensor, quantize as quantize_base
@@ -97,8 +99,8 @@ class TrainArgs:
     def accumulation_steps(self, world_size: int) -> int:
         per_step = self.micro_batch_size * world_size
         if self.global_batch_size % per_step:
-            raise ValueError(f"--train.global_batch_size={self.global_batch_size} is not a multiple of "
-                             f"micro_batch_size x devices = {per_step}")
+            raise BadValue(f"--train.global_batch_size={self.global_batch_size} is not a multiple of "
+                           f"micro_batch_size x devices = {per_step}")
         return self.global_batch_size // per_step
 
     def total_steps(self, epoch_size: int) -> int:
@@ -109,14 +111,14 @@ class TrainArgs:
 
 def check_token_lr_scale(token_lr_scale: float) -> None:
     if token_lr_scale < 0:
-        raise ValueError(f"--train.token_lr_scale must be >= 0, got {token_lr_scale}")
+        raise BadValue(f"--train.token_lr_scale must be >= 0, got {token_lr_scale}")
 
 
 def check_quantize(quantize: Optional[Quantize], processes: int) -> None:
     """A quantized base runs on one process."""
     if quantize is not None:
         if processes > 1:
-            raise ValueError("--quantize nf4 runs on one device: pass --devices 1")
+            raise BadValue("--quantize nf4 runs on one device: pass --devices 1")
         nf4_tensor()  # the missing library named now, not after loading
 
 
@@ -128,7 +130,7 @@ def check_resumed_flags(out_dir: Path, resume: bool, flags: dict) -> None:
     recorded = read_hparams(out_dir)
     for flag, value in flags.items():
         if recorded.get(flag) != value:
-            raise ValueError(f"{out_dir} was trained with --{flag} {recorded.get(flag) or 'null'}: resume with the same flag")
+            raise BadValue(f"{out_dir} was trained with --{flag} {recorded.get(flag) or 'null'}: resume with the same flag")
 
 
 def lr_at_step(step: int, args: TrainArgs, total_steps: int) -> float:
@@ -159,7 +161,7 @@ def make_fabric(accelerator: str, devices: int, num_nodes: int, precision: Train
         return L.Fabric(accelerator=accelerator, devices=devices, num_nodes=num_nodes, plugins=[plugin],
                         strategy=strategy, loggers=loggers)
     except ValueError as e:  # an accelerator name Lightning doesn't know; its message names the value, not the flag
-        raise ValueError(f"--accelerator {accelerator}: {e}") from None
+        raise BadValue(f"--accelerator {accelerator}: {e}") from None
 
 
 def prepare_model(model: LLaMA, method: Method, method_config: Union[LoRAConfig, AdapterConfig, None],
@@ -218,17 +220,19 @@ def validate(fabric: L.Fabric, model: torch.nn.Module, data: TokenDataset, args:
         targets = next_token_targets(labels)
         at_eot = targets == eot_id
         losses = model(input_ids, targets=targets, loss_split=at_eot)  # summed: (elsewhere, at EOT)
-        sums += torch.stack([losses.sum(), torch.tensor(n_targets(labels)), losses[1], at_eot.sum()]).to(sums) * counted
+        # counted where the losses are: nothing is read back until the end
+        counts = torch.stack([(targets != IGNORE_INDEX).sum(), at_eot.sum()]).to(sums)
+        sums += torch.stack([losses.sum(), counts[0], losses[1], counts[1]]) * counted
     loss, count, eot_loss, eot_count = fabric.all_reduce(sums, reduce_op="sum").tolist()
     model.train()
     return loss / max(count, 1), eot_loss / eot_count if eot_count else None
 
 
 def sample_reply(model: torch.nn.Module, data: TokenDataset, tokenizer: Tokenizer) -> str:
-    """Greedy reply to what precedes the first trained token of the first validation sample (for a
-    conversation: <bos> user <EOT>), and why it stopped."""
+    """Greedy reply to the prompt of the first validation sample's first reply (`first_exchange`), and
+    why it stopped."""
     ids, loss_mask = data[0]
-    prompt = ids[: int(loss_mask.int().argmax())].tolist()
+    prompt = first_exchange(tokenizer, ids.tolist(), loss_mask.tolist())[0]
     model.eval()
     result = generate(model, prompt, max_new_tokens=64, stop_ids=tuple(tokenizer.stop_ids))
     model.train()
@@ -251,9 +255,9 @@ class OutDir:
 
     def save(self, fabric: L.Fabric, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
              skipped_steps: int) -> None:
-        state_dict = full_state_dict(fabric, model)
+        weights = full_state_dict(fabric, model, keep=lambda name: name in self.trained)  # on the CPU
         state = {"model": model, "optimizer": optimizer, "step": step, "skipped_steps": skipped_steps,
-                 "rng": gather_objects(fabric, rng_state())}  # each rank's, for its own dropout draws
+                 "rng": gather_objects(fabric, rng_state(fabric.device))}  # each rank's, for its own dropout draws
         scaler = grad_scaler(fabric.strategy.precision)
         if scaler is not None:
             state["scaler"] = scaler.state_dict()
@@ -262,7 +266,6 @@ class OutDir:
         if fabric.is_global_zero:
             # the weights first, the training state last: a kill in between leaves weights one step ahead
             # of the state, and --resume redoes that step to the same weights
-            weights = {k: v for k, v in state_dict.items() if k in self.trained}
             if self.is_checkpoint_dir:
                 weights = {k: v.to(self.base_dtypes.get(k, v.dtype)) for k, v in fold_token_rows(weights).items()}
             atomic_save(weights, self.weights)
@@ -272,11 +275,11 @@ class OutDir:
     def resume(self, fabric: L.Fabric, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, int]:
         """Load the latest training state; returns the step it was saved at and the steps skipped so far."""
         if not self.state.is_file():
-            raise FileNotFoundError(f"--resume: {self.state} not found: the run in {self.path} stopped before its first "
-                                    f"checkpoint (or never ran there); run again without --resume to start from step 0")
+            raise MissingFile(f"--resume: {self.state} not found: the run in {self.path} stopped before its first "
+                              f"checkpoint (or never ran there); run again without --resume to start from step 0")
         rest = fabric.load(self.state, {"model": model, "optimizer": optimizer}, strict=False, weights_only=True)
         if len(rest["rng"]) == fabric.world_size:
-            set_rng_state(rest["rng"][fabric.global_rank])
+            set_rng_state(rest["rng"][fabric.global_rank], fabric.device)
         else:
             fabric.print(f"{self.state} was saved by {len(rest['rng'])} processes and resumes on {fabric.world_size}: "
                          "the data order is kept, but dropout draws differ from the uninterrupted run's")
@@ -315,18 +318,25 @@ class StopOnSignal:
         return (self.signal or "a signal on another rank") if anyone.item() else None
 
 
+def stopped_on_nan(what: str, value: float, step: int, state: Path) -> BadValue:
+    """The error that ends training when `what` is not finite at `step` (from 0), before the weights change."""
+    return BadValue(f"the {what} is {value} at step {step + 1}; stopped before updating the weights. {state} keeps "
+                    "the last good checkpoint: lower --train.learning_rate or check the data, then --resume true")
+
+
 def optimizer_step(fabric: L.Fabric, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                   grad_clip: float) -> tuple[float, bool]:
-    """Clip the gradients (0: don't) and step. Returns the gradient norm and whether the step was
-    skipped: under fp16 loss scaling, gradients that overflowed are normal, and the GradScaler skips
-    the step and lowers the scale. Without a scaler, a non-finite norm is an error."""
+                   grad_clip: float, step: int, state: Path) -> tuple[float, bool]:
+    """Clip the gradients (0: don't) and take training step `step`. Returns the gradient norm and whether
+    the step was skipped: under fp16 loss scaling, gradients that overflowed are normal, and the GradScaler
+    skips the step and lowers the scale. Without a scaler, a non-finite norm stops training, naming the
+    training `state` to resume from."""
     scaler = grad_scaler(fabric.strategy.precision)
     norm = fabric.clip_gradients(model, optimizer, max_norm=grad_clip if grad_clip > 0 else math.inf,
                                  error_if_nonfinite=False)  # unscales first under fp16
     norm = (norm.full_tensor() if isinstance(norm, DTensor) else norm).item()
     if not math.isfinite(norm) and scaler is None:
         optimizer.zero_grad(set_to_none=True)
-        raise FloatingPointError(f"gradient norm is {norm}")
+        raise stopped_on_nan("gradient norm", norm, step, state)
     optimizer.step()  # under fp16, GradScaler's step: skipped if the gradients overflowed
     optimizer.zero_grad(set_to_none=True)
     return norm, not math.isfinite(norm)
@@ -385,19 +395,14 @@ def fit(fabric: L.Fabric, model: torch.nn.Module, optimizer: torch.optim.Optimiz
             step_sums += losses.detach()
         sums = fabric.all_reduce(step_sums, reduce_op="sum")
         train_loss = (sums.sum() / counts.sum().clamp(min=1)).item()
-        try:
-            if not math.isfinite(train_loss):
-                raise FloatingPointError(f"training loss is {train_loss}")
-            _, skipped = optimizer_step(fabric, model, optimizer, args.grad_clip)
-        except FloatingPointError as e:
-            raise ValueError(f"the {e} at step {step + 1}; stopped before updating the weights. {out.state} keeps "
-                             "the last good checkpoint: lower --train.learning_rate or check the data, then "
-                             "--resume true") from None
+        if not math.isfinite(train_loss):
+            raise stopped_on_nan("training loss", train_loss, step, out.state)
+        _, skipped = optimizer_step(fabric, model, optimizer, args.grad_clip, step, out.state)
         skipped_steps += skipped
         skipped_in_a_row = skipped_in_a_row + 1 if skipped else 0
         if skipped_in_a_row == MAX_SKIPPED_STEPS:
-            raise ValueError(f"the gradients overflowed fp16 in {MAX_SKIPPED_STEPS} steps in a row, up to step "
-                             f"{step + 1}: train with --precision bf16-mixed or 32-true, or lower --train.learning_rate")
+            raise BadValue(f"the gradients overflowed fp16 in {MAX_SKIPPED_STEPS} steps in a row, up to step "
+                           f"{step + 1}: train with --precision bf16-mixed or 32-true, or lower --train.learning_rate")
         real_tokens = sum(len(ids) for batch in samples for ids, _ in batch)  # not the padding
         tokens_per_sec = real_tokens * fabric.world_size / (time.perf_counter() - step_start)
         last["train_loss"] = train_loss
@@ -445,7 +450,7 @@ def finetune(method: Method, method_config: Union[LoRAConfig, AdapterConfig, Non
     check_resumed_flags(out_dir, resume, {"quantize": quantize, **mix_flags})
     tokenizer, task_data, val_data = load_prepared(data_dir, checkpoint_dir)  # bad paths fail before any launch
     if mixing and mix_ratio <= 0:
-        raise ValueError(f"--mix_ratio must be > 0, got {mix_ratio}")
+        raise BadValue(f"--mix_ratio must be > 0, got {mix_ratio}")
     train_data = Mixture(task_data, load_mix(mix_dir, data_dir, tokenizer) if mixing else None, mix_ratio)
     check_devices(accelerator, devices)
     precision = precision or default_precision()

@@ -7,6 +7,7 @@ from typing import Collection
 import torch
 import torch.nn as nn
 
+from lit_llama.errors import BadValue
 from lit_llama.model import LLaMA, TokenRows, find_multiple
 from lit_llama.tokenizer import Tokenizer
 
@@ -58,7 +59,8 @@ def init_special_rows(model: LLaMA, tokenizer: Tokenizer, ids: list[int], method
     - mean_noise: the mean plus Gaussian noise of 1% of the rows' per-dimension spread, so several
       new tokens start apart.
     - normal: Gaussian with the mean and per-dimension spread of the real rows.
-    - copy:<piece>: the row of an existing piece (its exact text, e.g. "▁end", or its id).
+    - copy:<piece>: the row of an existing piece (its exact text, e.g. "▁end", or its id; a text that
+      is a piece, digits included, is that piece).
     - describe:<text>: the mean of the rows of the pieces `text` encodes to, e.g. "describe:end of turn".
     """
     base = tokenizer.base_vocab_size
@@ -68,9 +70,9 @@ def init_special_rows(model: LLaMA, tokenizer: Tokenizer, ids: list[int], method
     if kind in ("copy", "describe"):
         sources = [tokenizer.piece_id(arg)] if kind == "copy" else tokenizer.encode(arg)
         if not sources or any(i in excluded or i >= base for i in sources):
-            raise ValueError(f"--token_init {method!r}: needs pieces of the base vocabulary, got ids {sources}")
+            raise BadValue(f"--token_init {method!r}: needs pieces of the base vocabulary, got ids {sources}")
     elif kind not in ("mean", "mean_noise", "normal") or arg:
-        raise ValueError(f"--token_init {method!r} is not one of {', '.join(TOKEN_INITS)}")
+        raise BadValue(f"--token_init {method!r} is not one of {', '.join(TOKEN_INITS)}")
     if not ids:  # a second round with no new token
         return
     generator = torch.Generator().manual_seed(seed)
@@ -97,8 +99,8 @@ def add_special_tokens(model: LLaMA, tokenizer: Tokenizer, method: str = "mean",
     new = [t.id for t in tokenizer.special if t.id not in learned]
     known = tokenizer.vocab_size - sum(i >= tokenizer.base_vocab_size for i in new)  # ids the model must have
     if model.config.vocab_size != known:
-        raise ValueError(f"the tokenizer extends a vocabulary of {known} ids but the model has "
-                         f"{model.config.vocab_size}: data and checkpoint do not belong together")
+        raise BadValue(f"the tokenizer extends a vocabulary of {known} ids but the model has "
+                       f"{model.config.vocab_size}: data and checkpoint do not belong together")
     grow_vocab(model, tokenizer.vocab_size)
     init_special_rows(model, tokenizer, new, method, seed)
     return sorted(t.id for t in tokenizer.special)

@@ -23,21 +23,12 @@ import torch
 
 from lit_llama.checkpoint import require_dir, require_file, write_json
 from lit_llama.cli import run
+from lit_llama.errors import BadValue
 from lit_llama.data import TokenDataset
 from lit_llama.generate import generate_batch, stop_reason
 from lit_llama.inference import Precision, load_for_inference, place
+from lit_llama.prompts import first_exchange
 from lit_llama.tokenizer import Tokenizer
-
-
-def first_exchange(ids: list[int], loss_mask: list[bool], eot_id: int) -> Optional[tuple[list[int], list[int]]]:
-    """The prompt of a sample's first reply (everything up to the EOT that the first trained token follows:
-    `<bos> user <EOT>`, after a system text if there is one) and that reply up to its EOT; None when the
-    sample has no trained reply after an EOT."""
-    for i, (token, next_trained) in enumerate(zip(ids, loss_mask[1:])):
-        if token == eot_id and next_trained:
-            end = ids.index(eot_id, i + 1) if eot_id in ids[i + 1 :] else len(ids)
-            return ids[: i + 1], ids[i + 1 : end]
-    return None
 
 
 def main(
@@ -76,22 +67,23 @@ def main(
         precision: 32-true, bf16-true or 16-true (default: bf16 on a GPU that supports it, else fp32)
         output_file: where the JSON goes (default: halting_<split>.json in the model's dir)
     """
+    if reference_factor <= 0 or min_new_tokens < 1 or batch_size < 1 or (max_new_tokens is not None and max_new_tokens < 1):
+        raise BadValue("--reference_factor must be > 0, and --min_new_tokens, --max_new_tokens and --batch_size "
+                       "at least 1")
     require_dir(data_dir, "--data_dir", "give a dir that a scripts/prepare_*.py script wrote")
     data_tokenizer = Tokenizer.from_dir(data_dir)  # checked before the model loads
     model, tokenizer = load_for_inference(checkpoint_dir, lora_path, adapter_path)
     data_vocab, model_vocab = (data_tokenizer.eot_id, data_tokenizer.vocab_size), (tokenizer.eot_id, tokenizer.vocab_size)
     if data_tokenizer.eot_id is None or data_vocab != model_vocab:
-        raise ValueError(f"{data_dir} was not prepared with the model's tokenizer (end-of-turn id {data_tokenizer.eot_id} "
-                         f"of {data_tokenizer.vocab_size}, the model's {tokenizer.eot_id} of {tokenizer.vocab_size})")
+        raise BadValue(f"{data_dir} was not prepared with the model's tokenizer (end-of-turn id {data_tokenizer.eot_id} "
+                       f"of {data_tokenizer.vocab_size}, the model's {tokenizer.eot_id} of {tokenizer.vocab_size})")
     data = TokenDataset.load(require_file(data_dir / f"{split}.pt", "prepare the data again"))
-    exchanges = [first_exchange(ids.tolist(), mask.tolist(), tokenizer.eot_id)
+    exchanges = [first_exchange(tokenizer, ids.tolist(), mask.tolist())
                  for ids, mask in (data[i] for i in range(min(len(data), max_samples or len(data))))]
     exchanges = [e for e in exchanges if e is not None]
     if not exchanges:
-        raise ValueError(f"{data_dir / f'{split}.pt'} has no sample with a trained reply to evaluate")
+        raise BadValue(f"{data_dir / f'{split}.pt'} has no sample with a trained reply to evaluate")
 
-    if reference_factor <= 0 or min_new_tokens < 1 or (max_new_tokens is not None and max_new_tokens < 1):
-        raise ValueError("--reference_factor must be > 0, and --min_new_tokens and --max_new_tokens at least 1")
     caps = [max_new_tokens or max(min_new_tokens, math.ceil(reference_factor * len(reference))) for _, reference in exchanges]
     cap_rule = f"max_new_tokens {max_new_tokens}" if max_new_tokens else f"caps max({min_new_tokens}, {reference_factor:g} x reference)"
 

@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lit_llama.checkpoint import check_writable, load_finetuned, read_hparams, save_checkpoint_dir
 from lit_llama.cli import run
+from lit_llama.errors import BadValue
 
 
 def main(lora_path: Path, out_dir: Path, checkpoint_dir: Optional[Path] = None) -> None:
@@ -27,12 +28,12 @@ def main(lora_path: Path, out_dir: Path, checkpoint_dir: Optional[Path] = None) 
     """
     method = read_hparams(lora_path)["method"]
     if method == "adapter":
-        raise ValueError(f"--lora_path {lora_path} is an adapter out dir: an adapter adds attention to learned prompts, "
-                         f"which no plain checkpoint holds. Generate with generate/adapter.py --adapter_path {lora_path}; "
-                         "for a checkpoint to export or train again, fine-tune with finetune/lora.py or finetune/full.py")
+        raise BadValue(f"--lora_path {lora_path} is an adapter out dir: an adapter adds attention to learned prompts, "
+                       f"which no plain checkpoint holds. Generate with generate/adapter.py --adapter_path {lora_path}; "
+                       "for a checkpoint to export or train again, fine-tune with finetune/lora.py or finetune/full.py")
     if method == "full":
-        raise ValueError(f"--lora_path {lora_path} is a full fine-tune: it already is a checkpoint dir; give it as "
-                         "--checkpoint_dir to the scripts that take one")
+        raise BadValue(f"--lora_path {lora_path} is a full fine-tune: it already is a checkpoint dir; give it as "
+                       "--checkpoint_dir to the scripts that take one")
     model, tokenizer = load_finetuned(lora_path, checkpoint_dir)
     check_writable(out_dir, 0)
     save_checkpoint_dir(model, tokenizer, out_dir)

@@ -17,6 +17,7 @@ from typing import Optional
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lit_llama.cli import run
+from lit_llama.errors import MissingFile, MissingPackage
 from lit_llama.data import Overlong, lima_turns, prepare_data
 from lit_llama.prompts import conversation_segments
 
@@ -28,13 +29,13 @@ def download_lima() -> Path:
     try:
         from huggingface_hub import hf_hub_download
     except ImportError:
-        raise ValueError(f"no --data_path given and huggingface_hub is not installed to download {LIMA_REPO}: "
-                         f"`pip install huggingface_hub`, or download its train.jsonl and pass --data_path") from None
+        raise MissingPackage(f"no --data_path given and huggingface_hub is not installed to download {LIMA_REPO}: "
+                             f"`pip install huggingface_hub`, or download its train.jsonl and pass --data_path") from None
     try:
         return Path(hf_hub_download(LIMA_REPO, "train.jsonl", repo_type="dataset"))
     except Exception as e:  # offline, gated without a token, ...: the hub raises many kinds
-        raise OSError(f"could not download {LIMA_REPO} ({type(e).__name__}: {e}); it is gated: accept its terms on "
-                      f"huggingface.co, log in (`huggingface-cli login` or HF_TOKEN), or pass --data_path") from None
+        raise MissingFile(f"could not download {LIMA_REPO} ({type(e).__name__}: {e}); it is gated: accept its terms on "
+                          f"huggingface.co, log in (`huggingface-cli login` or HF_TOKEN), or pass --data_path") from None
 
 
 def prepare(
@@ -84,7 +85,7 @@ def prepare(
     data_path = Path(data_path)
     if data_path.is_dir():
         if not (data_path / "train.jsonl").is_file():
-            raise FileNotFoundError(f"--data_path {data_path} has no train.jsonl: give LIMA's folder or a JSONL file")
+            raise MissingFile(f"--data_path {data_path} has no train.jsonl: give LIMA's folder or a JSONL file")
         data_path = data_path / "train.jsonl"
     prepare_data(
         data_path, lambda row, tokenizer: conversation_segments(tokenizer, lima_turns(row), mask_inputs),

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from lit_llama.checkpoint import check_writable, save_checkpoint_dir
 from lit_llama.cli import run
+from lit_llama.errors import BadValue, MissingFile, file_error
 from lit_llama.model import LLaMA, LLaMAConfig
 from lit_llama.tokenizer import Tokenizer
 from lit_llama.training import TrainArgs, lr_at_step, next_token_targets
@@ -64,10 +65,16 @@ def main(
         seed: seed of the initialisation and the sampled windows
     """
     if not Path(corpus).is_file():
-        raise FileNotFoundError(f"--corpus {corpus} not found: give a plain text file, one document per line")
+        raise MissingFile(f"--corpus {corpus} not found: give a plain text file, one document per line")
     check_writable(out_dir, 0)  # before the pretraining, not after it
     torch.manual_seed(seed)
-    documents = [line.strip() for line in Path(corpus).read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        text = Path(corpus).read_text(encoding="utf-8")
+    except OSError as e:  # there but unreadable (permissions)
+        raise file_error(e, f"--corpus {corpus}") from None
+    except UnicodeDecodeError as e:
+        raise BadValue(f"--corpus {corpus}: invalid UTF-8 at byte {e.start}; give a plain text file") from None
+    documents = [line.strip() for line in text.splitlines() if line.strip()]
     tokenizer = train_tokenizer(documents, vocab_size)
     stream = torch.tensor([i for doc in documents for i in tokenizer.encode(doc, bos=True, eos=True)])
     print(f"{len(documents)} documents, {len(stream):,} tokens, vocabulary {tokenizer.vocab_size}")

@@ -45,6 +45,7 @@ from tqdm import tqdm
 
 from lit_llama.checkpoint import check_writable
 from lit_llama.cli import run
+from lit_llama.errors import BadPath, BadValue, MissingFile, file_error
 from lit_llama.data import BadRow, PrepareReport, alpaca_turns, lima_turns, located_rows, message_turns
 from lit_llama.generate import (ContinuousBatch, Decoder, Detokenizer, Generation, Request, Sampling, room_for,
                                 stop_reason)
@@ -85,7 +86,10 @@ def read_cache(path: Path) -> dict[int, str]:
     short (no newline at its end, or not JSON) is removed from the file: its row is sampled again."""
     if not path.is_file():
         return {}
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as e:  # there but unreadable (permissions)
+        raise file_error(e, f"--destination_path {path}") from None
     end = data.rfind(b"\n") + 1  # rows are written whole, newline last: what follows the last one is cut short
     lines = data[:end].split(b"\n")[:-1]
     queries = {}
@@ -95,8 +99,8 @@ def read_cache(path: Path) -> dict[int, str]:
             index, query = row["index"], row["messages"][0]["content"]
         except (ValueError, KeyError, IndexError, TypeError):
             if n < len(lines):
-                raise ValueError(f"--destination_path {path}:{n} is not a row of this script: give a new "
-                                 f"destination, or the cache this script wrote") from None
+                raise BadValue(f"--destination_path {path}:{n} is not a row of this script: give a new "
+                               f"destination, or the cache this script wrote") from None
             end -= len(line) + 1
             continue
         queries[index] = query
@@ -212,16 +216,16 @@ def main(
     """
     data_path, destination_path = Path(data_path), Path(destination_path)
     if data_path.is_dir():
-        raise IsADirectoryError(f"--data_path {data_path} is a directory: give the data file itself")
+        raise BadPath(f"--data_path {data_path} is a directory: give the data file itself")
     if not data_path.is_file():
-        raise FileNotFoundError(f"--data_path {data_path} not found")
+        raise MissingFile(f"--data_path {data_path} not found")
     if destination_path.is_dir():
-        raise ValueError(f"--destination_path {destination_path} is a directory: give the JSONL file to write")
+        raise BadValue(f"--destination_path {destination_path} is a directory: give the JSONL file to write")
     if destination_path.resolve() == data_path.resolve():
-        raise ValueError(f"--destination_path {destination_path} is the --data_path file: give another file")
+        raise BadValue(f"--destination_path {destination_path} is the --data_path file: give another file")
     sampling = Sampling(temperature, None, top_p)
     if max_new_tokens < 1 or batch_size < 1 or (max_rows is not None and max_rows < 1):
-        raise ValueError("--max_new_tokens, --batch_size and --max_rows must be at least 1")
+        raise BadValue("--max_new_tokens, --batch_size and --max_rows must be at least 1")
     check_writable(destination_path.parent, 0, "--destination_path")  # before the model loads, not after the sampling
     cached = read_cache(destination_path)
 
@@ -235,8 +239,8 @@ def main(
     for index, (where, (query, reference)) in enumerate(islice(rows, max_rows)):
         if index in cached:
             if cached[index] != query:
-                raise ValueError(f"--destination_path {destination_path} holds a reply to another query as row {index} "
-                                 f"({where}): it was written from other data; give a new destination")
+                raise BadValue(f"--destination_path {destination_path} holds a reply to another query as row {index} "
+                               f"({where}): it was written from other data; give a new destination")
             resumed += 1
             continue
         prompt = echo_prompt(tokenizer, query, reference)
@@ -248,7 +252,11 @@ def main(
         jobs.append(Job(index, where, query, prompt, cap))
 
     written = unfinished = 0
-    with open(destination_path, "a", encoding="utf-8") as out, tqdm(total=len(jobs), unit="reply") as bar:
+    try:
+        out = open(destination_path, "a", encoding="utf-8")
+    except OSError as e:  # there but not writable
+        raise file_error(e, f"--destination_path {destination_path}") from None
+    with out, tqdm(total=len(jobs), unit="reply") as bar:
         for job, generation in sample_replies(model, tokenizer, jobs, sampling, seed, batch_size):
             bar.update()
             reply, reason = reply_text(tokenizer, generation, plain)

@@ -152,8 +152,8 @@ def child(request: dict) -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         # one thread: runs share the machine with the test process and whatever else runs, and an OpenMP
-        # pool spinning for cores that are busy elsewhere slows a run tenfold. The tiny model's results
-        # don't depend on it (the reference fixture compares a fork with a plain run on all threads)
+        # pool spinning for cores that are busy elsewhere slows a run tenfold. The reference fixture runs
+        # its plain command on one thread too: the last bits of a sum follow the thread count
         torch.set_num_threads(1)
         if request.get("fault"):
             install_fault(**request["fault"])

@@ -15,6 +15,7 @@ import pytest
 import lit_llama.training  # noqa: F401  (before any capture: lightning's log handler keeps the stderr it first sees)
 from conftest import REPO, script_entry
 from lit_llama import cli
+from lit_llama.errors import BadValue
 
 SCRIPTS = ["finetune/lora.py", "finetune/adapter.py", "finetune/full.py",
            "generate/base.py", "generate/lora.py", "generate/adapter.py", "generate/full.py", "generate/chat.py",
@@ -221,6 +222,40 @@ def test_debug_shows_the_traceback(capsys, tmp_path, monkeypatch):
     assert exit_info.value.code == 2 and "usage:" in err and 'Parser key "top_k"' in err
 
 
+def test_a_usage_error_ends_in_one_line_and_with_debug_shows_its_traceback(capsys):
+    def refuses(steps: int = 1) -> None:
+        raise BadValue(f"--steps {steps}: give at most 2")
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run(refuses, ["--steps", "3"])
+    assert exit_info.value.code == 2 and capsys.readouterr().err == "error: --steps 3: give at most 2\n"
+    with pytest.raises(BadValue, match="--steps 3: give at most 2"):
+        cli.run(refuses, ["--steps", "3", "--debug"])
+
+
+def test_an_error_that_is_no_usage_error_shows_its_traceback(tmp_path):
+    """A ValueError or an OSError of a library or a bug is not the user's to fix: no one line hides it."""
+    (tmp_path / "buggy.py").write_text("from lit_llama.cli import run\n\n"
+                                       "def main(steps: int = 1) -> None:\n"
+                                       "    raise ValueError('a bug, not the user')\n\n"
+                                       "run(main)\n")
+    result = run_process(str(tmp_path / "buggy.py"), cwd=tmp_path)
+    assert result.returncode == 1 and "error:" not in result.stderr
+    assert "Traceback (most recent call last)" in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == "ValueError: a bug, not the user"
+
+
+def test_an_unusable_prompts_file_ends_in_one_line(eot_checkpoint, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bad.jsonl").write_text('"fine"\n{"messages": {"role": "user", "content": "hi"}}\n')
+    for prompts_file, expected in [("no/prompts.jsonl", "error: no/prompts.jsonl: No such file or directory"),
+                                   (".", "error: .: Is a directory"),
+                                   ("bad.jsonl", "error: bad.jsonl:2: 'messages' must be a list of objects")]:
+        code, out, err = run_script("generate/full.py", ["--checkpoint_dir", str(eot_checkpoint),
+                                                         "--prompts_file", prompts_file], capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and err.startswith(expected), (prompts_file, err)
+
+
 def test_ctrl_c_ends_with_exit_code_130(capsys):
     def interrupted(steps: int = 1) -> None:
         raise KeyboardInterrupt
@@ -249,8 +284,8 @@ def test_real_process_with_debug_shows_the_traceback(tmp_path):
     result = run_process(str(REPO / "generate" / "lora.py"), "--lora_path", "no/lora", "--debug", cwd=tmp_path)
     assert result.returncode == 1
     assert "Traceback (most recent call last)" in result.stderr
-    assert result.stderr.strip().splitlines()[-1] == ("FileNotFoundError: --lora_path no/lora not found: give the out dir that "
-                                                     "finetune/lora.py or finetune/adapter.py wrote")
+    assert result.stderr.strip().splitlines()[-1] == ("lit_llama.errors.MissingFile: --lora_path no/lora not found: give the "
+                                                     "out dir that finetune/lora.py or finetune/adapter.py wrote")
 
 
 def test_every_script_runs_a_valid_command_with_debug(tiny_checkpoint, lima_data, tmp_path, monkeypatch, capsys):

@@ -1,4 +1,5 @@
 import json
+import os
 import re
 
 import pytest
@@ -6,6 +7,7 @@ import torch
 
 from lit_llama.data import (BadRow, PrepareReport, TokenDataset, alpaca_turns, encode_conversations, message_turns,
                             read_lima_jsonl, segments_layout)
+from lit_llama.errors import BadValue
 from lit_llama.prompts import Segment, encode_conversation
 
 PAIR = ["Hi there!", "Hello! How can I help?"]  # 7 + 11 tokens with the fixture tokenizer
@@ -18,6 +20,13 @@ def test_dataset_round_trip(tokenizer, tmp_path):
     assert len(data) == 2 and data.lengths.tolist() == [18, 35]
     ids, mask = data[1]
     assert ids.tolist() == samples[1].ids and mask.tolist() == samples[1].loss_mask
+
+
+def test_a_split_cut_short_is_named_in_one_line(tokenizer, tmp_path):
+    TokenDataset.from_samples([encode_conversation(tokenizer, PAIR)]).save(tmp_path / "train.pt")
+    (tmp_path / "train.pt").write_bytes((tmp_path / "train.pt").read_bytes()[:300])  # a copy stopped midway
+    with pytest.raises(BadValue, match=r"train.pt is truncated or corrupted, .*: prepare the data again$"):
+        TokenDataset.load(tmp_path / "train.pt")
 
 
 def test_overlong_drop_and_cut_turns(tokenizer):
@@ -154,3 +163,17 @@ def test_segment_rows(tokenizer):
     }
     for reason, segments in cases.items():
         assert problem(lambda r: segments_layout(r, names), {"segments": segments}) == reason
+
+
+def test_prepared_splits_and_the_export_reach_the_disk_before_their_names(tmp_path, monkeypatch, eot_checkpoint):
+    """What files.py promises every file a run depends on: the bytes are flushed to the disk before the
+    rename, or a power cut can leave a complete-looking name over a truncated file."""
+    from lit_llama.convert import export_hf_checkpoint
+    from lit_llama.prompts import EncodedConversation
+
+    synced, fsync = [], os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), fsync(fd))[1])
+    TokenDataset.from_samples([EncodedConversation([1, 5, 9], [False, True, True], [3], [3])]).save(tmp_path / "train.pt")
+    assert str(tmp_path / "train.pt.tmp") in synced
+    export_hf_checkpoint(eot_checkpoint, tmp_path / "hf")
+    assert str(tmp_path / "hf" / "model.safetensors.tmp") in synced

@@ -1,6 +1,7 @@
-"""Two CPU processes over gloo, the path multi-GPU runs take: ddp and fsdp (FSDP2, per block) train to
-the weights one process reaches, validate a share each, save whole tensors that every generate
-script loads, and an fsdp run killed mid-way resumes to the uninterrupted run's weights."""
+"""Two CPU processes over gloo, the path multi-GPU runs take, each on the simulated accelerator of
+lit_llama/device_check.py: ddp and fsdp (FSDP2, per block) train to the weights one process reaches,
+validate a share each, save whole tensors that every generate script loads, and an fsdp run killed
+mid-way resumes to the uninterrupted run's weights."""
 
 import csv
 import json
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 from conftest import REPO, load_script, val_losses
+from lit_llama import device_check
 from lit_llama.checkpoint import WEIGHTS_FILES, load_state_dict
 
 FLAGS = ["--accelerator", "cpu", "--train.max_iters", "6", "--train.warmup_iters", "2", "--train.global_batch_size", "4",
@@ -34,10 +36,14 @@ def command(method: str, data: Path, checkpoint: Path, out_dir: Path, *extra: st
             "--out_dir", str(out_dir), *FLAGS, *dropout, *extra]
 
 
+# one thread per process (two processes share this machine's cores), on the simulated accelerator: a
+# tensor a rank leaves on the host where the GPU path needs it on the device fails the run
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", device_check.ENV: "1"}
+
+
 def run(cmd: list[str]) -> str:
-    # one thread per process: two processes share this machine's cores
     proc = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          env=ENV)
     assert proc.returncode == 0, proc.stdout[-3000:]
     return proc.stdout
 
@@ -99,7 +105,7 @@ def test_a_killed_fsdp_run_resumes_to_the_uninterrupted_weights(runs, tiny_check
     cmd = command("full", lima_data, tiny_checkpoint, out_dir, *LAYOUTS["fsdp"], "--activation_checkpointing", "true")
     # its own process group: the kill takes both ranks at once, as a node failure would
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env=ENV)
     deadline = time.time() + 300
     while not (out_dir / "training_state.pth").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)

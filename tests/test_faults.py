@@ -76,8 +76,10 @@ def runner():
 def reference(runner, tiny_checkpoint, lima_data, tmp_path_factory) -> Reference:
     root = tmp_path_factory.mktemp("reference")
     runs = Runs(runner, tiny_checkpoint, lima_data, root / "logs")
+    # one thread, as the forks run: summation order, and so the last bits of the weights, follow the thread count
     plain = subprocess.run([sys.executable, *map(str, runs.argv(root / "plain"))], cwd=REPO, stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, text=True, timeout=600)  # while the runner starts
+                           stderr=subprocess.STDOUT, text=True, timeout=600,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})  # while the runner starts
     assert plain.returncode == 0, plain.stdout
     start = time.perf_counter()
     returncode, output = runs.run(root / "forked", snapshot=root / "steps")

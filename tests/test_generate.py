@@ -26,7 +26,7 @@ class ScriptedModel(torch.nn.Module):
     def clear_kv_cache(self):
         self.cached = None
 
-    def forward(self, idx, input_pos, last_only=False, row=None):
+    def forward(self, idx, input_pos, last_only=False, row=None, kv_length=None):
         assert self.cached is not None and input_pos.shape == idx.shape
         logits = torch.zeros(idx.shape[0], 1 if last_only else idx.shape[1], self.config.vocab_size)
         for b, script in enumerate(self.scripts if row is None else [self.scripts[row]]):
@@ -207,7 +207,8 @@ def test_stop_ids_from_the_tokenizer_and_the_flags(tokenizer, base_tokenizer):
     assert resolve_stop_ids(tokenizer) == (eot, eos)
     assert resolve_stop_ids(tokenizer, stop_on_eos=False) == (eot,)
     hello = tokenizer.processor.id_to_piece(565)
-    assert resolve_stop_ids(tokenizer, stop_tokens=("<|eot|>", hello, "7")) == (eot, eos, 565, 7)
+    # "7" is a piece (id 1007) and names it; "300" is no piece, so it is an id
+    assert resolve_stop_ids(tokenizer, stop_tokens=("<|eot|>", hello, "7", "300")) == (eot, eos, 565, 1007, 300)
     assert resolve_stop_ids(base_tokenizer) == (eos,)  # no EOT: EOS is the fallback
     with pytest.raises(ValueError, match="--stop_tokens: 'nonsense' is not a piece"):
         resolve_stop_ids(tokenizer, stop_tokens=("nonsense",))
@@ -271,3 +272,26 @@ def test_prompt_filling_the_context_is_refused():
     model = ScriptedModel([[1]], prompt_len=64)
     with pytest.raises(ValueError, match="no room left"):
         generate(model, list(range(64)), 5)
+
+
+def test_top_k_keeps_exactly_k_ids_when_the_kth_logit_ties():
+    logits = torch.tensor([5.0, 3.0, 3.0, 3.0, 1.0])  # the 2nd, 3rd and 4th most likely tie
+    generator = torch.Generator().manual_seed(0)
+    draws = {int(sample(logits, 1.0, top_k=2, generator=generator)) for _ in range(1000)}
+    assert len(draws) == 2 and 0 in draws  # not every tie of the k-th value
+
+
+def test_the_kv_cache_holds_what_the_prompt_and_reply_need_compiled_or_not(tokenizer, monkeypatch):
+    """A compiled step used to get a cache of block_size positions per row: for a 16,384-token model,
+    8 rows in bf16 are about 64 GiB. Compiled or not, it holds the longest prompt and its reply."""
+    import lit_llama.generate as generate_module
+
+    model = tiny_model(vocab_size=tokenizer.vocab_size)
+    model.config.block_size = 64
+    sizes = []
+    set_kv_cache = model.set_kv_cache
+    monkeypatch.setattr(model, "set_kv_cache", lambda batch_size, max_seq_length: (
+        sizes.append((batch_size, max_seq_length)), set_kv_cache(batch_size, max_seq_length))[1])
+    monkeypatch.setattr(generate_module, "compile_step", lambda model: model)  # the sizes, not the compiler
+    generate_batch(model, [[1, 2, 3], [1, 2, 3, 4, 5]], 6, compile=True)
+    assert sizes == [(2, 11)]

@@ -10,6 +10,7 @@ import torch
 from conftest import REPO, load_script
 from lit_llama.checkpoint import load_model
 from lit_llama.generate import generate, stop_reason
+from lit_llama.inference import read_prompts
 from lit_llama.prompts import encode_prompt
 from lit_llama.tokenizer import Tokenizer
 
@@ -91,6 +92,20 @@ def test_prompts_file_replies_to_every_row_in_batches(eot_checkpoint, tmp_path, 
     (tmp_path / "bad.jsonl").write_text('"fine"\n{"messages": [{"role": "assistant", "content": "hi"}]}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:2: messages must alternate user, assistant"):
         load_script("generate/full.py").main(checkpoint_dir=eot_checkpoint, prompts_file=tmp_path / "bad.jsonl")
+
+
+@pytest.mark.parametrize("line, reason", [
+    ('{"messages": {"role": "user", "content": "hi"}}', "'messages' must be a list of objects"),
+    ('{"messages": null}', "'messages' must be a list of objects"),
+    ('{"messages": ["hi"]}', "'messages' must be a list of objects"),
+    ('{"messages": [{"role": "user", "content": 7}]}', "'messages' must be a list of objects with a 'role' and a text"),
+    ('{"conversations": "hey"}', "expected an odd number of text turns"),
+    ('"caf\xe9"', "'utf-8' codec can't decode"),
+])
+def test_every_malformed_prompt_row_is_named_by_file_and_line(line, reason, tmp_path):
+    (tmp_path / "prompts.jsonl").write_bytes(b'"fine"\n' + line.encode("latin-1") + b"\n")
+    with pytest.raises(ValueError, match=f"prompts.jsonl:2: {reason}"):
+        read_prompts(tmp_path / "prompts.jsonl")
 
 
 def test_cli_flags_and_errors(eot_checkpoint):

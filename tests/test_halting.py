@@ -62,6 +62,14 @@ def test_evaluate_halting_on_the_training_prompts(finetuned, tmp_path, capsys):
     print(f"held-out EOT halt rate {held_out['eot_rate']:.2f} over {held_out['prompts']} prompt(s)")
 
 
+@pytest.mark.parametrize("flag", [dict(reference_factor=0.0), dict(min_new_tokens=0), dict(max_new_tokens=0),
+                                  dict(batch_size=0)])
+def test_evaluate_halting_checks_its_flags_before_anything_loads(flag, tmp_path):
+    with pytest.raises(ValueError, match="--reference_factor must be > 0, and --min_new_tokens, --max_new_tokens and "
+                                         "--batch_size at least 1"):  # not the missing dirs, which load later
+        load_script("scripts/evaluate_halting.py").main(data_dir=tmp_path / "no_data", lora_path=tmp_path / "no_lora", **flag)
+
+
 def test_replies_stop_on_eot(finetuned, short_rows, tmp_path, capsys):
     _, lora_dir = finetuned
     lora = load_script("generate/lora.py").main
@@ -89,3 +97,22 @@ def test_chat_second_turn_reads_only_the_new_turn(finetuned, short_rows):
     assert chat.decoder.prefilled == len(tokenizer.encode(second)) + 2  # the reply's EOT, the message, its EOT
     assert chat.decoder.ids[0][: len(encode_prompt(tokenizer, chat.turns[:3]))] == encode_prompt(tokenizer, chat.turns[:3])
     chat.close()
+
+
+def test_evaluate_halting_on_role_token_data(tiny_checkpoint, short_rows, tmp_path):
+    """With role tokens the user's EOT is followed by <|ASSISTANT|>, never trained: the reply's prompt
+    ends after it (this used to end in "has no sample with a trained reply to evaluate")."""
+    from lit_llama.checkpoint import load_model, save_checkpoint_dir
+    from lit_llama.tokenizer import Tokenizer, extend_tokenizer
+    from lit_llama.vocab import add_special_tokens
+
+    tokenizer = extend_tokenizer(Tokenizer.from_dir(tiny_checkpoint), role_tokens=True)
+    model = load_model(tiny_checkpoint)
+    add_special_tokens(model, tokenizer)
+    save_checkpoint_dir(model, tokenizer, tmp_path / "roles")
+    (tmp_path / "short.jsonl").write_text("\n".join(json.dumps(r) for r in short_rows))
+    load_script("scripts/prepare_lima.py").prepare(data_path=tmp_path / "short.jsonl", checkpoint_dir=tmp_path / "roles",
+                                                   destination_path=tmp_path / "data")
+    report = load_script("scripts/evaluate_halting.py").main(data_dir=tmp_path / "data", checkpoint_dir=tmp_path / "roles",
+                                                             split="train", max_new_tokens=4)
+    assert report["prompts"] == 7

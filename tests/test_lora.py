@@ -43,3 +43,19 @@ def test_merge_lora_restores_plain_layers_with_same_outputs():
     assert not any(isinstance(m, LoRALinear) for m in model.modules())
     torch.testing.assert_close(model(idx), expected, atol=1e-5, rtol=1e-5)
     assert set(model.state_dict()) == set(make_model().state_dict())
+
+
+def test_a_bf16_merge_rounds_once():
+    """The update is added to the bf16 weight in fp32 and the sum rounded once; rounding the update to
+    bf16 first and then the sum would land one bf16 step off for some weights."""
+    torch.manual_seed(0)
+    layer = LoRALinear(256, 256, r=8, alpha=16, dropout=0.0)
+    torch.nn.init.normal_(layer.lora_B, std=0.05)
+    layer.weight.data = layer.weight.data.to(torch.bfloat16)
+    weight, delta = layer.weight.detach().clone(), layer.delta_weight()
+    parent = torch.nn.Module()
+    parent.layer = layer
+    merge_lora(parent)
+    once = (weight.float() + delta).to(torch.bfloat16)
+    assert torch.equal(parent.layer.weight, once)
+    assert not torch.equal(weight + delta.to(torch.bfloat16), once)  # the double rounding differs here

@@ -6,6 +6,7 @@ import sys
 import pytest
 
 from conftest import load_script
+from lit_llama.errors import MissingPackage
 from lit_llama.training import TrainArgs
 
 SHORT = dict(warmup_iters=1, global_batch_size=2, micro_batch_size=2, eval_interval=2, eval_iters=1, save_interval=0)
@@ -33,7 +34,7 @@ def test_tensorboard_logs_beside_metrics_csv_and_the_plot(tiny_checkpoint, lima_
 def test_a_logger_whose_package_is_missing_fails_in_one_line_before_training(tiny_checkpoint, lima_data, tmp_path,
                                                                               monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed
-    with pytest.raises(ValueError, match=r"^--logger_name wandb: the wandb package is not installed \(pip install wandb\)$"):
+    with pytest.raises(MissingPackage, match=r"^--logger_name wandb: the wandb package is not installed \(pip install wandb\)$"):
         load_script("finetune/lora.py").setup(data_dir=lima_data, checkpoint_dir=tiny_checkpoint, out_dir=tmp_path / "o",
                                               logger_name="wandb", train=TrainArgs(max_iters=1, **SHORT))
     assert not (tmp_path / "o" / "metrics.csv").exists()

@@ -131,3 +131,15 @@ def test_residual_dropout_rises_with_depth_and_only_trains():
         assert torch.equal(model.eval()(idx), plain)
     with pytest.raises(ValueError, match=r"residual dropout must be in \[0, 1\), got 1.5"):
         model.set_residual_dropout(1.5)
+
+
+def test_a_prompt_read_into_another_row_with_gradients_and_checkpointing_lands_in_that_row():
+    """The checkpointed path dropped `row`: a prompt read into cache row 1 went to row 0."""
+    torch.manual_seed(0)
+    model = LLaMA(small_config())
+    model.activation_checkpointing = True
+    model.set_kv_cache(batch_size=2, max_seq_length=8)
+    idx = torch.tensor([[1, 5, 9]])
+    model(idx, torch.arange(3).unsqueeze(0), row=1, kv_length=3)
+    cache = model.transformer.h[0].attn.kv_cache
+    assert cache.k[0].abs().sum() == 0 and cache.k[1, :, :3].abs().sum() > 0

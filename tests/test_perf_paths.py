@@ -138,3 +138,40 @@ def test_loss_split_sums_each_side_of_the_split_for_the_cost_of_one_loss(grad, m
                 torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
     nothing = model(idx, targets=targets, loss_split=torch.zeros_like(split))  # an empty side sums to 0
     assert nothing[1].item() == 0
+
+
+def test_score_rows_backward_under_bf16_autocast_with_an_fp32_head():
+    """Full fine-tuning: the head trains in fp32 while autocast computes the logits in bf16. The backward
+    runs outside autocast, so it must meet the bf16 gradient with the fp32 weight itself."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    weight = torch.randn(50, 16, requires_grad=True)
+    rows = torch.randn(2, 16, requires_grad=True)
+    index = torch.tensor([3, 40])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = ScoreRows.apply(x, weight, rows, index)
+        reference = F.linear(x, weight).index_copy(-1, index, F.linear(x, rows))
+    assert fast.dtype == torch.bfloat16
+    got, want = grads(fast, [x, weight, rows]), grads(reference, [x, weight, rows])
+    for g, w, param in zip(got, want, [x, weight, rows]):
+        assert g.dtype == param.dtype
+        torch.testing.assert_close(g, w, atol=0.05, rtol=0.02)
+
+
+def test_the_loss_without_gradients_never_holds_the_whole_logits(monkeypatch):
+    """Validation scores in chunks too: a (chunk, V) block at a time, not the (B*T, V) logits (4 x 2048
+    x 32000 fp32 are 1 GB)."""
+    monkeypatch.setattr("lit_llama.model.LOSS_CHUNK_SIZE", 5)
+    model = small_model()
+    attach_token_rows(model, [99])
+    idx, targets = torch.randint(0, 100, (3, 8)), torch.randint(0, 100, (3, 8))
+    rows, linear = [], F.linear
+    monkeypatch.setattr(F, "linear", lambda x, w, *args: (rows.append(x.shape[:-1].numel() if w.shape[0] == 100 else 0),
+                                                          linear(x, w, *args))[1])
+    with torch.no_grad():
+        losses = model(idx, targets=targets, loss_split=targets == 99)
+    assert max(rows) == 5
+    monkeypatch.undo()
+    per_position = F.cross_entropy(model(idx).flatten(0, 1), targets.flatten(), reduction="none")
+    split = (targets == 99).flatten()
+    torch.testing.assert_close(losses, torch.stack([per_position[~split].sum(), per_position[split].sum()]))

@@ -2,6 +2,7 @@
 state stay fp32), and fp16's loss scaler skips the steps whose gradients overflow."""
 
 import csv
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -11,9 +12,11 @@ from lightning.fabric.plugins.precision import MixedPrecision
 import lit_llama.training as training
 from conftest import load_script
 from lit_llama.checkpoint import load_state_dict
+from lit_llama.errors import BadValue
 from lit_llama.lora import LoRAConfig
 from lit_llama.training import TrainArgs, optimizer_step
 
+STATE = Path("out/training_state.pth")  # named in the error, never written
 SHORT = dict(warmup_iters=1, global_batch_size=4, micro_batch_size=2, eval_interval=100, eval_iters=1, save_interval=0)
 
 
@@ -67,13 +70,13 @@ def test_an_overflowing_fp16_step_is_skipped_and_the_scale_lowered():
 
     fabric.backward(model(torch.randn(2, 4)).sum())
     model.weight.grad[0, 0] = float("inf")
-    norm, skipped = optimizer_step(fabric, model, optimizer, grad_clip=1.0)
+    norm, skipped = optimizer_step(fabric, model, optimizer, grad_clip=1.0, step=0, state=STATE)
     assert skipped and norm == float("inf")
     assert scaler.get_scale() == 8.0  # halved
     assert torch.equal(model.weight.detach(), before)
 
     fabric.backward(model(torch.randn(2, 4)).sum())
-    norm, skipped = optimizer_step(fabric, model, optimizer, grad_clip=1.0)
+    norm, skipped = optimizer_step(fabric, model, optimizer, grad_clip=1.0, step=1, state=STATE)
     assert not skipped and 0 < norm < float("inf")
     assert not torch.equal(model.weight.detach(), before)
 
@@ -84,8 +87,8 @@ def test_without_a_scaler_a_non_finite_gradient_is_an_error():
     optimizer = fabric.setup_optimizers(torch.optim.AdamW(model.parameters()))
     fabric.backward(model(torch.randn(2, 4)).sum())
     model.weight.grad[0, 0] = float("nan")
-    with pytest.raises(FloatingPointError, match="gradient norm is nan"):
-        optimizer_step(fabric, model, optimizer, grad_clip=0.0)
+    with pytest.raises(BadValue, match="the gradient norm is nan at step 1; stopped before updating the weights"):
+        optimizer_step(fabric, model, optimizer, grad_clip=0.0, step=0, state=STATE)
 
 
 def fp16_from(init_scale: float):

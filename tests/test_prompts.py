@@ -116,3 +116,20 @@ def test_role_tokens_open_every_turn_and_the_reply(base_tokenizer):
     assert sample.loss_mask == [False] * 16 + [True] * 11
     assert encode_prompt(tokenizer, ["Hi there!"]) == [BOS, USER, *HI, EOT, ASSISTANT]
     assert encode_prompt(tokenizer, ["Hi there!"]) == sample.ids[:1] + sample.ids[8:16]
+
+
+@pytest.mark.parametrize("roles", [False, True])
+@pytest.mark.parametrize("system", [None, "Hi there!"])
+@pytest.mark.parametrize("mask_inputs", [True, False])
+def test_the_first_exchange_of_a_sample_is_the_prompt_inference_makes(base_tokenizer, roles, system, mask_inputs):
+    """evaluate_halting and the training's sample reply ask the model the first user turn as generation
+    does; with role tokens that prompt ends in <|ASSISTANT|>, which is never trained."""
+    from lit_llama.prompts import first_exchange
+    from lit_llama.tokenizer import extend_tokenizer
+
+    tokenizer = extend_tokenizer(base_tokenizer, role_tokens=roles)
+    turns = ["Hi there!", "Hello! How can I help?", "Hi there!", "Bye"]
+    sample = encode_conversation(tokenizer, turns, mask_inputs=mask_inputs, system=system)
+    prompt, reply = first_exchange(tokenizer, sample.ids, sample.loss_mask)
+    assert prompt == encode_prompt(tokenizer, turns[:1], system)
+    assert tokenizer.decode(reply) == turns[1]

@@ -127,3 +127,11 @@ def test_an_adapter_trains_on_an_nf4_base_and_loads_as_it_trained(tiny_checkpoin
     name = "transformer.h.3.attn.c_attn.weight"  # an adapted layer: its base weight is the NF4 value
     torch.testing.assert_close(model.state_dict()[name], base.state_dict()[name], rtol=0, atol=0)
     assert generate(model, tokenizer.encode("What is rain?", bos=True), 8).tokens
+
+
+def test_a_checkpoint_dir_generates_on_an_nf4_base(tiny_checkpoint, capsys):
+    """A base or full fine-tune loads its weights as trainable parameters; inference freezes them before
+    quantizing (it used to stop with "weight trains: only a frozen base is quantized")."""
+    load_script("generate/base.py").main(checkpoint_dir=tiny_checkpoint, prompt="The sun", max_new_tokens=4,
+                                         temperature=0, quantize="nf4")
+    assert "stop reason: max_new_tokens after 4 tokens" in capsys.readouterr().err

@@ -17,6 +17,7 @@ from sentencepiece import sentencepiece_model_pb2
 
 from conftest import REPO, load_script
 from lit_llama.checkpoint import load_finetuned, load_state_dict
+from lit_llama.model import LLaMA
 from lit_llama.prompts import encode_conversation
 from lit_llama.tokenizer import extend_tokenizer
 from lit_llama.training import TrainArgs
@@ -120,6 +121,21 @@ def test_lora_file_of_another_shape_and_a_corrupted_out_dir_end_in_one_line(tiny
     assert out.returncode == 2
     assert out.stderr.strip().startswith("error: ") and len(out.stderr.strip().splitlines()) == 1
     assert "is truncated or corrupted" in out.stderr
+
+
+def test_a_load_error_of_one_line_is_shown_whole(tiny_checkpoint, lima_data, tmp_path, monkeypatch):
+    out_dir = tmp_path / "out"
+    lora_setup(tiny_checkpoint, lima_data, out_dir, max_iters=1)
+    load = LLaMA.load_state_dict
+
+    def one_line_error(model, state, strict=True, assign=False):
+        if strict:  # the base checkpoint loads as ever
+            return load(model, state, strict=strict, assign=assign)
+        raise RuntimeError("size mismatch for lm_head.weight: the trained rows do not fit")
+
+    monkeypatch.setattr(LLaMA, "load_state_dict", one_line_error)
+    with pytest.raises(ValueError, match="does not fit the model of .*: size mismatch for lm_head.weight: the trained"):
+        load_finetuned(out_dir)
 
 
 def test_a_base_of_another_tokenizer_is_refused(tiny_checkpoint, lima_data, tmp_path):

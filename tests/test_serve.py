@@ -186,3 +186,32 @@ def test_reply_text_holds_back_what_may_start_a_stop_string(tokenizer):
             streamed += text.add(i)
             assert kept.startswith(streamed)  # nothing is sent that a stop string later cuts
         assert streamed + text.finish() == kept and text.stopped
+
+
+def test_a_failed_step_answers_in_openai_format_and_the_server_goes_on(eot_checkpoint, monkeypatch):
+    """A step that raises (a CUDA error, say) fails the requests in the batch with a 500 in OpenAI's error
+    format (streamed: an error event), the decoder forgets what its rows held, and the next request is
+    served as if nothing happened."""
+    decoder = Decoder(load_model(eot_checkpoint).eval(), 2, 128)  # its own model: offline() uses the shared one
+    tokenizer = Tokenizer.from_dir(eot_checkpoint)
+    feed, failing = Decoder.feed, [True]
+
+    def feed_or_fail(self, *args):
+        if failing[0]:
+            failing[0] = False
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return feed(self, *args)
+
+    monkeypatch.setattr(Decoder, "feed", feed_or_fail)
+    body = {"model": "eot", "messages": [{"role": "user", "content": "What is rain?"}], "max_tokens": 8,
+            "temperature": 0}
+    with TestClient(create_app(Engine(decoder), tokenizer, "eot")) as http:
+        failed = http.post("/v1/chat/completions", json=body)
+        assert failed.status_code == 500
+        error = failed.json()["error"]
+        assert error["type"] == "server_error" and "illegal memory access" in error["message"]
+        served = http.post("/v1/chat/completions", json=body)
+        assert served.json()["choices"][0]["message"]["content"] == offline(eot_checkpoint, ["What is rain?"], 8)
+        failing[0] = True
+        events = http.post("/v1/chat/completions", json={**body, "stream": True}).text
+        assert '"type": "server_error"' in events and "[DONE]" not in events

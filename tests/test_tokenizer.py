@@ -5,6 +5,7 @@ import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
 
 from conftest import REPO
+from lit_llama.generate import resolve_stop_ids
 from lit_llama.tokenizer import DEFAULT_EOT, Tokenizer, extend_tokenizer
 
 
@@ -105,6 +106,13 @@ def test_repurpose_refuses_special_byte_and_unknown_pieces(base_tokenizer, piece
               "unknown piece": "bos/eos/unk/pad and special tokens keep their roles"}.get(reason, reason)
     with pytest.raises(ValueError, match=reason):
         extend_tokenizer(base_tokenizer, repurpose_eot=piece)
+
+
+def test_a_numeric_piece_is_named_by_its_text_and_other_digits_are_ids(base_tokenizer):
+    one = base_tokenizer.processor.piece_to_id("1")  # the tiny tokenizer has the pieces "0" to "9"
+    assert one != 1 and base_tokenizer.piece_id("1") == one
+    assert resolve_stop_ids(base_tokenizer, stop_tokens=("1",)) == (base_tokenizer.eos_id, one)
+    assert base_tokenizer.piece_id("823") == base_tokenizer.piece_id(823) == TWENTY  # no piece "823": an id
 
 
 @pytest.fixture(scope="module")
