@@ -46,8 +46,8 @@ def setup(
         accelerator: cpu, cuda, ... or auto
         devices: devices per node
         num_nodes: machines taking part
-        precision: bf16-true, bf16-mixed, 16-mixed or 32-true (default: bf16-true on a GPU that has it, else
-            32-true); what trains is kept in fp32 under all of them (howto/finetune_lora.md, "Precision")
+        precision: bf16-true, bf16-mixed, 16-mixed or 32-true (default: bf16-true on a GPU that computes bf16
+            natively, else 32-true); what trains is kept in fp32 under all of them (howto/finetune_lora.md, "Precision")
         strategy: auto, ddp, or fsdp (FSDP2: weights, gradients and optimizer state sharded per transformer block)
         activation_checkpointing: recompute each block's activations in the backward pass instead of
             keeping them: less memory, about a third more compute

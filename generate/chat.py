@@ -56,7 +56,8 @@ def main(
             (digits that are a piece name the piece)
         max_seq_length: the context kept (default: the model's); the oldest exchanges are dropped, whole,
             when a message and its reply would not fit
-        precision: 32-true, bf16-true or 16-true (default: bf16 on a GPU that supports it, else fp32)
+        precision: 32-true, bf16-true or 16-true (default: bf16 on a GPU that computes it natively, fp16
+            on an older GPU, fp32 on the CPU)
         quantize: nf4 stores the block weights in 4 bits (about a quarter of bf16's memory; needs torchao)
         compile: compile the one-token decoding step with torch.compile (the first reply waits for it)
     """

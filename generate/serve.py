@@ -52,7 +52,8 @@ def main(
         batch_size: requests decoded side by side; more wait for a free row
         max_seq_length: positions of each row's KV cache, prompt and reply together (default: the
             model's context)
-        precision: 32-true, bf16-true or 16-true (default: bf16 on a GPU that supports it, else fp32)
+        precision: 32-true, bf16-true or 16-true (default: bf16 on a GPU that computes it natively, fp16
+            on an older GPU, fp32 on the CPU)
         quantize: nf4 stores the block weights in 4 bits (about a quarter of bf16's memory; needs torchao)
         compile: compile the one-token decoding step with torch.compile (the first request waits for it)
     """

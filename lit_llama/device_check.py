@@ -60,6 +60,7 @@ SYNC_OPS = {aten._local_scalar_dense.default: "item", aten.nonzero.default: "non
             aten.repeat_interleave.Tensor: "repeat_interleave", aten._unique2.default: "unique",
             aten.unique_dim.default: "unique", aten.unique_consecutive.default: "unique"}
 TO_HOST = {torch.Tensor.cpu, torch.Tensor.to}
+DEVICE_OF = torch.Tensor.device.__get__  # `x.device`, as a function mode is handed it
 FROM_DATA = {torch.tensor, torch.as_tensor, torch.asarray}
 
 _active: list["DeviceCheck"] = []
@@ -297,7 +298,7 @@ class _FunctionMode(TorchFunctionMode):
     def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: Optional[dict] = None) -> Any:
         kwargs = kwargs or {}
         check = self.check
-        if func == torch.Tensor.device.__get__:
+        if func == DEVICE_OF:
             return ACCELERATOR if check.on_accelerator(args[0]) else func(*args)
         inputs = _tensors((args, kwargs))
         on = any(check.on_accelerator(t) for t in inputs)

@@ -181,7 +181,8 @@ def reply(model: LLaMA, tokenizer: Tokenizer, prompt: str = "How do plants drink
         output_file: where the replies to `prompts_file` go, as JSONL (default: stdout); each row is the
             input row with "response", "stop_reason", "prompt_tokens" and "new_tokens" added
         batch_size: replies decoded side by side (a continuous batch: a finished row takes the next prompt)
-        precision: 32-true, bf16-true or 16-true (default: bf16 on a GPU that supports it, else fp32)
+        precision: 32-true, bf16-true or 16-true (default: bf16 on a GPU that computes it natively, fp16
+            on an older GPU, fp32 on the CPU)
         quantize: nf4 stores the block weights in 4 bits (about a quarter of bf16's memory; needs torchao)
         compile: compile the one-token decoding step with torch.compile (same outputs; pays off over
             long generations, the first step waits for the compilation)

@@ -64,7 +64,8 @@ def main(
         seed: seed of the sampling (prompt j uses seed + j)
         batch_size: replies decoded side by side (a continuous batch: a finished row takes the next prompt)
         max_samples: evaluate the first this many samples only
-        precision: 32-true, bf16-true or 16-true (default: bf16 on a GPU that supports it, else fp32)
+        precision: 32-true, bf16-true or 16-true (default: bf16 on a GPU that computes it natively, fp16
+            on an older GPU, fp32 on the CPU)
         output_file: where the JSON goes (default: halting_<split>.json in the model's dir)
     """
     if reference_factor <= 0 or min_new_tokens < 1 or batch_size < 1 or (max_new_tokens is not None and max_new_tokens < 1):

@@ -208,7 +208,8 @@ def main(
         seed: seed of the sampling: usable row i of the input (from 0) samples with its own generator,
             seeded seed + i
         max_rows: sample the first this many usable rows only (a row too long for the context counts)
-        precision: 32-true, bf16-true or 16-true (default: bf16 on a GPU that supports it, else fp32)
+        precision: 32-true, bf16-true or 16-true (default: bf16 on a GPU that computes it natively, fp16
+            on an older GPU, fp32 on the CPU)
         keep_unfinished: keep replies cut off at their token cap; by default they are dropped and
             counted, as training on one would teach the end-of-turn token after a cut-off reply
 
