@@ -75,7 +75,9 @@ def main(
     decoder = Decoder(model, batch_size, max_seq_length, compile_step(model) if compile else None)
     name = model_name or Path(lora_path or adapter_path or checkpoint_dir).resolve().name
     app = create_app(Engine(decoder), tokenizer, name, api_key)
-    print(f"serving {name!r} at http://{host}:{port}/v1 ({batch_size} rows of {decoder.max_seq_length} positions)",
+    cache = sum(2 * block.attn.kv_cache.k.nbytes for block in model.transformer.h)  # keys and values, every layer
+    print(f"serving {name!r} at http://{host}:{port}/v1 ({batch_size} rows of {decoder.max_seq_length} positions, "
+          f"a KV cache of {cache / 2**30:.2f} GiB; --max_seq_length and --batch_size size it)",
           file=sys.stderr)
     uvicorn.run(app, host=host, port=port, log_level="info")
 
