@@ -29,11 +29,12 @@ the optimizers, where a mode sees them as they are.
 processes Fabric launches from one). torch.compile is not checked under it.
 """
 
+import contextlib
 import functools
 import importlib
 import threading
 from collections import Counter
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
@@ -129,6 +130,15 @@ class DeviceCheck:
     def in_accelerator_call(self) -> bool:
         return getattr(self.calls, "accelerator", False)
 
+    @contextlib.contextmanager
+    def call(self, on_accelerator: bool) -> Iterator[None]:
+        """A Python-level call running, on the accelerator or not: what C++ makes inside it is made there."""
+        previous, self.calls.accelerator = self.in_accelerator_call(), on_accelerator
+        try:
+            yield
+        finally:
+            self.calls.accelerator = previous
+
     def total(self) -> tuple[int, int]:
         """(syncs, uploads) so far: take two and subtract to count what lies between."""
         return sum(self.syncs.values()), sum(self.uploads.values())
@@ -174,11 +184,8 @@ class DeviceCheck:
         """`method` run as one call on the accelerator: what C++ allocates in it is made there."""
         @functools.wraps(method)
         def wrapped(*args: Any, **kwargs: Any) -> Any:
-            previous, self.calls.accelerator = self.in_accelerator_call(), True
-            try:
+            with self.call(on_accelerator=True):
                 return method(*args, **kwargs)
-            finally:
-                self.calls.accelerator = previous
         return wrapped
 
     def regroup(self, groups: dict) -> dict:
@@ -239,8 +246,12 @@ class _DispatchMode(TorchDispatchMode):
         kwargs = kwargs or {}
         check = self.check
         inputs = _tensors((args, kwargs))
-        on = [t for t in inputs if check.on_accelerator(t)]
-        host = [t for t in inputs if not check.on_accelerator(t) and not t.is_meta]
+        on, host = [], []
+        for t in inputs:
+            if check.on_accelerator(t):
+                on.append(t)
+            elif not t.is_meta:
+                host.append(t)
         if on and host:
             self.allow_mix(func, args, on, host)
         if on and func in SYNC_OPS:
@@ -320,12 +331,8 @@ class _FunctionMode(TorchFunctionMode):
             if target == ACCELERATOR and not _changes_dtype(args, kwargs):
                 return args[0]  # already there: no copy, as on a GPU
 
-        previous = check.in_accelerator_call()
-        check.calls.accelerator = call_on_accelerator
-        try:
+        with check.call(call_on_accelerator):
             out = func(*args, **kwargs)
-        finally:
-            check.calls.accelerator = previous
         if func in FROM_DATA and _is_accelerator(device):
             check.uploads[func.__name__] += 1
             for t in _tensors(out):
