@@ -12,6 +12,7 @@ from lightning.fabric.plugins.precision import MixedPrecision
 import lit_llama.training as training
 from conftest import load_script
 from lit_llama.checkpoint import load_state_dict
+from lit_llama.device_check import DeviceCheck
 from lit_llama.errors import BadValue
 from lit_llama.lora import LoRAConfig
 from lit_llama.training import TrainArgs, optimizer_step
@@ -101,9 +102,10 @@ def test_fp16_finetune_skips_overflowing_steps_counts_them_and_trains_on(tiny_ch
                                                                          monkeypatch):
     monkeypatch.setattr(training, "precision_plugin", fp16_from(2.0 ** 24))
     out_dir = tmp_path / "fp16"
-    load_script("finetune/lora.py").setup(
-        data_dir=lima_data, checkpoint_dir=tiny_checkpoint, out_dir=out_dir, precision="16-mixed",
-        lora=LoRAConfig(dropout=0.0), train=TrainArgs(max_iters=12, learning_rate=1e-2, **SHORT))
+    with DeviceCheck():  # the scaler's state and its overflow check where a GPU run keeps them
+        load_script("finetune/lora.py").setup(
+            data_dir=lima_data, checkpoint_dir=tiny_checkpoint, out_dir=out_dir, precision="16-mixed",
+            lora=LoRAConfig(dropout=0.0), train=TrainArgs(max_iters=12, learning_rate=1e-2, **SHORT))
     with open(out_dir / "metrics.csv", newline="") as f:
         skipped = [int(row["skipped_steps"]) for row in csv.DictReader(f)]
     assert skipped[0] == 1 and 1 < skipped[-1] < 12  # overflowed at first, then the lowered scale fits
