@@ -10,9 +10,10 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Callable, Optional
+from typing import Any, Callable, Literal, Optional
 
 import torch
 
@@ -20,8 +21,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lit_llama.convert import hf_config, hf_state  # noqa: E402
-from lit_llama.data import IGNORE_INDEX  # noqa: E402
+from lit_llama.cli import FlagGroup  # noqa: E402
+from lit_llama.export import hf_config, hf_state  # noqa: E402
+from lit_llama.dataset import IGNORE_INDEX  # noqa: E402
 from lit_llama.model import LLaMA, LLaMAConfig  # noqa: E402
 from lit_llama.precision import TrainPrecision, compute_dtype, default_precision  # noqa: E402
 
@@ -40,6 +42,47 @@ SIZES = {
 
 # dense bf16 tensor-core peak and memory bandwidth of the GPUs the numbers are read against
 GPU_PEAKS = {"H100": (989e12, 3.35e12), "H200": (989e12, 4.8e12)}
+
+
+@dataclass
+class TrainStep(FlagGroup):
+    """The fine-tuning step that finetune.py and checkpointing.py time.
+
+    Args:
+        method: lora (q and v, r=8, plus the EOT rows) or full
+        size: 30M, 120M (CPU) or 7B (GPU)
+        batch_size: sequences per step
+        seq_len: tokens per sequence
+        warmup: steps before timing
+        runs: timed steps; the median counts
+        threads: torch threads, the same in every process
+        device: cpu or cuda; it sets the precision (32-true on the CPU, bf16-true on a GPU)
+    """
+
+    method: Literal["lora", "full"] = "lora"
+    size: str = "30M"
+    batch_size: int = 2
+    seq_len: int = 512
+    warmup: int = 1
+    runs: int = 3
+    threads: int = 2
+    device: str = "cpu"
+
+    def flags(self) -> list[str]:
+        """The flags that give a worker process this step."""
+        return flags(**asdict(self))
+
+
+def flags(**values: Any) -> list[str]:
+    """A command line from keywords: `flags(size="30M", warm=True, train=dict(seed=1))` is
+    `--size 30M --warm true --train.seed 1`."""
+    words = []
+    for name, value in values.items():
+        if isinstance(value, dict):
+            words += flags(**{f"{name}.{key}": nested for key, nested in value.items()})
+        else:
+            words += [f"--{name}", str(value).lower() if isinstance(value, bool) else str(value)]
+    return words
 
 
 def model_config(size: str) -> LLaMAConfig:

@@ -25,7 +25,7 @@ from typing import Callable, Literal, Optional
 import torch
 
 from common import (BASE_VOCAB, ROOT, build_hf, build_ours, clock, default_dtype, environment, gpu_peaks, median,
-                    model_config, ratio, read_bandwidth, report, run_worker, setup, table, timed)
+                    flags, model_config, ratio, read_bandwidth, report, run_worker, setup, table, timed)
 from lit_llama.cli import run
 from lit_llama.generate import Decoder, Request, compile_step, generate
 from lit_llama.generate import decode as decode_request
@@ -114,7 +114,7 @@ def decoder(impl: str, size: str, device: torch.device, dtype: torch.dtype, thre
     return decode, weights
 
 
-def worker(impl: str, size: str, prompt_len: int, new_tokens: int, runs: int, threads: int, device: str,
+def worker(*, impl: str, size: str, prompt_len: int, new_tokens: int, runs: int, threads: int, device: str,
            dtype: torch.dtype, converter: Optional[Path]) -> dict:
     device = setup(threads, device)
     decode, weights = decoder(impl, size, device, dtype, threads, converter)
@@ -132,7 +132,7 @@ def worker(impl: str, size: str, prompt_len: int, new_tokens: int, runs: int, th
     return result
 
 
-def main(size: str = "30M", prompt_len: int = 128, new_tokens: int = 64, runs: int = 3, threads: int = 2,
+def main(*, size: str = "30M", prompt_len: int = 128, new_tokens: int = 64, runs: int = 3, threads: int = 2,
          device: str = "cpu", dtype: Optional[Literal["float32", "bfloat16"]] = None,
          llama_cpp_convert: Optional[Path] = None, impl: Optional[Impl] = None) -> None:
     """Time greedy decoding of ours, of transformers' generate and of llama.cpp, each variant in its own process.
@@ -152,13 +152,14 @@ def main(size: str = "30M", prompt_len: int = 128, new_tokens: int = 64, runs: i
     torch_dtype = DTYPES[dtype] if dtype else default_dtype(torch.device(device))
     converter = llama_cpp_convert or (Path(os.environ["LLAMA_CPP_CONVERT"]) if "LLAMA_CPP_CONVERT" in os.environ else None)
     if impl is not None:
-        report(worker(impl, size, prompt_len, new_tokens, runs, threads, device, torch_dtype, converter))
+        report(worker(impl=impl, size=size, prompt_len=prompt_len, new_tokens=new_tokens, runs=runs, threads=threads,
+                      device=device, dtype=torch_dtype, converter=converter))
         return
     dtype_name = str(torch_dtype).removeprefix("torch.")
-    args = ["--size", size, "--prompt_len", str(prompt_len), "--new_tokens", str(new_tokens), "--runs", str(runs),
-            "--threads", str(threads), "--device", device, "--dtype", dtype_name]
+    args = flags(size=size, prompt_len=prompt_len, new_tokens=new_tokens, runs=runs, threads=threads, device=device,
+                 dtype=dtype_name)
     if converter is not None:
-        args += ["--llama_cpp_convert", str(converter)]
+        args += flags(llama_cpp_convert=converter)
     impls = [name for name in IMPLS if name != "llama.cpp" or (converter is not None and device == "cpu")]
     results = {name: run_worker("decode.py", [*args, "--impl", name]) for name in impls}
     machine = read_bandwidth(threads) if device == "cpu" else None

@@ -26,10 +26,12 @@ from typing import Literal, Optional
 import torch
 import torch.nn.functional as F
 
-from common import (EOT_ID, autocast, batch, build_hf, build_ours, environment, gpu_peaks, median, mib, model_config,
-                    peak_memory, ratio, report, reset_peak_memory, run_worker, setup, table, timed, training_precision)
+from common import (EOT_ID, TrainStep, autocast, batch, build_hf, build_ours, environment, flags, gpu_peaks, median,
+                    mib, model_config, peak_memory, ratio, report, reset_peak_memory, run_worker, setup, table, timed,
+                    training_precision)
 from lit_llama.cli import run
 from lit_llama.lora import LoRAConfig
+from lit_llama.loss import loss_sum
 from lit_llama.model import LLaMAConfig
 from lit_llama.precision import TrainPrecision, frozen_dtype, set_training_dtypes
 
@@ -38,7 +40,8 @@ LORA = LoRAConfig(r=8, alpha=16, dropout=0.0, query=True, value=True)
 
 def ours_step(config: LLaMAConfig, method: str, device: torch.device, precision: TrainPrecision, fused: bool,
               checkpointing: bool):
-    from lit_llama.training import n_targets, next_token_targets, prepare_model
+    from lit_llama.methods import prepare_model
+    from lit_llama.training import n_targets, next_token_targets
 
     model = build_ours(config, device, frozen_dtype(precision))  # as a checkpoint stores it: bf16 on a GPU
     model.activation_checkpointing = checkpointing
@@ -53,7 +56,7 @@ def ours_step(config: LLaMAConfig, method: str, device: torch.device, precision:
     def loss(ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         targets = next_token_targets(labels)  # (B, T): position t predicts t + 1
         if fused:  # what training runs: the head and the loss in chunks (HeadLoss), never the whole logits
-            return model(ids, targets=targets) / n_targets(labels)
+            return loss_sum(model, ids, targets) / n_targets(labels)
         logits = model(ids)  # (B, T, V), then a plain cross-entropy
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum") / n_targets(labels)
 
@@ -99,23 +102,22 @@ def stored_dtypes(model: torch.nn.Module) -> str:
     return f"{names(True)} / {names(False)}"
 
 
-def worker(impl: str, method: str, size: str, batch_size: int, seq_len: int, warmup: int, runs: int, threads: int,
-           device: str, profile: bool, checkpointing: bool) -> dict:
-    device = setup(threads, device)
+def worker(*, impl: str, step: TrainStep, profile: bool, checkpointing: bool) -> dict:
+    device = setup(step.threads, step.device)
     precision = training_precision(device)
-    config = model_config(size)
+    config = model_config(step.size)
     if impl == "hf":
-        model, loss_fn, uncounted = hf_step(config, method, device, precision, checkpointing)
+        model, loss_fn, uncounted = hf_step(config, step.method, device, precision, checkpointing)
     else:
-        model, loss_fn, uncounted = ours_step(config, method, device, precision, impl == "ours", checkpointing)
+        model, loss_fn, uncounted = ours_step(config, step.method, device, precision, impl == "ours", checkpointing)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trained = sum(p.numel() for p in trainable) - uncounted
     optimizer = torch.optim.AdamW(trainable, lr=1e-5)
-    ids, labels = batch(batch_size, seq_len, device)
+    ids, labels = batch(step.batch_size, step.seq_len, device)
     losses = []
 
-    def step() -> None:
+    def train_step() -> None:
         with autocast(precision, device):  # the forward pass and loss, as Fabric wraps them; backward outside
             loss = loss_fn(ids, labels)
         loss.backward()
@@ -126,65 +128,52 @@ def worker(impl: str, method: str, size: str, batch_size: int, seq_len: int, war
     reset_peak_memory(device)
     if profile:
         with torch.profiler.profile() as prof:
-            times = timed(step, device, warmup, runs)
+            times = timed(train_step, device, step.warmup, step.runs)
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
     else:
-        times = timed(step, device, warmup, runs)
+        times = timed(train_step, device, step.warmup, step.runs)
     seconds = median(times)
     result = dict(impl=impl, precision=precision, stored=stored_dtypes(model), trainable=n_trained,
-                  first_loss=losses[0], seconds=seconds, tokens_per_s=batch_size * seq_len / seconds,
+                  first_loss=losses[0], seconds=seconds, tokens_per_s=step.batch_size * step.seq_len / seconds,
                   peak_memory=peak_memory(device))
     peaks = gpu_peaks(device)
     if peaks:
-        result["mfu"] = train_flops(config, n_trained, method, batch_size, seq_len) / seconds / peaks[0]
+        result["mfu"] = train_flops(config, n_trained, step.method, step.batch_size, step.seq_len) / seconds / peaks[0]
     return result
 
 
-def main(method: Literal["lora", "full"] = "lora", size: str = "30M", batch_size: int = 2, seq_len: int = 512,
-         warmup: int = 1, runs: int = 3, threads: int = 2, device: str = "cpu",
-         impl: Optional[Literal["ours", "ours-logits", "hf"]] = None, profile: bool = False,
-         activation_checkpointing: bool = False) -> None:
+def main(step: TrainStep = TrainStep(), impl: Optional[Literal["ours", "ours-logits", "hf"]] = None,
+         profile: bool = False, activation_checkpointing: bool = False) -> None:
     """Time fine-tuning steps of ours and of transformers + peft, each in its own process.
 
     Args:
-        method: lora (q and v, r=8, plus the EOT rows) or full
-        size: 30M, 120M (CPU) or 7B (GPU)
-        batch_size: sequences per step
-        seq_len: tokens per sequence
-        warmup: steps before timing
-        runs: timed steps; the median counts
-        threads: torch threads, the same in both processes
-        device: cpu or cuda; it sets the precision (32-true on the CPU, bf16-true on a GPU)
         impl: run one implementation in this process and print its result as JSON: ours (the loss by
-            `model(ids, targets=...)`, as training does), ours-logits (whole logits, then cross-entropy) or hf
+            `loss_sum(model, ids, targets)`, as training does), ours-logits (whole logits, then cross-entropy) or hf
         profile: with --impl, print torch.profiler's table of the timed steps
         activation_checkpointing: recompute each block in the backward pass (transformers: gradient checkpointing)
     """
     if impl is not None:
-        report(worker(impl, method, size, batch_size, seq_len, warmup, runs, threads, device, profile,
-                      activation_checkpointing))
+        report(worker(impl=impl, step=step, profile=profile, checkpointing=activation_checkpointing))
         return
-    args = ["--method", method, "--size", size, "--batch_size", str(batch_size), "--seq_len", str(seq_len),
-            "--warmup", str(warmup), "--runs", str(runs), "--threads", str(threads), "--device", device,
-            "--activation_checkpointing", str(activation_checkpointing).lower()]
+    args = [*step.flags(), *flags(activation_checkpointing=activation_checkpointing)]
     ours, logits, hf = (run_worker("finetune.py", [*args, "--impl", name]) for name in ("ours", "ours-logits", "hf"))
     for other in (logits, hf):
         if other["trainable"] != ours["trainable"]:
             raise SystemExit(f"trainable parameters differ: {ours['trainable']:,} and {other['impl']} {other['trainable']:,}")
         if abs(other["first_loss"] - ours["first_loss"]) > 1e-3 * abs(ours["first_loss"]):
             raise SystemExit(f"the first losses differ: {ours['first_loss']} and {other['impl']} {other['first_loss']}")
-    memory = "peak GPU memory" if device == "cuda" else "peak RSS"
+    memory = "peak GPU memory" if step.device == "cuda" else "peak RSS"
     rows = [["tokens/s", *(f"{r['tokens_per_s']:,.0f}" for r in (ours, logits, hf)),
              ratio(ours["tokens_per_s"], hf["tokens_per_s"])],
             [memory, *(mib(r["peak_memory"]) for r in (ours, logits, hf)), ratio(ours["peak_memory"], hf["peak_memory"])]]
     if "mfu" in ours:
         rows.append(["MFU", *(f"{r['mfu']:.1%}" for r in (ours, logits, hf)), ratio(ours["mfu"], hf["mfu"])])
     rows.append(["weights: trained / frozen", *(r["stored"] for r in (ours, logits, hf)), ""])
-    table(f"{method} fine-tuning step, {size}, batch {batch_size} x {seq_len} tokens, {device}, precision "
-          f"{ours['precision']}, {threads} threads, {ours['trainable']:,} trainable parameters, first loss "
-          f"{ours['first_loss']:.4f} (all three); {environment()}",
-          ["", "ours", "ours, whole logits + cross-entropy", "transformers + peft" if method == "lora" else "transformers",
-           "ours / theirs"], rows)
+    theirs = "transformers + peft" if step.method == "lora" else "transformers"
+    table(f"{step.method} fine-tuning step, {step.size}, batch {step.batch_size} x {step.seq_len} tokens, "
+          f"{step.device}, precision {ours['precision']}, {step.threads} threads, {ours['trainable']:,} trainable "
+          f"parameters, first loss {ours['first_loss']:.4f} (all three); {environment()}",
+          ["", "ours", "ours, whole logits + cross-entropy", theirs, "ours / theirs"], rows)
 
 
 if __name__ == "__main__":

@@ -17,9 +17,11 @@ import torch
 from common import EOT_ID, SEED, build_ours, environment, median, model_config, report, run_worker, setup, table
 from lit_llama.batches import Mixture, collate
 from lit_llama.cli import run
-from lit_llama.data import TokenDataset
+from lit_llama.dataset import TokenDataset
 from lit_llama.lora import LoRAConfig
-from lit_llama.training import TrainArgs, micro_batches_of_rank, n_targets, next_token_targets, prepare_model
+from lit_llama.loss import loss_sum
+from lit_llama.methods import prepare_model
+from lit_llama.training import TrainArgs, micro_batches_of_rank, n_targets, next_token_targets
 
 LORA = LoRAConfig(r=8, alpha=16, dropout=0.0, query=True, value=True)
 
@@ -51,7 +53,7 @@ def worker(grouped: bool, size: str, samples: int, micro_batch_size: int, steps:
         padded += input_ids.numel() - real
         real_total += real
         start = time.perf_counter()
-        loss = model(input_ids, targets=next_token_targets(labels)) / n_targets(labels)
+        loss = loss_sum(model, input_ids, next_token_targets(labels)) / n_targets(labels)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

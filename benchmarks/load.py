@@ -19,7 +19,7 @@ from common import (environment, hf_llama_config, mib, ratio, report, reset_peak
                     setup, table)
 from lit_llama.checkpoint import CONFIG_FILE, MODEL_FILE, load_model
 from lit_llama.cli import run
-from lit_llama.convert import hf_state
+from lit_llama.export import hf_state
 from lit_llama.model import LLaMA, LLaMAConfig
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}

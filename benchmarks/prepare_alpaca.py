@@ -24,7 +24,7 @@ import torch
 
 from lit_llama.cli import run
 from lit_llama.batches import collate
-from lit_llama.data import TokenDataset
+from lit_llama.dataset import TokenDataset
 from lit_llama.model import LLaMAConfig
 from lit_llama.tokenizer import Tokenizer
 

@@ -20,20 +20,22 @@ from typing import Literal, Optional
 
 import torch
 
-from common import (EOT_ID, autocast, batch, build_ours, clock, environment, median, mib, model_config, peak_memory,
-                    report, reset_peak_memory, run_worker, setup, table)
+from common import (EOT_ID, autocast, batch, build_ours, clock, environment, flags, median, mib, model_config,
+                    peak_memory, report, reset_peak_memory, run_worker, setup, table)
 from lit_llama.cli import run
 from lit_llama.lora import LoRAConfig
+from lit_llama.loss import loss_sum
 from lit_llama.precision import TrainPrecision, frozen_dtype, set_training_dtypes
 from lit_llama.quantize import quantize
-from lit_llama.training import n_targets, next_token_targets, prepare_model
+from lit_llama.methods import prepare_model
+from lit_llama.training import n_targets, next_token_targets
 
 LORA = LoRAConfig(r=8, alpha=16, dropout=0.0, query=True, value=True)
 Base = Literal["fp32", "bf16", "nf4"]
 BASES = {"fp32": "fp32 base", "bf16": "bf16 base", "nf4": "NF4 base (QLoRA)"}
 
 
-def worker(base: Base, size: str, batch_size: int, seq_len: int, steps: int, threads: int, device: str) -> dict:
+def worker(*, base: Base, size: str, batch_size: int, seq_len: int, steps: int, threads: int, device: str) -> dict:
     device = setup(threads, device)
     config = model_config(size)
     precision: TrainPrecision = "32-true" if base == "fp32" else "bf16-true"
@@ -53,7 +55,7 @@ def worker(base: Base, size: str, batch_size: int, seq_len: int, steps: int, thr
     for _ in range(steps):
         start = clock(device)
         with autocast(precision, device):
-            loss = model(ids, targets=next_token_targets(labels)) / n_targets(labels)
+            loss = loss_sum(model, ids, next_token_targets(labels)) / n_targets(labels)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -62,7 +64,7 @@ def worker(base: Base, size: str, batch_size: int, seq_len: int, steps: int, thr
                 loss=loss.item())
 
 
-def main(size: str = "1.1B", batch_size: int = 1, seq_len: int = 256, steps: int = 3, threads: int = 2,
+def main(*, size: str = "1.1B", batch_size: int = 1, seq_len: int = 256, steps: int = 3, threads: int = 2,
          device: str = "cpu", base: Optional[Base] = None) -> None:
     """Measure each base in its own process and print the table.
 
@@ -76,15 +78,15 @@ def main(size: str = "1.1B", batch_size: int = 1, seq_len: int = 256, steps: int
         base: run one base in this process and print its result as JSON
     """
     if base is not None:
-        report(worker(base, size, batch_size, seq_len, steps, threads, device))
+        report(worker(base=base, size=size, batch_size=batch_size, seq_len=seq_len, steps=steps, threads=threads,
+                      device=device))
         return
-    args = ["--size", size, "--batch_size", str(batch_size), "--seq_len", str(seq_len), "--steps", str(steps),
-            "--threads", str(threads), "--device", device]
+    args = flags(size=size, batch_size=batch_size, seq_len=seq_len, steps=steps, threads=threads, device=device)
     # glibc serves allocations from 128 KiB up with mmap and unmaps them when freed, so the RSS follows the
     # live tensors (what a GPU's max_memory_allocated counts), not the heap's high-water mark: dequantizing
     # a layer makes large temporaries, and a heap that keeps them would count them once per layer
     os.environ["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)
-    results = {name: run_worker("qlora.py", [*args, "--base", name]) for name in BASES}
+    results = {name: run_worker("qlora.py", [*args, *flags(base=name)]) for name in BASES}
     bf16 = results["bf16"]
     rows = [[BASES[name], mib(r["peak"]), f"{r['peak'] / bf16['peak']:.2f}x", f"{r['step_seconds']:.1f}",
              f"{r['quantize_seconds']:.1f}" if name == "nf4" else "-", f"{r['loss']:.4f}"] for name, r in results.items()]

@@ -6,25 +6,32 @@ settings and the tokenizer with its end-of-turn token are read from it).
 
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 # run from a checkout without installing the package
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lit_llama.cli import run
-from lit_llama.inference import load_for_inference, reply
+from lit_llama.generate import Sampling, Stopping
+from lit_llama.inference import REPLY_SAMPLING, ModelSource, Placement, Replies, reply
 
 
-def main(adapter_path: Path = Path("out/adapter"), checkpoint_dir: Optional[Path] = None, **flags: Any) -> None:
+def main(
+    adapter_path: Path = Path("out/adapter"),
+    checkpoint_dir: Optional[Path] = None,
+    replies: Replies = Replies(),
+    sampling: Sampling = REPLY_SAMPLING,
+    stopping: Stopping = Stopping(),
+    placement: Placement = Placement(),
+) -> None:
     """Reply to a prompt in the training format; decoding stops at the end-of-turn token.
 
     Args:
         adapter_path: a finetune/adapter.py out dir
         checkpoint_dir: the base checkpoint dir (default: the one the out dir was trained from)
-        flags: the prompt, sampling and output flags below
     """
-    model, tokenizer = load_for_inference(checkpoint_dir, adapter_path=adapter_path)
-    reply(model, tokenizer, **flags)
+    model, tokenizer = ModelSource(adapter_path=adapter_path, checkpoint_dir=checkpoint_dir).load()
+    reply(model, tokenizer, replies=replies, sampling=sampling, stopping=stopping, placement=placement)
 
 
 if __name__ == "__main__":

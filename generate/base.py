@@ -6,25 +6,30 @@ tokenizer has no end-of-turn token: the prompt goes in as plain text and decodin
 
 import sys
 from pathlib import Path
-from typing import Any
 
 # run from a checkout without installing the package
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lit_llama.cli import run
-from lit_llama.inference import load_for_inference, reply
+from lit_llama.generate import Sampling, Stopping
+from lit_llama.inference import REPLY_SAMPLING, ModelSource, Placement, Replies, reply
 
 
-def main(checkpoint_dir: Path = Path("checkpoints/tiny"), **flags: Any) -> None:
+def main(
+    checkpoint_dir: Path = Path("checkpoints/tiny"),
+    replies: Replies = Replies(),
+    sampling: Sampling = REPLY_SAMPLING,
+    stopping: Stopping = Stopping(),
+    placement: Placement = Placement(),
+) -> None:
     """Continue a prompt with a base model (plain text, stops on EOS); with a checkpoint dir that has an
     end-of-turn token, reply in the training format as generate/full.py does.
 
     Args:
         checkpoint_dir: a base checkpoint dir (scripts/convert_hf_checkpoint.py, scripts/prepare_tiny.py)
-        flags: the prompt, sampling and output flags below
     """
-    model, tokenizer = load_for_inference(checkpoint_dir)
-    reply(model, tokenizer, **flags)
+    model, tokenizer = ModelSource(checkpoint_dir=checkpoint_dir).load()
+    reply(model, tokenizer, replies=replies, sampling=sampling, stopping=stopping, placement=placement)
 
 
 if __name__ == "__main__":

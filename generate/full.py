@@ -6,24 +6,29 @@ or a merged LoRA (scripts/merge_lora.py).
 
 import sys
 from pathlib import Path
-from typing import Any
 
 # run from a checkout without installing the package
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lit_llama.cli import run
-from lit_llama.inference import load_for_inference, reply
+from lit_llama.generate import Sampling, Stopping
+from lit_llama.inference import REPLY_SAMPLING, ModelSource, Placement, Replies, reply
 
 
-def main(checkpoint_dir: Path = Path("out/full"), **flags: Any) -> None:
+def main(
+    checkpoint_dir: Path = Path("out/full"),
+    replies: Replies = Replies(),
+    sampling: Sampling = REPLY_SAMPLING,
+    stopping: Stopping = Stopping(),
+    placement: Placement = Placement(),
+) -> None:
     """Reply to a prompt in the training format; decoding stops at the end-of-turn token.
 
     Args:
         checkpoint_dir: a checkpoint dir with an end-of-turn token (finetune/full.py out dir, merged LoRA)
-        flags: the prompt, sampling and output flags below
     """
-    model, tokenizer = load_for_inference(checkpoint_dir)
-    reply(model, tokenizer, **flags)
+    model, tokenizer = ModelSource(checkpoint_dir=checkpoint_dir).load()
+    reply(model, tokenizer, replies=replies, sampling=sampling, stopping=stopping, placement=placement)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from lit_llama.data import IGNORE_INDEX, TokenDataset
+from lit_llama.dataset import IGNORE_INDEX, TokenDataset
 from lit_llama.errors import BadValue
 
 

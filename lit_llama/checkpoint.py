@@ -1,4 +1,4 @@
-"""Checkpoint dirs: what they hold, how to load them lean, how to write them safely.
+"""Checkpoint dirs: what they hold, how to load them lean, how to write a plain one.
 
 A base checkpoint dir:   lit_model.pth, model_config.json, tokenizer.model [, special_tokens.json]
 A fine-tune out dir:     model_config.json, tokenizer.model, special_tokens.json, hyperparameters.json
@@ -11,18 +11,16 @@ A fine-tune out dir:     model_config.json, tokenizer.model, special_tokens.json
 
 import json
 import pickle
-import shutil
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
-from torch.utils._pytree import tree_leaves
 
-from lit_llama.adapter import AdapterConfig, inject_adapter, is_adapter_name
-from lit_llama.errors import BadPath, BadValue, MissingFile, file_error
-from lit_llama.files import replace_durably, temporary_name, write_atomic
-from lit_llama.lora import LoRAConfig, inject_lora, is_lora_name, merge_lora
+from lit_llama.errors import BadValue, MissingFile, file_error
+from lit_llama.files import atomic_save, require_dir, require_file
+from lit_llama.lora import merge_lora
+from lit_llama.methods import method_of
 from lit_llama.model import LLaMA, LLaMAConfig
 from lit_llama.precision import frozen_dtype
 from lit_llama.quantize import round_trip
@@ -30,59 +28,10 @@ from lit_llama.tokenizer import Tokenizer
 from lit_llama.vocab import attach_token_rows, grow_vocab, merge_token_rows
 
 MODEL_FILE = "lit_model.pth"
-WEIGHTS_FILES = {"lora": "lit_model_lora.pth", "adapter": "lit_model_adapter.pth", "full": MODEL_FILE}
 CONFIG_FILE = "model_config.json"
 HPARAMS_FILE = "hyperparameters.json"
 MAKE_CHECKPOINT = "make a checkpoint dir with scripts/prepare_tiny.py or scripts/convert_hf_checkpoint.py"
 GIVE_OUT_DIR = "give the out dir that finetune/lora.py or finetune/adapter.py wrote"
-
-
-def atomic_save(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file, then rename: a crash never leaves a half-written `path`. Tensors
-    must be on the CPU: a file of GPU tensors names that GPU, and loads where it is."""
-    away = [t.device for t in tree_leaves(obj) if isinstance(t, torch.Tensor) and t.device != torch.device("cpu")]
-    if away:
-        raise ValueError(f"{path}: tensors on {away[0]} given to save; move them to the CPU first")
-    tmp = temporary_name(path)
-    torch.save(obj, tmp)
-    replace_durably(tmp, path)
-
-
-def check_writable(directory: Path, need_bytes: int, flag: str = "--out_dir") -> None:
-    """Fail now, not hours from now, when `directory` (given as `flag`) can't be written or lacks the room
-    for checkpoints."""
-    directory = Path(directory)
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / ".write_test"
-        probe.write_bytes(b"ok")
-        probe.unlink()
-    except OSError as e:
-        raise BadPath(f"{flag} {directory} is not writable ({e.strerror or e}); pick another directory") from None
-    free = shutil.disk_usage(directory).free
-    if free < need_bytes:
-        raise BadPath(f"{flag} {directory} has {free / 2**30:.2f} GiB free but checkpoints need about "
-                      f"{need_bytes / 2**30:.2f} GiB; free some space or pick another directory")
-
-
-def write_json(obj: Any, path: Path) -> None:
-    write_atomic(path, json.dumps(obj, indent=2, default=str) + "\n")
-
-
-def require_file(path: Path, what: str) -> Path:
-    if not Path(path).is_file():
-        raise MissingFile(f"{path} not found: {what}")
-    return Path(path)
-
-
-def require_dir(path: Path, flag: str, what: str) -> Path:
-    """`path`, given as `flag`, if it is a directory; else one line that names both and says `what` to do."""
-    path = Path(path)
-    if path.is_file():
-        raise BadPath(f"{flag} {path} is a file, not a directory: {what}")
-    if not path.is_dir():
-        raise MissingFile(f"{flag} {path} not found: {what}")
-    return path
 
 
 def read_config(path: Path, what: str) -> LLaMAConfig:
@@ -159,9 +108,9 @@ def load_finetuned(out_dir: Path, checkpoint_dir: Optional[Path] = None,
     the extended vocabulary, the method's settings and trained weights. LoRA updates and special-token
     rows are merged into the weights, ready for inference."""
     hparams = read_hparams(out_dir)
-    method = hparams["method"]
+    method = method_of(hparams["method"])
     tokenizer = Tokenizer.from_dir(out_dir)
-    if method == "full":
+    if method.whole:
         return load_model(out_dir, dtype), tokenizer
     base_dir = Path(checkpoint_dir or hparams["checkpoint_dir"])
     if checkpoint_dir is None and not base_dir.is_dir():
@@ -178,13 +127,8 @@ def load_finetuned(out_dir: Path, checkpoint_dir: Optional[Path] = None,
     grow_vocab(model, tokenizer.vocab_size)
     if hparams.get("quantize"):  # trained beside a quantized base: the weights it learned against
         round_trip(model, hparams["quantize"], frozen_dtype(hparams["precision"]))
-    if method == "lora":
-        inject_lora(model, LoRAConfig(**hparams["lora"]))
-        is_trained = is_lora_name
-    else:
-        inject_adapter(model, AdapterConfig(**hparams["adapter"]))
-        is_trained = is_adapter_name
-    weights_path = require_file(out_dir / WEIGHTS_FILES[method], "the out dir has no trained weights")
+    method.inject(model, method.config(**hparams[method.name]))
+    weights_path = require_file(out_dir / method.weights_file, "the out dir has no trained weights")
     trained = load_state_dict(weights_path)
     attach_token_rows(model, trained["token_rows.ids"].tolist())  # shapes from the file, values loaded next
     try:
@@ -193,7 +137,7 @@ def load_finetuned(out_dir: Path, checkpoint_dir: Optional[Path] = None,
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         why = next((line for line in lines if line.startswith("size mismatch")), " ".join(lines))
         raise BadValue(f"{weights_path} does not fit the model of {base_dir}: {why}") from None
-    missing_trained = [k for k in missing if is_trained(k)]
+    missing_trained = [k for k in missing if method.trains(k)]
     if missing_trained or unexpected:
         raise BadValue(f"{weights_path} does not fit the model: missing {missing_trained}, unexpected {unexpected}")
     merge_lora(model)

@@ -5,6 +5,7 @@ import inspect
 import os
 import re
 import sys
+from dataclasses import fields
 from typing import Any, Callable, NoReturn, Optional, Sequence
 
 from jsonargparse import ActionConfigFile, ArgumentParser
@@ -13,6 +14,18 @@ from lit_llama import device_check
 from lit_llama.errors import UsageError
 
 DEBUG_ENV = "LIT_LLAMA_DEBUG"
+
+
+class FlagGroup:
+    """Base of a dataclass of settings that travel together and are typed as top-level flags: a parameter
+    `layout: RunLayout = RunLayout()` gives `--devices`, `--strategy`, ... (not `--layout.devices`), each
+    described once, in the group's docstring. Other dataclasses stay nested (`--lora.r`)."""
+
+
+def flag_groups(fn: Callable[..., Any]) -> dict[str, inspect.Parameter]:
+    """The parameters of `fn` typed as a `FlagGroup`, by name."""
+    return {name: p for name, p in inspect.signature(fn).parameters.items()
+            if isinstance(p.annotation, type) and issubclass(p.annotation, FlagGroup)}
 
 
 class Parser(ArgumentParser):
@@ -93,8 +106,22 @@ def build_parser(fn: Callable[..., Any]) -> Parser:
     parser.add_argument("--config", action=ActionConfigFile, help="Path to a configuration file.")
     parser.add_argument("--debug", action="store_true",
                         help=f"on an error, show the whole traceback instead of one line (as {DEBUG_ENV}=1 does)")
-    parser.add_function_arguments(fn, as_group=False, as_positional=False, fail_untyped=True, sub_configs=True)
+    groups = flag_groups(fn)
+    parser.add_function_arguments(fn, as_group=False, as_positional=False, fail_untyped=True, sub_configs=True,
+                                  skip=set(groups))
+    for param in groups.values():
+        parser.add_class_arguments(param.annotation, nested_key=None, fail_untyped=True, sub_configs=True)
+        if param.default is not inspect.Parameter.empty:  # this script's defaults for the group
+            parser.set_defaults({f.name: getattr(param.default, f.name) for f in fields(param.default)})
     return parser
+
+
+def grouped(fn: Callable[..., Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The parsed top-level flags of each `FlagGroup` parameter of `fn`, packed into its dataclass."""
+    for name, param in flag_groups(fn).items():
+        group = param.annotation
+        kwargs[name] = group(**{f.name: kwargs.pop(f.name) for f in fields(group) if f.init})
+    return kwargs
 
 
 def run(fn: Callable[..., Any], args: Optional[list[str]] = None) -> Any:
@@ -112,7 +139,7 @@ def run(fn: Callable[..., Any], args: Optional[list[str]] = None) -> Any:
         debug = config.pop("debug")  # popped whether or not it is on: it is no argument of `fn`
         parser.debug = parser.debug or debug
         config.pop("config", None)
-        kwargs = parser.instantiate(config)
+        kwargs = grouped(fn, dict(**parser.instantiate(config)))
         if os.environ.get(device_check.ENV):  # tests: the command on a simulated accelerator
             with device_check.DeviceCheck():
                 return fn(**kwargs)

@@ -3,27 +3,27 @@ id (the end-of-turn token; EOS as fallback) or `max_new_tokens`.
 
     generate(model, prompt_ids, ...)        -> Generation(tokens, stop_id)
     generate_batch(model, prompts, ...)     -> [Generation, ...], decoded in a continuous batch
-    Decoder(model, batch_size, ...)         the KV cache: rows of their own lengths, read and stepped
-    ContinuousBatch(decoder)                Requests decoded side by side, each row refilled once done
-    Stream(tokenizer, decoder, request)     the text of a reply as it is decoded
-    Chat(model, tokenizer, ...)             turns of a conversation, the KV cache kept across them
+    Decoder(model, batch_size, ...)         the KV cache: slots of their own lengths, read and stepped
+    ContinuousBatch(decoder)                Requests decoded side by side, each slot refilled once done
+    Sampling, Stopping                      how each token is drawn, and when a reply ends
 
-What the generate scripts do around it (loading, prompts files, printing) is lit_llama/inference.py.
+Text as it is decoded, and chat, are lit_llama/streaming.py; what the generate scripts do around the
+decoder (loading, prompts files, printing) is lit_llama/inference.py.
 """
 
-import sys
-import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
 from tqdm import tqdm
 
+from lit_llama.cli import FlagGroup
 from lit_llama.errors import BadValue
-from lit_llama.model import LLaMA
-from lit_llama.prompts import encode_prompt, system_warning
+from lit_llama.model import KVCache, LLaMA
 from lit_llama.tokenizer import Tokenizer
+
 
 @dataclass
 class Generation:
@@ -32,10 +32,18 @@ class Generation:
 
 
 @dataclass(frozen=True)
-class Sampling:
-    temperature: float = 0.0  # 0: the most likely token every step
-    top_k: Optional[int] = None  # sample among the k most likely tokens only
-    top_p: float = 1.0  # ... and among the fewest that hold this much of the probability
+class Sampling(FlagGroup):
+    """How each next token is drawn.
+
+    Args:
+        temperature: sampling temperature; 0 picks the most likely token every step
+        top_k: sample among the k most likely tokens only
+        top_p: sample among the fewest most likely tokens that hold this much of the probability (1: all)
+    """
+
+    temperature: float = 0.0
+    top_k: Optional[int] = None
+    top_p: float = 1.0
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -72,13 +80,28 @@ def compile_step(model: LLaMA) -> Callable[[torch.Tensor, torch.Tensor], torch.T
     return torch.compile(model, fullgraph=True, dynamic=False)
 
 
-class Decoder:
-    """A model with a preallocated KV cache of `batch_size` rows and `max_seq_length` positions, and the
-    ids each row holds. Rows are independent sequences: each has its own length, and a prompt read into
-    one row leaves the others as they are. A prompt that starts with what its row holds (the next turn
-    of a chat, another sample) reads only the rest.
+@contextmanager
+def one_slot(model: LLaMA, slot: int) -> Iterator[None]:
+    """The model's KV cache seen as its one slot `slot` (batch 1): a prompt read meanwhile lands there,
+    and the other slots are left as they are."""
+    blocks = [block.attn for block in model.transformer.h]
+    caches = [attn.kv_cache for attn in blocks]
+    for attn, cache in zip(blocks, caches):
+        attn.kv_cache = KVCache(cache.k[slot : slot + 1], cache.v[slot : slot + 1])  # views: writes reach the cache
+    try:
+        yield
+    finally:
+        for attn, cache in zip(blocks, caches):
+            attn.kv_cache = cache
 
-    Each row's next position lives on the device beside the cache, and steps take their tokens as a
+
+class Decoder:
+    """A model with a preallocated KV cache of `batch_size` slots and `max_seq_length` positions, and the
+    ids each slot holds. Slots are independent sequences: each has its own length, and a prompt read
+    into one slot leaves the others as they are. A prompt that starts with what its slot holds (the
+    next turn of a chat, another sample) reads only the rest.
+
+    Each slot's next position lives on the device beside the cache, and steps take their tokens as a
     device tensor: a step copies nothing from the host and reads nothing back."""
 
     def __init__(self, model: LLaMA, batch_size: int = 1, max_seq_length: Optional[int] = None,
@@ -89,9 +112,9 @@ class Decoder:
         self.run_step = model if step is None else step  # what runs one-token steps: the model, or compile_step(model)
         self.compiled = step is not None
         self.device = model.lm_head.weight.device
-        self.ids: list[list[int]] = [[] for _ in range(batch_size)]  # what each row's cache holds
-        self.positions = torch.zeros(batch_size, dtype=torch.long, device=self.device)  # where each row's next token goes
-        self.active = torch.zeros(batch_size, dtype=torch.bool, device=self.device)  # rows that hold a sequence
+        self.held: list[list[int]] = [[] for _ in range(batch_size)]  # the ids each slot's cache holds
+        self.positions = torch.zeros(batch_size, dtype=torch.long, device=self.device)  # where each slot's next token goes
+        self.active = torch.zeros(batch_size, dtype=torch.bool, device=self.device)  # slots that hold a sequence
         self.prefilled = 0  # prompt tokens read by the last `prefill` (the rest came from the cache)
         self.steps = 0  # one-token steps run
 
@@ -103,54 +126,56 @@ class Decoder:
 
     @property
     def batch_size(self) -> int:
-        return len(self.ids)
+        return len(self.held)
 
     def reset(self) -> None:
-        """Forget what every row holds (after a failed step, whose writes to the cache are unknown)."""
-        for row in range(self.batch_size):
-            self.release(row)
+        """Forget what every slot holds (after a failed step, whose writes to the cache are unknown)."""
+        for slot in range(self.batch_size):
+            self.release(slot)
 
-    def release(self, row: int) -> None:
-        """`row` holds nothing any more: its steps compute a throwaway token at position 0."""
-        self.ids[row].clear()
-        self.positions[row] = 0
-        self.active[row] = False
+    def release(self, slot: int) -> None:
+        """`slot` holds nothing any more: its steps compute a throwaway token at position 0."""
+        self.held[slot].clear()
+        self.positions[slot] = 0
+        self.active[slot] = False
 
-    def prefill(self, row: int, prompt: list[int]) -> torch.Tensor:
-        """Make `row` hold `prompt`, reading only what it does not hold yet: positions past the common
+    def prefill(self, slot: int, prompt: list[int]) -> torch.Tensor:
+        """Make `slot` hold `prompt`, reading only what it does not hold yet: positions past the common
         prefix are overwritten, and the causal mask never lets a token see a stale position after its
         own. The logits (V,) after the last prompt token."""
         if not 0 < len(prompt) <= self.max_seq_length:
             raise BadValue(f"a prompt of {len(prompt)} tokens does not fit in the KV cache of {self.max_seq_length}")
-        cached = self.ids[row]
-        keep = min(common_prefix(cached, prompt), len(prompt) - 1)  # the last token is read again: its logits are needed
-        del cached[keep:]
+        held = self.held[slot]
+        keep = min(common_prefix(held, prompt), len(prompt) - 1)  # the last token is read again: its logits are needed
+        del held[keep:]
         idx = torch.tensor([prompt[keep:]], device=self.device)  # (1, T)
         input_pos = torch.arange(keep, len(prompt), device=self.device).unsqueeze(0)  # (1, T)
-        logits = self.model(idx, input_pos, last_only=True, row=row, kv_length=len(prompt))[0, -1]
-        cached.extend(prompt[keep:])
-        self.positions[row] = len(prompt)
-        self.active[row] = True
+        with one_slot(self.model, slot):
+            hidden = self.model.hidden(idx, input_pos, kv_length=len(prompt))  # (1, T, C)
+        logits = self.model.head(hidden[0, -1])  # (V,): only the last position's
+        held.extend(prompt[keep:])
+        self.positions[slot] = len(prompt)
+        self.active[slot] = True
         self.prefilled = len(prompt) - keep
         return logits
 
     def feed(self, tokens: torch.Tensor, read: list[Optional[int]]) -> torch.Tensor:
-        """Append one token to each row in one step: `tokens` (B,) on the device, `read` the same ids as
-        the host has them, None for a row with nothing to decode (it is released). The logits (B, V)."""
-        for row, token in enumerate(read):
+        """Append one token to each slot in one step: `tokens` (B,) on the device, `read` the same ids as
+        the host has them, None for a slot with nothing to decode (it is released). The logits (B, V)."""
+        for slot, token in enumerate(read):
             if token is None:
-                if self.ids[row]:
-                    self.release(row)
-            elif len(self.ids[row]) >= self.max_seq_length:
-                raise ValueError(f"a row of {len(self.ids[row]) + 1} tokens does not fit in the KV cache of "
+                if self.held[slot]:
+                    self.release(slot)
+            elif len(self.held[slot]) >= self.max_seq_length:
+                raise ValueError(f"a sequence of {len(self.held[slot]) + 1} tokens does not fit in the KV cache of "
                                  f"{self.max_seq_length}")
-        # eager steps attend as far as the furthest row reaches; a compiled one keeps the cache's shape
-        kv_length = None if self.compiled else max(len(ids) for ids in self.ids) + 1
+        # eager steps attend as far as the furthest slot reaches; a compiled one keeps the cache's shape
+        kv_length = None if self.compiled else max(len(held) for held in self.held) + 1
         logits = self.run_step(tokens.view(-1, 1), self.positions.view(-1, 1), kv_length=kv_length)[:, -1]
         self.positions += self.active
-        for ids, token in zip(self.ids, read):
+        for held, token in zip(self.held, read):
             if token is not None:
-                ids.append(token)
+                held.append(token)
         self.steps += 1
         return logits
 
@@ -177,16 +202,16 @@ class Request:
 
 
 class ContinuousBatch:
-    """Requests decoded together on a `Decoder`, one token each per `step`. A request waits until a row
-    is free; a row whose request is done takes the next waiting one in the next step, so the batch
-    never waits for its slowest row. The cache is the decoder's: rows x max_seq_length, whatever the
-    number of requests."""
+    """Requests decoded together on a `Decoder`, one token each per `step`. A request waits until a slot
+    is free; a slot whose request is done takes the next waiting one in the next step, so the batch
+    never waits for its slowest request. The cache is the decoder's: slots x max_seq_length, whatever
+    the number of requests."""
 
     def __init__(self, decoder: Decoder) -> None:
         self.decoder = decoder
         self.waiting: deque[Request] = deque()
-        self.rows: list[Optional[Request]] = [None] * decoder.batch_size
-        self.logits: Optional[torch.Tensor] = None  # (B, V): what each row samples its next token from
+        self.slots: list[Optional[Request]] = [None] * decoder.batch_size
+        self.logits: Optional[torch.Tensor] = None  # (B, V): what each slot samples its next token from
 
     def submit(self, request: Request) -> None:
         if request.max_new_tokens < 1:
@@ -198,45 +223,45 @@ class ContinuousBatch:
 
     @property
     def busy(self) -> bool:
-        return bool(self.waiting) or any(self.rows)
+        return bool(self.waiting) or any(self.slots)
 
     def cancel(self, request: Request) -> None:
-        """Stop decoding `request` (its client left, or a stop string ended it): its row frees up."""
+        """Stop decoding `request` (its client left, or a stop string ended it): its slot frees up."""
         request.done = True
         if request in self.waiting:
             self.waiting.remove(request)
-        self.rows = [None if r is request else r for r in self.rows]
+        self.slots = [None if r is request else r for r in self.slots]
 
     def step(self) -> list[tuple[Request, int]]:
-        """Free rows take waiting requests (their prompts are read), then every row samples one token.
+        """Free slots take waiting requests (their prompts are read), then every slot samples one token.
         Returns each request's token; a request that is done afterwards has left the batch. The sampled
-        ids are read back to the host once per step, for all rows together."""
-        for row in range(len(self.rows)):
-            if self.rows[row] is None and self.waiting:
+        ids are read back to the host once per step, for all slots together."""
+        for slot in range(len(self.slots)):
+            if self.slots[slot] is None and self.waiting:
                 request = self.waiting.popleft()
-                logits = self.decoder.prefill(row, request.prompt)
+                logits = self.decoder.prefill(slot, request.prompt)
                 if self.logits is None:
-                    self.logits = logits.new_zeros(len(self.rows), logits.shape[-1])
-                self.logits[row] = logits
-                self.rows[row] = request
-        active = [(row, request) for row, request in enumerate(self.rows) if request is not None]
+                    self.logits = logits.new_zeros(len(self.slots), logits.shape[-1])
+                self.logits[slot] = logits
+                self.slots[slot] = request
+        active = [(slot, request) for slot, request in enumerate(self.slots) if request is not None]
         if not active:
             return []
-        tokens = self.logits.argmax(-1)  # (B,): greedy rows, and what free rows feed
-        for row, request in active:
+        tokens = self.logits.argmax(-1)  # (B,): greedy slots, and what free slots feed
+        for slot, request in active:
             s = request.sampling
             if s.temperature > 0.0:  # each with its own generator: a draw never depends on the neighbours
-                tokens[row : row + 1] = sample(self.logits[row], s.temperature, s.top_k, s.top_p, request.generator)
+                tokens[slot : slot + 1] = sample(self.logits[slot], s.temperature, s.top_k, s.top_p, request.generator)
         read = tokens.tolist()
-        sampled, fed = [], [None] * len(self.rows)
-        for row, request in active:
-            request.add(read[row])
-            sampled.append((request, read[row]))
+        sampled, fed = [], [None] * len(self.slots)
+        for slot, request in active:
+            request.add(read[slot])
+            sampled.append((request, read[slot]))
             if request.done:
-                self.rows[row] = None
+                self.slots[slot] = None
             else:
-                fed[row] = read[row]
-        if any(self.rows):
+                fed[slot] = read[slot]
+        if any(self.slots):
             self.logits = self.decoder.feed(tokens, fed)
         return sampled
 
@@ -282,7 +307,7 @@ def generate_batch(model: LLaMA, prompts: list[list[int]], max_new_tokens: Union
                    stop_ids: Sequence[int] = (), generators: Optional[list[Optional[torch.Generator]]] = None,
                    batch_size: int = 8, compile: bool = False, progress: bool = False) -> list[Generation]:
     """`generate` for many prompts, in input order, each with its own `max_new_tokens` when a list is
-    given: a continuous batch of up to `batch_size` rows, prompts of any lengths side by side. Greedy,
+    given: a continuous batch of up to `batch_size` slots, prompts of any lengths side by side. Greedy,
     a reply's tokens are those it gets decoded alone; sampled, too, when each prompt has its own
     generator. `progress` shows a bar of replies done."""
     sampling = Sampling(temperature, top_k, top_p)
@@ -295,7 +320,7 @@ def generate_batch(model: LLaMA, prompts: list[list[int]], max_new_tokens: Union
                 for prompt, limit, generator in zip(prompts, max_new_tokens, generators)]
     if not requests:
         return []
-    # sized to the longest request, compiled or not: block_size rows of a long-context model can take tens of GiB
+    # sized to the longest request, compiled or not: block_size positions per slot of a long-context model can take tens of GiB
     cache_length = max(len(r.prompt) + r.max_new_tokens for r in requests)
     with Decoder(model, min(batch_size, len(requests)), cache_length, compile_step(model) if compile else None) as decoder, \
             tqdm(total=len(requests), unit="reply", disable=not progress) as bar:
@@ -331,108 +356,20 @@ def resolve_stop_ids(tokenizer: Tokenizer, stop_on_eos: bool = True, stop_tokens
     return tuple(dict.fromkeys(ids))
 
 
-class Detokenizer:
-    """Text of ids that arrive one at a time, each call giving only the new text. It decodes a small
-    window, not the whole output: the ids emitted last (context, so sentencepiece puts the space before
-    a "▁" piece) and those not emitted yet. Text is held back while it does not grow (a control piece,
-    a lone "▁" at the start) or ends in an incomplete UTF-8 sequence (byte-fallback pieces of one char)."""
+@dataclass(frozen=True)
+class Stopping(FlagGroup):
+    """When a reply ends.
 
-    def __init__(self, tokenizer: Tokenizer) -> None:
-        self.tokenizer = tokenizer
-        self.context: list[int] = []
-        self.pending: list[int] = []
+    Args:
+        max_new_tokens: most tokens of one reply
+        stop_on_eos: end a reply on EOS as well as on the end-of-turn token
+        stop_tokens: more tokens that end a reply: special-token text, exact piece ("▁Human") or id
+            (digits that are a piece name the piece)
+    """
 
-    def add(self, token: int) -> str:
-        self.pending.append(token)
-        return self.emit(final=False)
+    max_new_tokens: int = 256
+    stop_on_eos: bool = True
+    stop_tokens: tuple[str, ...] = ()
 
-    def flush(self) -> str:
-        return self.emit(final=True) if self.pending else ""
-
-    def emit(self, final: bool) -> str:
-        before = self.tokenizer.decode(self.context)
-        text = self.tokenizer.decode(self.context + self.pending)
-        if not final and (len(text) <= len(before) or text.endswith("\ufffd")):
-            return ""
-        self.context, self.pending = self.pending, []
-        return text[len(before):]
-
-
-class Stream:
-    """`request`'s reply as it is decoded alone on `decoder`: iterate for its text, piece by piece;
-    afterwards `generation` holds its tokens and stop id, as `generate` returns them, and
-    `first_token_at` the time (perf_counter) the host had the first one: the prompt's read ends there."""
-
-    def __init__(self, tokenizer: Tokenizer, decoder: Decoder, request: Request) -> None:
-        self.tokenizer, self.decoder, self.request = tokenizer, decoder, request
-        self.first_token_at: Optional[float] = None
-
-    @property
-    def generation(self) -> Generation:
-        return self.request.generation
-
-    def __iter__(self) -> Iterator[str]:
-        detokenizer = Detokenizer(self.tokenizer)
-        for token in decode(self.decoder, self.request):
-            self.first_token_at = self.first_token_at or time.perf_counter()
-            if token in self.request.stop_ids:
-                break
-            if text := detokenizer.add(token):
-                yield text
-        if text := detokenizer.flush():
-            yield text
-
-
-class Chat:
-    """A conversation in the training format, `<bos> user <EOT> assistant <EOT> ...`, whose KV cache is
-    kept across turns: each turn reads only what the cache does not hold yet. The prompt of a turn is
-    the whole conversation encoded as training encodes it, so a turn equals a fresh run on its history.
-    When the prompt and a `max_new_tokens` reply would not fit in `max_seq_length`, the oldest
-    exchanges are dropped, whole."""
-
-    def __init__(self, model: LLaMA, tokenizer: Tokenizer, *, system: Optional[str] = None, max_new_tokens: int = 256,
-                 max_seq_length: Optional[int] = None, sampling: Sampling = Sampling(),
-                 stop_ids: Optional[Sequence[int]] = None, seed: int = 1234, compile: bool = False) -> None:
-        if tokenizer.eot_id is None:  # refused now, not at every message
-            raise BadValue("the tokenizer has no end-of-turn token (a base checkpoint?): chat with a fine-tune "
-                           "(--lora_path, --adapter_path, or a full or merged checkpoint); continue plain text "
-                           "with generate/base.py")
-        if system is not None and (warning := system_warning(tokenizer)):
-            print(warning, file=sys.stderr)
-        self.tokenizer, self.system, self.max_new_tokens, self.sampling = tokenizer, system, max_new_tokens, sampling
-        self.stop_ids = resolve_stop_ids(tokenizer) if stop_ids is None else tuple(stop_ids)
-        self.decoder = Decoder(model, 1, max_seq_length, compile_step(model) if compile else None)
-        self.generator = torch.Generator(self.decoder.device).manual_seed(seed)
-        self.turns: list[str] = []  # user, assistant, user, ...: the history the next message joins
-        self.dropped = 0  # turns dropped from the history to fit the last message
-        self.last: Optional[Generation] = None
-
-    def reset(self) -> None:
-        self.turns = []
-
-    def close(self) -> None:
-        self.decoder.model.clear_kv_cache()
-
-    def prompt(self, message: str) -> list[int]:
-        """The ids of the history and `message`, after dropping the oldest exchanges that do not fit."""
-        turns, limit = self.turns + [message], self.decoder.max_seq_length
-        ids = encode_prompt(self.tokenizer, turns, self.system)
-        while len(ids) + self.max_new_tokens > limit and len(turns) > 1:
-            turns = turns[2:]
-            ids = encode_prompt(self.tokenizer, turns, self.system)
-        if len(ids) >= limit:
-            raise BadValue(f"the message makes a prompt of {len(ids)} tokens: no room left in the context of {limit}")
-        self.dropped = len(self.turns) + 1 - len(turns)
-        self.turns = turns[:-1]
-        return ids
-
-    @torch.inference_mode()
-    def send(self, message: str) -> Iterator[str]:
-        """The reply to `message`, as text pieces while it is decoded. Once it is done, the message and
-        the reply join the history and `last` holds the reply's tokens and stop id."""
-        ids = self.prompt(message)
-        room = min(self.max_new_tokens, self.decoder.max_seq_length - len(ids))
-        stream = Stream(self.tokenizer, self.decoder, Request(ids, room, self.sampling, self.stop_ids, self.generator))
-        yield from stream
-        self.turns += [message, self.tokenizer.decode(stream.generation.tokens)]
-        self.last = stream.generation
+    def stop_ids(self, tokenizer: Tokenizer) -> tuple[int, ...]:
+        return resolve_stop_ids(tokenizer, self.stop_on_eos, self.stop_tokens)

@@ -1,31 +1,35 @@
 """What the generate scripts do around the decoder (lit_llama/generate.py): load the model they are
-pointed at and place it where it runs, read prompts and prompts files, print replies with their stop
-reason, speed and peak memory, and write JSONL replies.
+pointed at and place it where it runs, read prompts files, print replies with their stop reason, speed
+and peak memory, and write JSONL replies. The flag groups the scripts share are defined here, once.
 
-    load_for_inference(checkpoint_dir, lora_path, adapter_path) -> (model, tokenizer)
+    ModelSource(lora_path, adapter_path, checkpoint_dir)   where the model comes from; .load() -> (model, tokenizer)
+    Dtype, Placement                        the dtype it runs in; with NF4 and a compiled step
     place(model, precision, quantize)       the model on the GPU when there is one, in its dtype, maybe in NF4
-    reply(model, tokenizer, ...)            what generate/*.py do with the model they load
+    reply(model, tokenizer, replies=...)    what generate/*.py do with the model they load
 """
 
 import json
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Iterable, Literal, Optional
 
 import torch
 
-from lit_llama.checkpoint import GIVE_OUT_DIR, load_finetuned, load_model, require_dir
+from lit_llama.checkpoint import GIVE_OUT_DIR, load_finetuned, load_model
+from lit_llama.cli import FlagGroup
 from lit_llama.device_check import simulated_accelerator
 from lit_llama.errors import BadValue, file_error
-from lit_llama.generate import (Decoder, Request, Sampling, Stream, compile_step, generate_batch, resolve_stop_ids,
-                                room_for, stop_reason)
+from lit_llama.files import require_dir
+from lit_llama.generate import Decoder, Request, Sampling, Stopping, compile_step, generate_batch, room_for, stop_reason
 from lit_llama.model import LLaMA
 from lit_llama.precision import gpu_computes_bf16
+from lit_llama.prompt_records import PromptRecord, read_prompts
 from lit_llama.prompts import encode_prompt, system_warning
 from lit_llama.quantize import Quantize, nf4_tensor, quantize as quantize_weights
+from lit_llama.streaming import Stream
 from lit_llama.tokenizer import Tokenizer
 
 Precision = Literal["32-true", "bf16-true", "16-true"]
@@ -84,63 +88,90 @@ def load_for_inference(checkpoint_dir: Optional[Path] = None, lora_path: Optiona
     return load_model(checkpoint_dir), Tokenizer.from_dir(checkpoint_dir)
 
 
-@dataclass
-class PromptRow:
-    row: dict  # what the prompts file holds (a bare prompt becomes {"prompt": ...}); the output row extends it
-    turns: list[str]  # user, assistant, ..., user
+@dataclass(frozen=True)
+class ModelSource(FlagGroup):
+    """Where the model comes from.
+
+    Args:
+        lora_path: a finetune/lora.py out dir
+        adapter_path: a finetune/adapter.py out dir
+        checkpoint_dir: a checkpoint dir (a full fine-tune or a merged LoRA; a base model where the script
+            takes one), or the base checkpoint of --lora_path/--adapter_path (default: the one the out dir names)
+    """
+
+    lora_path: Optional[Path] = None
+    adapter_path: Optional[Path] = None
+    checkpoint_dir: Optional[Path] = None
+
+    @property
+    def path(self) -> Optional[Path]:
+        """The dir the model is known by: its out dir, else its checkpoint dir."""
+        return self.lora_path or self.adapter_path or self.checkpoint_dir
+
+    def load(self) -> tuple[LLaMA, Tokenizer]:
+        return load_for_inference(self.checkpoint_dir, self.lora_path, self.adapter_path)
+
+
+@dataclass(frozen=True)
+class Dtype(FlagGroup):
+    """The dtype the model runs in.
+
+    Args:
+        precision: 32-true, bf16-true or 16-true (default: bf16 on a GPU that computes it natively, fp16
+            on an older GPU, fp32 on the CPU)
+    """
+
+    precision: Optional[Precision] = None
+
+
+@dataclass(frozen=True)
+class Placement(Dtype):
+    """How the model is placed and run.
+
+    Args:
+        quantize: nf4 stores the block weights in 4 bits (about a quarter of bf16's memory; needs torchao)
+        compile: compile the one-token decoding step with torch.compile (same outputs; pays off over
+            long generations, the first step waits for the compilation)
+    """
+
+    quantize: Optional[Quantize] = None
+    compile: bool = False
+
+
+@dataclass(frozen=True)
+class Replies(FlagGroup):
+    """What to reply to, and where the replies go.
+
+    Args:
+        prompt: the user's message
+        system: a system text before the conversation (when the fine-tune was trained with one)
+        raw: feed the prompt as plain text after bos, without the conversation format (the default when
+            the tokenizer has no end-of-turn token, as a base checkpoint's)
+        num_samples: replies to generate for each prompt
+        seed: seed of the sampling: reply n (from 0, in output order) samples with seed + n, so sample i
+            of prompt j of a prompts file uses seed + j x num_samples + i
+        prompts_file: a JSONL file, one prompt per line: "text", {"prompt": "text"}, or a conversation
+            ending with a user turn ({"conversations": [...]}, {"messages": [{"role", "content"}, ...]})
+        output_file: where the replies to `prompts_file` go, as JSONL (default: stdout); each row is the
+            input row with "response", "stop_reason", "prompt_tokens" and "new_tokens" added
+        batch_size: replies decoded side by side (a continuous batch: a finished row takes the next prompt)
+    """
+
+    prompt: str = "How do plants drink water?"
     system: Optional[str] = None
+    raw: bool = False
+    num_samples: int = 1
+    seed: int = 1234
+    prompts_file: Optional[Path] = None
+    output_file: Optional[Path] = None
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if self.num_samples < 1 or self.batch_size < 1:
+            raise BadValue("--num_samples and --batch_size must be at least 1")
 
 
-def parse_prompt_row(row: Any) -> PromptRow:
-    """A prompt: "text", {"prompt": "text"}, a list of turns ["user", "assistant", ..., "user"],
-    {"conversations": [...]} or {"messages": [{"role", "content"}, ...]}; "system" optional."""
-    if isinstance(row, str):
-        row = {"prompt": row}
-    elif isinstance(row, list):
-        row = {"conversations": row}
-    if not isinstance(row, dict):
-        raise BadValue("expected a string, a list of turns or an object")
-    system = row.get("system")
-    if "prompt" in row:
-        turns = [row["prompt"]]
-    elif "conversations" in row:
-        turns = row["conversations"]
-    elif "messages" in row:
-        messages = row["messages"]
-        if not isinstance(messages, list) or not all(isinstance(m, dict) and isinstance(m.get("content"), str)
-                                                     for m in messages):
-            raise BadValue("'messages' must be a list of objects with a 'role' and a text 'content'")
-        if messages and messages[0].get("role") == "system":
-            system, messages = messages[0]["content"], messages[1:]
-        roles = [m.get("role") for m in messages]
-        if roles != ["user", "assistant"] * (len(roles) // 2) + ["user"]:
-            raise BadValue("messages must alternate user, assistant, ..., and end with the user's")
-        turns = [m["content"] for m in messages]
-    else:
-        raise BadValue("expected a 'prompt', 'conversations' or 'messages' field")
-    if not isinstance(turns, list) or len(turns) % 2 != 1 or not all(isinstance(t, str) for t in turns):
-        raise BadValue("expected an odd number of text turns, ending with the user's")
-    if system is not None and not isinstance(system, str):
-        raise BadValue("'system' must be a string")
-    return PromptRow(row, turns, system)
-
-
-def read_prompts(path: Path) -> list[PromptRow]:
-    """The rows of a JSONL prompts file; a bad row is an error naming its file and line."""
-    rows = []
-    try:
-        f = open(path, "rb")
-    except OSError as e:  # missing, a directory, unreadable
-        raise file_error(e, str(path)) from None
-    with f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(parse_prompt_row(json.loads(line.decode("utf-8"))))
-            except ValueError as e:  # invalid UTF-8 and json.JSONDecodeError are ValueErrors too
-                raise BadValue(f"{path}:{n}: {e}") from None
-    return rows
+REPLY_SAMPLING = Sampling(temperature=0.8, top_k=200)  # what the generate scripts and chat sample with by default
 
 
 def prompt_ids(tokenizer: Tokenizer, turns: list[str], system: Optional[str], raw: bool) -> list[int]:
@@ -152,105 +183,93 @@ def prompt_ids(tokenizer: Tokenizer, turns: list[str], system: Optional[str], ra
     return tokenizer.encode(turns[0], bos=True)
 
 
-def reply(model: LLaMA, tokenizer: Tokenizer, prompt: str = "How do plants drink water?", max_new_tokens: int = 256,
-          temperature: float = 0.8, top_k: Optional[int] = 200, seed: int = 1234, *, top_p: float = 1.0,
-          raw: bool = False, system: Optional[str] = None, num_samples: int = 1, stop_on_eos: bool = True,
-          stop_tokens: tuple[str, ...] = (), prompts_file: Optional[Path] = None, output_file: Optional[Path] = None,
-          batch_size: int = 8, precision: Optional[Precision] = None, quantize: Optional[Quantize] = None,
-          compile: bool = False) -> None:
-    """Reply to `prompt`, formatted as one user turn exactly as in training: the reply streams to stdout
-    as it is decoded; why it stopped, tokens/s and peak memory go to stderr. With `prompts_file`, reply to
-    every row of it instead, in batches, and write one JSON row per reply.
-
-    Args:
-        prompt: the user's message
-        max_new_tokens: most tokens to generate
-        temperature: sampling temperature; 0 picks the most likely token every step
-        top_k: sample among the k most likely tokens only
-        seed: seed of the sampling (sample i of a prompt uses seed + i, row j of a prompts file seed + j)
-        top_p: sample among the fewest most likely tokens that hold this much of the probability (1: all)
-        raw: feed the prompt as plain text after bos, without the conversation format (the default when
-            the tokenizer has no end-of-turn token, as a base checkpoint's)
-        system: a system text before the conversation (when the fine-tune was trained with one)
-        num_samples: replies to generate for each prompt
-        stop_on_eos: stop on EOS as well as on the end-of-turn token
-        stop_tokens: more tokens to stop on: special-token text, exact piece ("▁Human") or id (digits
-            that are a piece name the piece)
-        prompts_file: a JSONL file, one prompt per line: "text", {"prompt": "text"}, or a conversation
-            ending with a user turn ({"conversations": [...]}, {"messages": [{"role", "content"}, ...]})
-        output_file: where the replies to `prompts_file` go, as JSONL (default: stdout); each row is the
-            input row with "response", "stop_reason", "prompt_tokens" and "new_tokens" added
-        batch_size: replies decoded side by side (a continuous batch: a finished row takes the next prompt)
-        precision: 32-true, bf16-true or 16-true (default: bf16 on a GPU that computes it natively, fp16
-            on an older GPU, fp32 on the CPU)
-        quantize: nf4 stores the block weights in 4 bits (about a quarter of bf16's memory; needs torchao)
-        compile: compile the one-token decoding step with torch.compile (same outputs; pays off over
-            long generations, the first step waits for the compilation)
-    """
-    if num_samples < 1 or batch_size < 1:
-        raise BadValue("--num_samples and --batch_size must be at least 1")
-    model = place(model, precision, quantize)
-    sampling = Sampling(temperature, top_k, top_p)
-    stop_ids = resolve_stop_ids(tokenizer, stop_on_eos, stop_tokens)
-    if tokenizer.eot_id is None and not raw:
+def reply(model: LLaMA, tokenizer: Tokenizer, *, replies: Replies = Replies(), sampling: Sampling = REPLY_SAMPLING,
+          stopping: Stopping = Stopping(), placement: Placement = Placement()) -> None:
+    """Reply to the prompt, formatted as one user turn exactly as in training: the reply streams to stdout
+    as it is decoded; why it stopped, tokens/s and peak memory go to stderr. With a prompts file, reply
+    to every record of it instead, in batches, and write one JSON record per reply."""
+    model = place(model, placement.precision, placement.quantize)
+    stop_ids = stopping.stop_ids(tokenizer)
+    if tokenizer.eot_id is None and not replies.raw:
         stops = ", ".join(tokenizer.processor.id_to_piece(i) for i in stop_ids) or "nothing but --max_new_tokens"
         print(f"the tokenizer has no end-of-turn token (a base checkpoint?): the prompt goes in as plain text, "
               f"decoding stops on {stops}", file=sys.stderr)
-        raw = True
-    if prompts_file is not None:
-        reply_to_file(model, tokenizer, read_prompts(prompts_file), output_file, max_new_tokens, sampling, seed, raw,
-                      num_samples, stop_ids, batch_size, compile)
+        replies = replace(replies, raw=True)
+    if replies.prompts_file is None:
+        reply_to_prompt(model, tokenizer, replies=replies, sampling=sampling, stop_ids=stop_ids,
+                        max_new_tokens=stopping.max_new_tokens, compile=placement.compile)
         return
-    ids = prompt_ids(tokenizer, [prompt], system, raw)
-    if system is not None and (warning := system_warning(tokenizer)):
+    reply_to_file(model, tokenizer, read_prompts(replies.prompts_file), replies=replies, sampling=sampling,
+                  stop_ids=stop_ids, max_new_tokens=stopping.max_new_tokens, compile=placement.compile)
+
+
+def reply_to_prompt(model: LLaMA, tokenizer: Tokenizer, *, replies: Replies, sampling: Sampling,
+                    stop_ids: tuple[int, ...], max_new_tokens: int, compile: bool) -> None:
+    """Each sample of the reply to `replies.prompt`, streamed to stdout, with its stats on stderr."""
+    ids = prompt_ids(tokenizer, [replies.prompt], replies.system, replies.raw)
+    if replies.system is not None and (warning := system_warning(tokenizer)):
         print(warning, file=sys.stderr)
     room = room_for(model, len(ids), max_new_tokens)
     device = model.lm_head.weight.device
     # the cache holds what this prompt and its reply need, compiled or not (one graph per cache length)
-    with torch.inference_mode(), Decoder(model, 1, len(ids) + room, compile_step(model) if compile else None) as decoder:
-        for i in range(num_samples):
-            generator = torch.Generator(device).manual_seed(seed + i)
-            steps = decoder.steps
-            start = time.perf_counter()
-            stream = Stream(tokenizer, decoder, Request(ids, room, sampling, stop_ids, generator))
-            for text in stream:
-                print(text, end="", flush=True)
-            print(flush=True)
-            end = time.perf_counter()
-            elapsed, n = end - start, len(stream.generation.tokens)
-            # after the first token, each step's token reaches the host one step after the last: steps / time
-            # holds on a GPU too, where a step's launch returns before its work is done
-            decode_rate = (decoder.steps - steps) / max(end - (stream.first_token_at or end), 1e-9)
-            print(f"stop reason: {stop_reason(stream.generation, tokenizer)} after {n} tokens | {n / elapsed:.1f} tokens/s, "
-                  f"decode steps {decode_rate:.1f} tokens/s | {peak_memory(device)}", file=sys.stderr)
+    step = compile_step(model) if compile else None
+    with torch.inference_mode(), Decoder(model, 1, len(ids) + room, step) as decoder:
+        for i in range(replies.num_samples):
+            generator = torch.Generator(device).manual_seed(replies.seed + i)
+            stream_reply(tokenizer, decoder, Request(ids, room, sampling, stop_ids, generator))
 
 
-def reply_to_file(model: LLaMA, tokenizer: Tokenizer, rows: list[PromptRow], output_file: Optional[Path],
-                  max_new_tokens: int, sampling: Sampling, seed: int, raw: bool, num_samples: int,
-                  stop_ids: tuple[int, ...], batch_size: int, compile: bool) -> None:
-    jobs = [(row, i) for row in rows for i in range(num_samples)]
-    prompts = [prompt_ids(tokenizer, row.turns, row.system, raw) for row, _ in jobs]
+def stream_reply(tokenizer: Tokenizer, decoder: Decoder, request: Request) -> None:
+    """`request`'s reply printed as it is decoded, then why it stopped, its speed and the peak memory."""
+    steps = decoder.steps
+    start = time.perf_counter()
+    stream = Stream(tokenizer, decoder, request)
+    for text in stream:
+        print(text, end="", flush=True)
+    print(flush=True)
+    end = time.perf_counter()
+    elapsed, n = end - start, len(stream.generation.tokens)
+    # after the first token, each step's token reaches the host one step after the last: steps / time
+    # holds on a GPU too, where a step's launch returns before its work is done
+    decode_rate = (decoder.steps - steps) / max(end - (stream.first_token_at or end), 1e-9)
+    print(f"stop reason: {stop_reason(stream.generation, tokenizer)} after {n} tokens | {n / elapsed:.1f} tokens/s, "
+          f"decode steps {decode_rate:.1f} tokens/s | {peak_memory(decoder.device)}", file=sys.stderr)
+
+
+def reply_to_file(model: LLaMA, tokenizer: Tokenizer, records: list[PromptRecord], *, replies: Replies,
+                  sampling: Sampling, stop_ids: tuple[int, ...], max_new_tokens: int, compile: bool) -> None:
+    """Every sample of the reply to each record, decoded in a continuous batch, written as JSONL."""
+    jobs = [(record, i) for record in records for i in range(replies.num_samples)]
+    prompts = [prompt_ids(tokenizer, record.turns, record.system, replies.raw) for record, _ in jobs]
     device = model.lm_head.weight.device
-    generators = [torch.Generator(device).manual_seed(seed + j) for j in range(len(jobs))]
+    generators = [torch.Generator(device).manual_seed(replies.seed + j) for j in range(len(jobs))]  # reply j: seed + j
     start = time.perf_counter()
     results = generate_batch(model, prompts, max_new_tokens, temperature=sampling.temperature, top_k=sampling.top_k,
-                             top_p=sampling.top_p, stop_ids=stop_ids, generators=generators, batch_size=batch_size,
-                             compile=compile, progress=True)
+                             top_p=sampling.top_p, stop_ids=stop_ids, generators=generators,
+                             batch_size=replies.batch_size, compile=compile, progress=True)
     elapsed = time.perf_counter() - start
+    written = []
+    for (record, i), ids, result in zip(jobs, prompts, results):
+        extra = {"sample": i} if replies.num_samples > 1 else {}
+        written.append({**record.record, **extra, "response": tokenizer.decode(result.tokens),
+                        "stop_reason": stop_reason(result, tokenizer), "prompt_tokens": len(ids),
+                        "new_tokens": len(result.tokens)})
+    write_jsonl(replies.output_file, written)
+    reasons = Counter(stop_reason(result, tokenizer) for result in results)
+    n = sum(len(r.tokens) for r in results)
+    print(f"{len(results)} replies, stop reasons: {', '.join(f'{k} {v}' for k, v in sorted(reasons.items()))} | "
+          f"{n} tokens, {n / elapsed:.1f} tokens/s | {peak_memory(device)}", file=sys.stderr)
+
+
+def write_jsonl(output_file: Optional[Path], records: Iterable[dict]) -> None:
+    """`records` as JSON lines to `output_file` (--output_file), or to stdout."""
     try:
         out = open(output_file, "w", encoding="utf-8") if output_file is not None else sys.stdout
     except OSError as e:  # its dir missing, a directory, not writable
         raise file_error(e, f"--output_file {output_file}") from None
     try:
-        for (row, i), ids, result in zip(jobs, prompts, results):
-            extra = {"sample": i} if num_samples > 1 else {}
-            out.write(json.dumps({**row.row, **extra, "response": tokenizer.decode(result.tokens),
-                                  "stop_reason": stop_reason(result, tokenizer), "prompt_tokens": len(ids),
-                                  "new_tokens": len(result.tokens)}, ensure_ascii=False) + "\n")
+        for record in records:
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
     finally:
         if out is not sys.stdout:
             out.close()
-    reasons = Counter(stop_reason(result, tokenizer) for result in results)
-    n = sum(len(r.tokens) for r in results)
-    print(f"{len(results)} replies, stop reasons: {', '.join(f'{k} {v}' for k, v in sorted(reasons.items()))} | "
-          f"{n} tokens, {n / elapsed:.1f} tokens/s | {peak_memory(device)}", file=sys.stderr)

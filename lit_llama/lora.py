@@ -102,7 +102,8 @@ class LoRALinear(nn.Linear):
 def _lora_linear(old: nn.Linear, config: LoRAConfig, chunks: Optional[list[int]] = None,
                  enabled: Optional[list[bool]] = None) -> LoRALinear:
     with torch.device(old.weight.device):
-        new = LoRALinear(old.in_features, old.out_features, config.r, config.alpha, config.dropout, chunks, enabled)
+        new = LoRALinear(old.in_features, old.out_features, r=config.r, alpha=config.alpha, dropout=config.dropout,
+                         chunks=chunks, enabled=enabled)
     new.weight = old.weight  # shared, not copied
     return new.to(old.weight.dtype)
 

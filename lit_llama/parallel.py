@@ -16,7 +16,7 @@ import lightning as L
 import torch
 from lightning.fabric.strategies import ModelParallelStrategy, Strategy
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 
 from lit_llama.errors import BadValue
@@ -55,6 +55,7 @@ def shard_per_block(model: LLaMA, device_mesh: Any, compute_dtype: Optional[torc
     for block in model.transformer.h:
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
+    register_fsdp_forward_method(model, "hidden")  # the loss and the decoder call it: gathered as for forward
     return model
 
 

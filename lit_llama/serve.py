@@ -2,7 +2,7 @@
 `POST /v1/chat/completions`, plain or streamed as server-sent events.
 
     Engine(decoder)                   the batch, stepped by a thread of its own; requests join from any thread
-    ReplyText(tokenizer, stop)        a reply's text as tokens arrive, cut at the first stop string
+    Completion(service, body)         one chat completion: its request in flight, its text, its answers
     create_app(engine, tokenizer, ...) the FastAPI app; uvicorn serves it (generate/serve.py)
 
 FastAPI and uvicorn, not a serving framework that batches for us: the decoder's continuous batch is
@@ -20,6 +20,7 @@ import time
 import traceback
 import uuid
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Optional, Union
 
 import torch
@@ -29,9 +30,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from lit_llama.errors import UsageError
-from lit_llama.generate import ContinuousBatch, Decoder, Detokenizer, Request, Sampling, resolve_stop_ids
-from lit_llama.inference import parse_prompt_row
+from lit_llama.generate import ContinuousBatch, Decoder, Request, Sampling, resolve_stop_ids
+from lit_llama.prompt_records import parse_prompt_record
 from lit_llama.prompts import encode_prompt
+from lit_llama.streaming import ReplyText
 from lit_llama.tokenizer import Tokenizer
 
 Sink = Callable[[Union[tuple[int, bool], BaseException]], None]  # gets (token, done) per step, or the error
@@ -96,45 +98,13 @@ class Engine:
                 for sink in self.sinks.values():
                     sink(error)
                 self.sinks.clear()
-                self.decoder.reset()  # what the failed step wrote to the cache is unknown: no row is reused
+                self.decoder.reset()  # what the failed step wrote to the cache is unknown: no slot is reused
                 self.batch = ContinuousBatch(self.decoder)
                 continue
             for request, token in events:
                 self.sinks[request]((token, request.done))
                 if request.done:
                     del self.sinks[request]
-
-
-class ReplyText:
-    """A reply's text as its tokens arrive. It ends before the first of the `stop` strings, which is
-    not part of the reply; text that may be the start of one is held back until it is known not to be."""
-
-    def __init__(self, tokenizer: Tokenizer, stop: list[str]) -> None:
-        self.detokenizer = Detokenizer(tokenizer)
-        self.stop = [s for s in stop if s]
-        self.text, self.sent, self.stopped = "", 0, False
-
-    def add(self, token: int) -> str:
-        if self.stopped:
-            return ""
-        self.text += self.detokenizer.add(token)
-        return self.release(final=False)
-
-    def finish(self) -> str:
-        if not self.stopped:
-            self.text += self.detokenizer.flush()
-        return self.release(final=True)
-
-    def release(self, final: bool) -> str:
-        """The text not sent yet that is sure to be part of the reply (all of it when `final`)."""
-        found = [i for i in (self.text.find(s) for s in self.stop) if i >= 0]
-        if found:
-            self.text, self.stopped = self.text[: min(found)], True
-        end = len(self.text)
-        if not (final or self.stopped):
-            end -= max((k for s in self.stop for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
-        piece, self.sent = self.text[self.sent : end], max(self.sent, end)
-        return piece
 
 
 class Message(BaseModel):
@@ -157,6 +127,11 @@ class ChatCompletionRequest(BaseModel):
     stream: bool = False
     stream_options: Optional[dict[str, Any]] = None
     n: int = 1
+
+    @property
+    def wanted(self) -> Optional[int]:
+        """The most tokens the reply may take, if the client says."""
+        return self.max_completion_tokens or self.max_tokens
 
 
 class APIError(Exception):
@@ -197,12 +172,138 @@ def validation_error(error: RequestValidationError) -> APIError:
     return APIError(400, "; ".join(problems), param=params[0] if params else None)
 
 
+@dataclass
+class Service:
+    """What every endpoint needs: the engine, the model's tokenizer and name, and the API key."""
+
+    engine: Engine
+    tokenizer: Tokenizer
+    model_name: str
+    api_key: Optional[str] = None
+    created: int = field(default_factory=lambda: int(time.time()))
+    stop_ids: tuple[int, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.stop_ids = resolve_stop_ids(self.tokenizer)
+
+    @property
+    def context(self) -> int:
+        return self.engine.decoder.max_seq_length
+
+
+def models(service: Service) -> dict:
+    return {"object": "list", "data": [{"id": service.model_name, "object": "model", "created": service.created,
+                                        "owned_by": "lit-llama-lima"}]}
+
+
+def prompt_of(service: Service, body: ChatCompletionRequest) -> list[int]:
+    """The ids of the request's messages, or an APIError naming what is wrong with the request."""
+    if body.model != service.model_name:
+        raise APIError(404, f"the model {body.model!r} does not exist; this server serves {service.model_name!r}",
+                       "model_not_found", "model")
+    if body.n != 1:
+        raise APIError(400, "only n=1 is supported", param="n")
+    try:
+        record = parse_prompt_record({"messages": [m.model_dump() for m in body.messages]})
+    except ValueError as e:
+        raise APIError(400, str(e), param="messages")
+    ids = encode_prompt(service.tokenizer, record.turns, record.system)
+    if len(ids) + (body.wanted or 1) > service.context:
+        asked = f" and max_tokens asks for {body.wanted}" if body.wanted else ", leaving no room for a reply"
+        raise APIError(400, f"the context holds {service.context} tokens; the messages take {len(ids)}{asked}",
+                       "context_length_exceeded", "messages")
+    return ids
+
+
+class Completion:
+    """One chat completion: its request, submitted to the engine, and the answers made of its tokens, whole
+    or streamed. A stop string ends the reply early, and so does a client that leaves (the request then
+    leaves the batch)."""
+
+    def __init__(self, service: Service, body: ChatCompletionRequest) -> None:
+        self.service, self.body = service, body
+        self.ids = prompt_of(service, body)
+        seed = body.seed if body.seed is not None else secrets.randbits(63)
+        generator = torch.Generator(service.engine.decoder.device).manual_seed(seed)
+        sampling = Sampling(body.temperature, None, body.top_p)
+        room = body.wanted or service.context - len(self.ids)
+        self.request = Request(self.ids, room, sampling, service.stop_ids, generator)
+        self.text = ReplyText(service.tokenizer, [body.stop] if isinstance(body.stop, str) else body.stop or [])
+        self.tokens = self.submit()
+        self.head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": service.model_name}
+
+    def submit(self) -> asyncio.Queue:
+        """Hand the request to the engine; its (token, done) pairs, or an error, arrive on the queue returned."""
+        loop, tokens = asyncio.get_running_loop(), asyncio.Queue()
+        self.service.engine.submit(self.request, lambda item: loop.call_soon_threadsafe(tokens.put_nowait, item))
+        return tokens
+
+    async def pieces(self) -> AsyncIterator[str]:
+        """The reply's text as it is decoded."""
+        try:
+            while True:
+                item = await self.tokens.get()
+                if isinstance(item, BaseException):
+                    raise engine_error(item)
+                token, done = item
+                if token not in self.service.stop_ids and (piece := self.text.add(token)):
+                    yield piece
+                if self.text.stopped or done:
+                    break
+            if piece := self.text.finish():
+                yield piece
+        finally:
+            if not self.request.done:
+                self.service.engine.cancel(self.request)
+
+    def finish_reason(self) -> str:
+        return "stop" if self.text.stopped or self.request.generation.stop_id is not None else "length"
+
+    def usage(self) -> dict:
+        n = len(self.request.generation.tokens)
+        return {"prompt_tokens": len(self.ids), "completion_tokens": n, "total_tokens": len(self.ids) + n}
+
+    async def whole(self) -> dict:
+        """The reply, once it is done, as one chat.completion."""
+        content = "".join([piece async for piece in self.pieces()])
+        return {**self.head, "object": "chat.completion", "usage": self.usage(),
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                             "finish_reason": self.finish_reason()}]}
+
+    def chunk(self, choices: list, **extra: Any) -> str:
+        data = {**self.head, "object": "chat.completion.chunk", "choices": choices, **extra}
+        return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+    async def events(self) -> AsyncIterator[str]:
+        """The reply as server-sent events, a chat.completion.chunk per piece of text."""
+        yield self.chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+        try:
+            async for piece in self.pieces():
+                yield self.chunk([{"index": 0, "delta": {"content": piece}, "finish_reason": None}])
+        except APIError as error:  # the status went out with the first chunk: the error is an event
+            yield f"data: {json.dumps(error.body())}\n\n"
+            return
+        yield self.chunk([{"index": 0, "delta": {}, "finish_reason": self.finish_reason()}])
+        if (self.body.stream_options or {}).get("include_usage"):
+            yield self.chunk([], usage=self.usage())
+        yield "data: [DONE]\n\n"
+
+
+async def chat_completions(service: Service, body: ChatCompletionRequest) -> Any:
+    completion = Completion(service, body)
+    if not body.stream:
+        return await completion.whole()
+    return StreamingResponse(completion.events(), media_type="text/event-stream")
+
+
+def authorized(service: Service, request: HTTPRequest) -> bool:
+    return service.api_key is None or secrets.compare_digest(request.headers.get("authorization", ""),
+                                                             f"Bearer {service.api_key}")
+
+
 def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: Optional[str] = None) -> FastAPI:
     """The app serving `engine`'s model as `model_name`; with `api_key`, requests must bear it."""
-    stop_ids = resolve_stop_ids(tokenizer)
-    context = engine.decoder.max_seq_length
-    device = engine.decoder.device
-    created = int(time.time())
+    service = Service(engine, tokenizer, model_name, api_key)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -223,95 +324,17 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: O
 
     @app.middleware("http")
     async def authorize(request: HTTPRequest, call_next: Callable) -> Any:
-        if api_key is not None and not secrets.compare_digest(request.headers.get("authorization", ""), f"Bearer {api_key}"):
+        if not authorized(service, request):
             return APIError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'",
                             "invalid_api_key", kind="authentication_error").response()
         return await call_next(request)
 
     @app.get("/v1/models")
-    async def models() -> dict:
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
-                                            "owned_by": "lit-llama-lima"}]}
+    async def list_models() -> dict:
+        return models(service)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest) -> Any:
-        if body.model != model_name:
-            raise APIError(404, f"the model {body.model!r} does not exist; this server serves {model_name!r}",
-                           "model_not_found", "model")
-        if body.n != 1:
-            raise APIError(400, "only n=1 is supported", param="n")
-        try:
-            row = parse_prompt_row({"messages": [m.model_dump() for m in body.messages]})
-        except ValueError as e:
-            raise APIError(400, str(e), param="messages")
-        ids = encode_prompt(tokenizer, row.turns, row.system)
-        wanted = body.max_completion_tokens or body.max_tokens
-        if len(ids) + (wanted or 1) > context:
-            raise APIError(400, f"the context holds {context} tokens; the messages take {len(ids)}"
-                                + (f" and max_tokens asks for {wanted}" if wanted else ", leaving no room for a reply"),
-                           "context_length_exceeded", "messages")
-        seed = body.seed if body.seed is not None else secrets.randbits(63)
-        request = Request(ids, wanted or context - len(ids), Sampling(body.temperature, None, body.top_p), stop_ids,
-                          torch.Generator(device).manual_seed(seed))
-        text = ReplyText(tokenizer, [body.stop] if isinstance(body.stop, str) else body.stop or [])
-        tokens = submit(request)
-        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
-
-        def finish_reason() -> str:
-            return "stop" if text.stopped or request.generation.stop_id is not None else "length"
-
-        def usage() -> dict:
-            n = len(request.generation.tokens)
-            return {"prompt_tokens": len(ids), "completion_tokens": n, "total_tokens": len(ids) + n}
-
-        if not body.stream:
-            content = "".join([piece async for piece in pieces(request, tokens, text)])
-            return {**head, "object": "chat.completion", "usage": usage(),
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
-                                 "finish_reason": finish_reason()}]}
-
-        def chunk(choices: list, **extra: Any) -> str:
-            data = {**head, "object": "chat.completion.chunk", "choices": choices, **extra}
-            return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
-
-        async def events() -> AsyncIterator[str]:
-            yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
-            try:
-                async for piece in pieces(request, tokens, text):
-                    yield chunk([{"index": 0, "delta": {"content": piece}, "finish_reason": None}])
-            except APIError as error:  # the status went out with the first chunk: the error is an event
-                yield f"data: {json.dumps(error.body())}\n\n"
-                return
-            yield chunk([{"index": 0, "delta": {}, "finish_reason": finish_reason()}])
-            if (body.stream_options or {}).get("include_usage"):
-                yield chunk([], usage=usage())
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(events(), media_type="text/event-stream")
-
-    def submit(request: Request) -> asyncio.Queue:
-        """Hand `request` to the engine; its (token, done) pairs, or an error, arrive on the queue returned."""
-        loop, tokens = asyncio.get_running_loop(), asyncio.Queue()
-        engine.submit(request, lambda item: loop.call_soon_threadsafe(tokens.put_nowait, item))
-        return tokens
-
-    async def pieces(request: Request, tokens: asyncio.Queue, text: ReplyText) -> AsyncIterator[str]:
-        """The reply's text as it is decoded; a stop string ends it early, and so does a client that
-        leaves (the request then leaves the batch)."""
-        try:
-            while True:
-                item = await tokens.get()
-                if isinstance(item, BaseException):
-                    raise engine_error(item)
-                token, done = item
-                if token not in stop_ids and (piece := text.add(token)):
-                    yield piece
-                if text.stopped or done:
-                    break
-            if piece := text.finish():
-                yield piece
-        finally:
-            if not request.done:
-                engine.cancel(request)
+    async def completions(body: ChatCompletionRequest) -> Any:
+        return await chat_completions(service, body)
 
     return app

@@ -6,9 +6,11 @@ from typing import Collection
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from lit_llama.errors import BadValue
-from lit_llama.model import LLaMA, TokenRows, find_multiple
+from lit_llama.loss import ScoreRows, fused_head
+from lit_llama.model import LLaMA, find_multiple
 from lit_llama.tokenizer import Tokenizer
 
 TOKEN_INITS = ("mean", "mean_noise", "normal", "copy:<piece>", "describe:<text>")
@@ -104,6 +106,35 @@ def add_special_tokens(model: LLaMA, tokenizer: Tokenizer, method: str = "mean",
     grow_vocab(model, tokenizer.vocab_size)
     init_special_rows(model, tokenizer, new, method, seed)
     return sorted(t.id for t in tokenizer.special)
+
+
+class TokenRows(nn.Module):
+    """Trainable embedding and head rows for a few token ids (the special tokens), in place of theirs in
+    `wte` and `lm_head`: parameters of their own, which can learn at their own rate.
+
+    With the vocabulary frozen (LoRA, adapter), training k rows this way costs O(k * n_embd) in gradients,
+    optimizer state and checkpoint size, where unfreezing `wte` and `lm_head` would cost O(vocab_size * n_embd).
+    """
+
+    def __init__(self, ids: torch.Tensor, wte_rows: torch.Tensor, head_rows: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("ids", ids)  # (k,)
+        self.wte = nn.Parameter(wte_rows)  # (k, n_embd)
+        self.lm_head = nn.Parameter(head_rows)  # (k, n_embd)
+
+    def embed(self, idx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        # idx: (B, T); x: (B, T, C) looked up in the frozen table
+        match = idx.unsqueeze(-1) == self.ids  # (B, T, k)
+        rows = match.to(x.dtype) @ self.wte.to(x.dtype)  # (B, T, C), zero where no id matched
+        return torch.where(match.any(-1, keepdim=True), rows, x)
+
+    def head(self, x: torch.Tensor, lm_head: nn.Module, vocab_size: int) -> torch.Tensor:
+        # x: (..., C) -> logits (..., vocab_size), our ids scored by our rows
+        if fused_head(lm_head):  # one matmul, our columns swapped in, and a backward that reads only ours
+            return ScoreRows.apply(x, lm_head.weight[:vocab_size], self.lm_head, self.ids)
+        logits = lm_head(x)[..., :vocab_size]  # LoRA on the head: its logits, our columns written over
+        logits[..., self.ids] = F.linear(x, self.lm_head.to(x.dtype)).to(logits.dtype)
+        return logits
 
 
 def attach_token_rows(model: LLaMA, ids: list[int]) -> None:

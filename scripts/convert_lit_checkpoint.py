@@ -12,7 +12,8 @@ from typing import Optional
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lit_llama.cli import run
-from lit_llama.convert import DType, export_hf_checkpoint
+from lit_llama.convert import DType
+from lit_llama.export import export_hf_checkpoint
 
 
 def main(checkpoint_dir: Path, output_dir: Path, dtype: Optional[DType] = None) -> None:

@@ -19,9 +19,10 @@ from typing import Optional
 REPO = Path(__file__).resolve().parents[1]
 
 
-def step(title: str, script: str, *args: str, stderr: Optional[int] = None) -> str:
-    """Run `script` as a user would, with the command printed so it can be pasted; its stderr is returned
-    (and passed through) when `stderr` is subprocess.PIPE."""
+def step(title: str, command: list[str], stderr: Optional[int] = None) -> str:
+    """Run `command` (a script and its flags) as a user would, printed so it can be pasted; its stderr is
+    returned (and passed through) when `stderr` is subprocess.PIPE."""
+    script, *args = command
     print(f"\n== {title}\n$ {shlex.join(['python', os.path.relpath(REPO / script), *args])}", flush=True)
     start = time.perf_counter()
     result = subprocess.run([sys.executable, str(REPO / script), *args], stderr=stderr, text=True)
@@ -41,19 +42,20 @@ def main(work_dir: Path = Path("out/demo")) -> None:
     Args:
         work_dir: where the checkpoint, data and fine-tune go
     """
-    from lit_llama.checkpoint import check_writable
+    from lit_llama.files import check_writable
 
     check_writable(work_dir, 0, "--work_dir")
     start = time.perf_counter()
     base, data, lora = work_dir / "checkpoints" / "tiny", work_dir / "data" / "lima", work_dir / "lora"
-    step("1/4 build the tiny base model", "scripts/prepare_tiny.py", "--out_dir", str(base))
-    step("2/4 prepare the LIMA-format sample with an end-of-turn token", "scripts/prepare_lima.py",
-         "--data_path", os.path.relpath(REPO / "data" / "lima_sample.jsonl"), "--checkpoint_dir", str(base),
-         "--destination_path", str(data))
-    step("3/4 fine-tune with LoRA", "finetune/lora.py", "--data_dir", str(data), "--checkpoint_dir", str(base),
-         "--out_dir", str(lora))
-    report = step("4/4 generate until the end-of-turn token", "generate/lora.py", "--lora_path", str(lora),
-                  "--prompt", "How often should I water a cactus?", "--temperature", "0", stderr=subprocess.PIPE)
+    step("1/4 build the tiny base model", ["scripts/prepare_tiny.py", "--out_dir", str(base)])
+    step("2/4 prepare the LIMA-format sample with an end-of-turn token",
+         ["scripts/prepare_lima.py", "--data_path", os.path.relpath(REPO / "data" / "lima_sample.jsonl"),
+          "--checkpoint_dir", str(base), "--destination_path", str(data)])
+    step("3/4 fine-tune with LoRA",
+         ["finetune/lora.py", "--data_dir", str(data), "--checkpoint_dir", str(base), "--out_dir", str(lora)])
+    report = step("4/4 generate until the end-of-turn token",
+                  ["generate/lora.py", "--lora_path", str(lora), "--prompt", "How often should I water a cactus?",
+                   "--temperature", "0"], stderr=subprocess.PIPE)
     if "stop reason: eot" not in report:
         print("error: the reply did not end on the end-of-turn token (see the stop reason above)", file=sys.stderr)
         raise SystemExit(1)

@@ -13,9 +13,10 @@ from typing import Optional
 # run from a checkout without installing the package
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lit_llama.checkpoint import check_writable, load_finetuned, read_hparams, save_checkpoint_dir
+from lit_llama.checkpoint import load_finetuned, read_hparams, save_checkpoint_dir
 from lit_llama.cli import run
 from lit_llama.errors import BadValue
+from lit_llama.files import check_writable
 
 
 def main(lora_path: Path, out_dir: Path, checkpoint_dir: Optional[Path] = None) -> None:

@@ -20,9 +20,11 @@ import sentencepiece as spm
 import torch
 from tqdm import tqdm
 
-from lit_llama.checkpoint import check_writable, save_checkpoint_dir
+from lit_llama.checkpoint import save_checkpoint_dir
 from lit_llama.cli import run
 from lit_llama.errors import BadValue, MissingFile, file_error
+from lit_llama.files import check_writable
+from lit_llama.loss import loss_sum
 from lit_llama.model import LLaMA, LLaMAConfig
 from lit_llama.tokenizer import Tokenizer
 from lit_llama.training import TrainArgs, lr_at_step, next_token_targets
@@ -91,7 +93,7 @@ def main(
             group["lr"] = lr_at_step(step, schedule, steps)
         offsets = torch.randint(len(stream) - seq_len, (batch_size,))
         windows = torch.stack([stream[o : o + seq_len] for o in offsets])  # (B, T)
-        loss = model(windows, targets=next_token_targets(windows)) / windows[:, 1:].numel()
+        loss = loss_sum(model, windows, next_token_targets(windows)) / windows[:, 1:].numel()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

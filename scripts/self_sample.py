@@ -1,5 +1,5 @@
 """Write DELIA's self-sampled cache: for each query that comes with a reference reply, the model being
-tuned writes a reply of its own, and the query with that reply becomes a training row. The prompt is
+tuned writes a reply of its own, and the query with that reply becomes a training conversation. The prompt is
 a one-shot echo: the query, the reference as the assistant's turn, then the same query again.
 
     python scripts/self_sample.py --lora_path out/lora --data_path data/queries.jsonl \\
@@ -7,35 +7,35 @@ a one-shot echo: the query, the reference as the assistant's turn, then the same
     python scripts/prepare_conversations.py --data_path data/self_sampled.jsonl --checkpoint_dir checkpoints/tiny \\
         --destination_path data/self_sampled
 
-Input rows (JSONL, or a JSON array of rows):
+Input records (JSONL, or a JSON array of records):
 - {"messages": [...]}: the first user turn is the query, the first assistant turn the reference; a
-  system message is left out (the echo prompt has none, and the cached row holds the query and the
-  reply only);
+  system message is left out (the echo prompt has none, and the cached record holds the query and
+  the reply only);
 - {"conversations": [user, assistant, ...]} (LIMA's): the first two turns;
 - {"instruction", "input", "output"} (Alpaca's): the instruction (and its input) is the query, the
   output the reference.
-Any other row is counted and skipped, the first of each kind named by file:line.
+Any other record is counted and skipped, the first of each kind named by file:line.
 
 A fine-tune (its tokenizer has an end-of-turn token) gets the conversation format,
 `<bos> query <EOT> reference <EOT> query <EOT>`, and its reply ends on EOT or EOS. A base checkpoint
 gets plain text, "query\\n\\nreference\\n\\nquery\\n\\n" after bos, and its reply ends on EOS or at its
 first blank line, where its paragraph ends.
 
-The destination is JSONL that scripts/prepare_conversations.py reads, one row per reply, appended as
+The destination is JSONL that scripts/prepare_conversations.py reads, one record per reply, appended as
 soon as the reply is done: {"messages": [{"role": "user", "content": query}, {"role": "assistant",
 "content": reply}], "source": "file:line", "index": i, "stop_reason": "eot" | "eos" | "blank line" |
-"max_new_tokens"}. Usable row i of the input (from 0) samples with a generator of its own, seeded
+"max_new_tokens"}. Usable record i of the input (from 0) samples with a generator of its own, seeded
 seed + i, so its reply depends neither on its batch neighbours nor on where a run stopped: run again
-with the same flags after an interruption, and the rows cached already are skipped.
+with the same flags after an interruption, and the records cached already are skipped.
 """
 
 import json
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterable, Iterator, Optional
 
 # run from a checkout without installing the package
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -43,15 +43,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 from tqdm import tqdm
 
-from lit_llama.checkpoint import check_writable
 from lit_llama.cli import run
 from lit_llama.errors import BadPath, BadValue, MissingFile, file_error
-from lit_llama.data import BadRow, PrepareReport, alpaca_turns, lima_turns, located_rows, message_turns
-from lit_llama.generate import (ContinuousBatch, Decoder, Detokenizer, Generation, Request, Sampling, room_for,
-                                stop_reason)
-from lit_llama.inference import Precision, load_for_inference, place
+from lit_llama.files import check_writable
+from lit_llama.records import BadRecord, PrepareReport, alpaca_turns, lima_turns, located_records, message_turns
+from lit_llama.generate import ContinuousBatch, Decoder, Generation, Request, Sampling, room_for, stop_reason
+from lit_llama.inference import Dtype, ModelSource, place
 from lit_llama.model import LLaMA
 from lit_llama.prompts import encode_prompt
+from lit_llama.streaming import Detokenizer
 from lit_llama.tokenizer import Tokenizer
 
 BLANK_LINE = "\n\n"
@@ -60,16 +60,16 @@ EMPTY = "an empty reply"
 CAPPED = "a reply cut off at its token cap (--max_new_tokens, or the context's end)"
 
 
-def query_and_reference(row: dict) -> tuple[str, str]:
-    """A row's query and its reference reply (see the module's docstring); BadRow for any other row."""
-    if "messages" in row:
-        turns = message_turns(row)[1]
-    elif "conversations" in row:
-        turns = lima_turns(row)
-    elif "instruction" in row:
-        turns = alpaca_turns(row)
+def query_and_reference(record: dict) -> tuple[str, str]:
+    """A record's query and its reference reply (see the module's docstring); BadRecord for any other."""
+    if "messages" in record:
+        turns = message_turns(record)[1]
+    elif "conversations" in record:
+        turns = lima_turns(record)
+    elif "instruction" in record:
+        turns = alpaca_turns(record)
     else:
-        raise BadRow("neither 'messages', 'conversations' nor an Alpaca 'instruction'")
+        raise BadRecord("neither 'messages', 'conversations' nor an Alpaca 'instruction'")
     return turns[0], turns[1]
 
 
@@ -82,21 +82,21 @@ def echo_prompt(tokenizer: Tokenizer, query: str, reference: str) -> list[int]:
 
 
 def read_cache(path: Path) -> dict[int, str]:
-    """The query of each input row index that `path` holds a reply to. A last line that a kill cut
-    short (no newline at its end, or not JSON) is removed from the file: its row is sampled again."""
+    """The query of each input record index that `path` holds a reply to. A last line that a kill cut
+    short (no newline at its end, or not JSON) is removed from the file: its record is sampled again."""
     if not path.is_file():
         return {}
     try:
         data = path.read_bytes()
     except OSError as e:  # there but unreadable (permissions)
         raise file_error(e, f"--destination_path {path}") from None
-    end = data.rfind(b"\n") + 1  # rows are written whole, newline last: what follows the last one is cut short
+    end = data.rfind(b"\n") + 1  # records are written whole, newline last: what follows the last one is cut short
     lines = data[:end].split(b"\n")[:-1]
     queries = {}
     for n, line in enumerate(lines, 1):
         try:
-            row = json.loads(line)
-            index, query = row["index"], row["messages"][0]["content"]
+            record = json.loads(line)
+            index, query = record["index"], record["messages"][0]["content"]
         except (ValueError, KeyError, IndexError, TypeError):
             if n < len(lines):
                 raise BadValue(f"--destination_path {path}:{n} is not a row of this script: give a new "
@@ -113,7 +113,7 @@ def read_cache(path: Path) -> dict[int, str]:
 
 @dataclass
 class Job:
-    index: int  # the row's index among the input's usable rows: its generator's seed is seed + index
+    index: int  # the record's index among the input's usable records: its generator's seed is seed + index
     where: str
     query: str
     prompt: list[int]
@@ -136,7 +136,7 @@ class BlankLine:
 def sample_replies(model: LLaMA, tokenizer: Tokenizer, jobs: list[Job], sampling: Sampling, seed: int,
                    batch_size: int) -> Iterator[tuple[Job, Generation]]:
     """Each job with its reply's generation, in the order they finish: a continuous batch of up to
-    `batch_size` rows, job i sampling with a generator seeded seed + i. Decoding stops on the tokenizer's
+    `batch_size` slots, job i sampling with a generator seeded seed + i. Decoding stops on the tokenizer's
     stop ids, and a plain-text reply (no end-of-turn token) at its first blank line too."""
     if not jobs:
         return
@@ -149,7 +149,7 @@ def sample_replies(model: LLaMA, tokenizer: Tokenizer, jobs: list[Job], sampling
         upcoming = iter(jobs)
         running: dict[Request, tuple[Job, Optional[BlankLine]]] = {}
         while True:
-            # requests join as rows free up: one generator per row in flight, not one per row of the input
+            # requests join as slots free up: one generator per request in flight, not one per input record
             while len(batch.waiting) < decoder.batch_size and (job := next(upcoming, None)) is not None:
                 generator = torch.Generator(device).manual_seed(seed + job.index)
                 request = Request(job.prompt, job.cap, sampling, stop_ids, generator)
@@ -160,7 +160,7 @@ def sample_replies(model: LLaMA, tokenizer: Tokenizer, jobs: list[Job], sampling
             for request, token in batch.step():
                 job, blank_line = running[request]
                 if blank_line is not None and token not in stop_ids and blank_line.add(token) and not request.done:
-                    batch.cancel(request)  # the paragraph is over: its row takes the next query now
+                    batch.cancel(request)  # the paragraph is over: its slot takes the next query now
                 if request.done:
                     del running[request]
                     yield job, request.generation
@@ -177,16 +177,15 @@ def reply_text(tokenizer: Tokenizer, generation: Generation, plain: bool) -> tup
 def main(
     data_path: Path,
     destination_path: Path,
-    checkpoint_dir: Optional[Path] = None,
-    lora_path: Optional[Path] = None,
-    adapter_path: Optional[Path] = None,
+    *,
+    source: ModelSource = ModelSource(),
     temperature: float = 0.7,
     top_p: float = 0.95,
     max_new_tokens: int = 512,
     batch_size: int = 8,
     seed: int = 1234,
     max_rows: Optional[int] = None,
-    precision: Optional[Precision] = None,
+    dtype: Dtype = Dtype(),
     keep_unfinished: bool = False,
 ) -> dict:
     """Cache the model's own reply to each query of `data_path`, prompted with the query, its reference
@@ -197,10 +196,6 @@ def main(
             query with a reference reply
         destination_path: the JSONL cache to write, {"messages": [user, assistant], "source", "index",
             "stop_reason"} rows; when it exists, the rows it holds are kept and only the others are sampled
-        checkpoint_dir: the model to sample: a checkpoint dir (a full or merged fine-tune, or a base
-            model), or the base checkpoint of --lora_path/--adapter_path (default: the one the out dir names)
-        lora_path: a finetune/lora.py out dir
-        adapter_path: a finetune/adapter.py out dir
         temperature: sampling temperature; 0 picks the most likely token every step
         top_p: sample among the fewest most likely tokens that hold this much of the probability (1: all)
         max_new_tokens: most tokens of a reply
@@ -208,14 +203,31 @@ def main(
         seed: seed of the sampling: usable row i of the input (from 0) samples with its own generator,
             seeded seed + i
         max_rows: sample the first this many usable rows only (a row too long for the context counts)
-        precision: 32-true, bf16-true or 16-true (default: bf16 on a GPU that computes it natively, fp16
-            on an older GPU, fp32 on the CPU)
         keep_unfinished: keep replies cut off at their token cap; by default they are dropped and
             counted, as training on one would teach the end-of-turn token after a cut-off reply
 
     Returns the counts that the summary line prints.
     """
     data_path, destination_path = Path(data_path), Path(destination_path)
+    check_paths(data_path, destination_path)
+    sampling = Sampling(temperature, None, top_p)
+    if max_new_tokens < 1 or batch_size < 1 or (max_rows is not None and max_rows < 1):
+        raise BadValue("--max_new_tokens, --batch_size and --max_rows must be at least 1")
+    check_writable(destination_path.parent, 0, "--destination_path")  # before the model loads, not after the sampling
+    cached = read_cache(destination_path)
+
+    model, tokenizer = source.load()
+    model = place(model, dtype.precision)
+    counts = Counts(cached=len(cached))
+    records = islice(located_records(data_path, counts.bad, query_and_reference), max_rows)
+    jobs = plan_jobs(model, tokenizer, records, cached=cached, counts=counts, max_new_tokens=max_new_tokens,
+                     destination_path=destination_path)
+    replies = sample_replies(model, tokenizer, jobs, sampling, seed, batch_size)
+    write_replies(destination_path, replies, tokenizer, counts, total=len(jobs), keep_unfinished=keep_unfinished)
+    return summarize(counts, destination_path, keep_unfinished)
+
+
+def check_paths(data_path: Path, destination_path: Path) -> None:
     if data_path.is_dir():
         raise BadPath(f"--data_path {data_path} is a directory: give the data file itself")
     if not data_path.is_file():
@@ -224,61 +236,76 @@ def main(
         raise BadValue(f"--destination_path {destination_path} is a directory: give the JSONL file to write")
     if destination_path.resolve() == data_path.resolve():
         raise BadValue(f"--destination_path {destination_path} is the --data_path file: give another file")
-    sampling = Sampling(temperature, None, top_p)
-    if max_new_tokens < 1 or batch_size < 1 or (max_rows is not None and max_rows < 1):
-        raise BadValue("--max_new_tokens, --batch_size and --max_rows must be at least 1")
-    check_writable(destination_path.parent, 0, "--destination_path")  # before the model loads, not after the sampling
-    cached = read_cache(destination_path)
 
-    model, tokenizer = load_for_inference(checkpoint_dir, lora_path, adapter_path)
-    model = place(model, precision)
-    plain = tokenizer.eot_id is None
 
-    bad, skipped = PrepareReport(), PrepareReport()  # rows that are no query with a reference; usable rows with no reply
-    jobs, resumed = [], 0
-    rows = located_rows(data_path, bad, query_and_reference)
-    for index, (where, (query, reference)) in enumerate(islice(rows, max_rows)):
+@dataclass
+class Counts:
+    """What a run read, skipped and wrote: the figures of its summary line."""
+
+    bad: PrepareReport = field(default_factory=PrepareReport)  # input records that are no query with a reference
+    skipped: PrepareReport = field(default_factory=PrepareReport)  # usable records that got no reply
+    cached: int = 0  # replies the destination held before the run
+    resumed: int = 0  # usable records among those
+    written: int = 0
+    unfinished: int = 0  # replies cut off at their cap, kept
+
+
+def plan_jobs(model: LLaMA, tokenizer: Tokenizer, records: Iterable[tuple[str, tuple[str, str]]], *,
+              cached: dict[int, str], counts: Counts, max_new_tokens: int, destination_path: Path) -> list[Job]:
+    """A job for each usable record (where, (query, reference)) the cache holds no reply to, unless its
+    echo prompt leaves no room for a reply."""
+    jobs = []
+    for index, (where, (query, reference)) in enumerate(records):
         if index in cached:
             if cached[index] != query:
                 raise BadValue(f"--destination_path {destination_path} holds a reply to another query as row {index} "
                                f"({where}): it was written from other data; give a new destination")
-            resumed += 1
+            counts.resumed += 1
             continue
         prompt = echo_prompt(tokenizer, query, reference)
         try:
-            cap = room_for(model, len(prompt), max_new_tokens)
+            jobs.append(Job(index, where, query, prompt, room_for(model, len(prompt), max_new_tokens)))
         except ValueError:
-            skipped.skip(where, TOO_LONG)
-            continue
-        jobs.append(Job(index, where, query, prompt, cap))
+            counts.skipped.skip(where, TOO_LONG)
+    return jobs
 
-    written = unfinished = 0
+
+def write_replies(destination_path: Path, replies: Iterator[tuple[Job, Generation]], tokenizer: Tokenizer,
+                  counts: Counts, *, total: int, keep_unfinished: bool) -> None:
+    """Append each reply to the destination as soon as it is done; an empty reply, or unless kept one cut
+    off at its cap, is counted instead."""
+    plain = tokenizer.eot_id is None
     try:
         out = open(destination_path, "a", encoding="utf-8")
     except OSError as e:  # there but not writable
         raise file_error(e, f"--destination_path {destination_path}") from None
-    with out, tqdm(total=len(jobs), unit="reply") as bar:
-        for job, generation in sample_replies(model, tokenizer, jobs, sampling, seed, batch_size):
+    with out, tqdm(total=total, unit="reply") as bar:
+        for job, generation in replies:
             bar.update()
             reply, reason = reply_text(tokenizer, generation, plain)
             drop = EMPTY if not reply else CAPPED if reason == "max_new_tokens" and not keep_unfinished else None
             if drop:
                 with tqdm.external_write_mode(file=sys.stderr):  # the message on a line of its own, not the bar's
-                    skipped.skip(job.where, drop)
+                    counts.skipped.skip(job.where, drop)
                 continue
-            unfinished += reason == "max_new_tokens"
-            row = {"messages": [{"role": "user", "content": job.query}, {"role": "assistant", "content": reply}],
-                   "source": job.where, "index": job.index, "stop_reason": reason}
-            out.write(json.dumps(row, ensure_ascii=False) + "\n")
-            out.flush()  # a kill loses at most the row being written
-            written += 1
+            counts.unfinished += reason == "max_new_tokens"
+            record = {"messages": [{"role": "user", "content": job.query}, {"role": "assistant", "content": reply}],
+                      "source": job.where, "index": job.index, "stop_reason": reason}
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+            out.flush()  # a kill loses at most the record being written
+            counts.written += 1
 
-    summary = {"read": bad.read, "bad_rows": dict(bad.dropped), "resumed": resumed, "written": written,
-               "cached": len(cached) + written, "too_long": skipped.dropped.get(TOO_LONG, 0),
-               "empty_reply": skipped.dropped.get(EMPTY, 0), "hit_cap": skipped.dropped.get(CAPPED, 0) + unfinished,
-               "unfinished_kept": unfinished, "destination": str(destination_path)}
+
+def summarize(counts: Counts, destination_path: Path, keep_unfinished: bool) -> dict:
+    """The run's counts, also printed as one line."""
+    bad, skipped, cached = counts.bad, counts.skipped, counts.cached + counts.written
+    summary = {"read": bad.read, "bad_rows": dict(bad.dropped), "resumed": counts.resumed, "written": counts.written,
+               "cached": cached, "too_long": skipped.dropped.get(TOO_LONG, 0),
+               "empty_reply": skipped.dropped.get(EMPTY, 0),
+               "hit_cap": skipped.dropped.get(CAPPED, 0) + counts.unfinished,
+               "unfinished_kept": counts.unfinished, "destination": str(destination_path)}
     bad_rows = ", ".join(f"{n} {reason}" for reason, n in sorted(bad.dropped.items()))
-    print(f"read {bad.read} rows; replies cached: {written} new, {resumed} from before, {len(cached) + written} in all; "
+    print(f"read {bad.read} rows; replies cached: {counts.written} new, {counts.resumed} from before, {cached} in all; "
           f"skipped: {sum(bad.dropped.values())} bad rows{f' ({bad_rows})' if bad_rows else ''}, "
           f"{summary['too_long']} too long for the context, {summary['empty_reply']} empty replies, "
           f"{summary['hit_cap']} that hit the cap{' (kept)' if keep_unfinished else ''}; written to {destination_path}")

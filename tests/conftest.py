@@ -20,6 +20,7 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 sys.path.insert(0, str(REPO))
 
 from lit_llama.checkpoint import load_model, save_checkpoint_dir  # noqa: E402
+from lit_llama.prepare import PrepareDirs  # noqa: E402
 from lit_llama.tokenizer import DEFAULT_EOT, Tokenizer, extend_tokenizer  # noqa: E402
 from lit_llama.vocab import add_special_tokens  # noqa: E402
 
@@ -27,6 +28,8 @@ from lit_llama.vocab import add_special_tokens  # noqa: E402
 def load_script(relative_path: str) -> ModuleType:
     """Import a script (e.g. "finetune/lora.py") as a module, to call its main function directly."""
     path = REPO / relative_path
+    if str(path.parent) not in sys.path:  # as `python path` does, the script's neighbours (benchmarks' common.py)
+        sys.path.append(str(path.parent))
     spec = importlib.util.spec_from_file_location(path.stem + "_" + path.parent.name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # jsonargparse looks functions' signatures up through their module
@@ -83,7 +86,7 @@ def lima_data(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -
     """The shipped LIMA sample prepared with scripts/prepare_lima.py for the tiny checkpoint."""
     destination = tmp_path_factory.mktemp("data") / "lima"
     load_script("scripts/prepare_lima.py").prepare(
-        data_path=REPO / "data" / "lima_sample.jsonl", checkpoint_dir=tiny_checkpoint, destination_path=destination)
+        data_path=REPO / "data" / "lima_sample.jsonl", dirs=PrepareDirs(tiny_checkpoint, destination))
     return destination
 
 

@@ -122,7 +122,7 @@ def install_fault(file: str, phase: str, at: int) -> None:
 
 def install_snapshot(directory: Path) -> None:
     """After each checkpoint, keep a copy of its files as <step>.<file name> in `directory`."""
-    from lit_llama.training import OutDir
+    from lit_llama.outdir import OutDir
 
     save = OutDir.save
 
@@ -184,7 +184,7 @@ def serve() -> None:
     import torch  # noqa: F401
 
     import lit_llama.cli  # noqa: F401
-    import lit_llama.training  # noqa: F401
+    import lit_llama.finetune  # noqa: F401
 
     print(json.dumps({"ready": True}), flush=True)
     for line in iter(sys.stdin.readline, ""):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lit_llama.batches import Mixture, collate, length_grouped_batches, random_batches, shuffled_indices
-from lit_llama.data import IGNORE_INDEX, TokenDataset
+from lit_llama.dataset import IGNORE_INDEX, TokenDataset
 
 
 def dataset_of_lengths(lengths: torch.Tensor) -> TokenDataset:

@@ -7,9 +7,11 @@ import torch
 
 from conftest import load_script
 from lit_llama.checkpoint import save_checkpoint_dir
-from lit_llama.generate import Chat, common_prefix, generate
+from lit_llama.inference import ModelSource
+from lit_llama.generate import Sampling, Stopping, common_prefix, generate
 from lit_llama.model import LLaMA, LLaMAConfig
 from lit_llama.prompts import encode_prompt
+from lit_llama.streaming import Chat
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +34,7 @@ def test_second_turn_with_the_cache_equals_a_fresh_run_on_the_history(model, fre
     chat = new_chat(model, tokenizer)
     first = "".join(chat.send("How do plants drink water?"))
     assert first == tokenizer.decode(chat.last.tokens) and chat.turns == ["How do plants drink water?", first]
-    cached = list(chat.decoder.ids[0])
+    cached = list(chat.decoder.held[0])
     "".join(chat.send("And trees?"))
     history = encode_prompt(tokenizer, ["How do plants drink water?", first, "And trees?"])
     # only what the cache did not hold was read: at least the first turn was kept (the reply may be read
@@ -72,7 +74,7 @@ def test_history_is_trimmed_by_whole_exchanges_to_fit_the_context(model, fresh, 
 def test_a_typed_end_of_turn_token_is_text(model, tokenizer):
     chat = Chat(model, tokenizer, max_new_tokens=5, stop_ids=tuple(tokenizer.stop_ids))
     "".join(chat.send("Say <|eot|> twice <|eot|>"))
-    cached = chat.decoder.ids[0]
+    cached = chat.decoder.held[0]
     first_eot = cached.index(tokenizer.eot_id)
     assert tokenizer.decode(cached[1:first_eot]) == "Say <|eot|> twice <|eot|>"
     assert first_eot == len(encode_prompt(tokenizer, ["Say <|eot|> twice <|eot|>"])) - 1  # the turn ends after it
@@ -83,7 +85,8 @@ def test_chat_cli(model, tokenizer, tmp_path, monkeypatch, capsys):
     save_checkpoint_dir(model, tokenizer, tmp_path / "ckpt")
     lines = iter(["Hello <|eot|> there", "", "/reset", "Hello <|eot|> there", "/exit", "never read"])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
-    load_script("generate/chat.py").main(checkpoint_dir=tmp_path / "ckpt", temperature=0, max_new_tokens=8)
+    load_script("generate/chat.py").main(source=ModelSource(checkpoint_dir=tmp_path / "ckpt"),
+                                         sampling=Sampling(temperature=0), stopping=Stopping(max_new_tokens=8))
     out, err = capsys.readouterr()
     expected = tokenizer.decode(generate(model, encode_prompt(tokenizer, ["Hello <|eot|> there"]), 8,
                                          stop_ids=tuple(tokenizer.stop_ids)).tokens)
@@ -97,11 +100,22 @@ def test_a_system_text_on_a_model_that_never_saw_one_is_warned_about(model, toke
 
     trained_without = copy.copy(tokenizer)
     trained_without.system_text = False
-    new_chat(model, trained_without, system="Be brief.")
-    assert capsys.readouterr().err.startswith("warning: this model was fine-tuned without system texts and without "
-                                              "role tokens: a system text shifts which turn it reads as its own")
-    new_chat(model, trained_without)  # no system text: nothing to warn about
+    [warning] = new_chat(model, trained_without, system="Be brief.").warnings
+    assert warning.startswith("warning: this model was fine-tuned without system texts and without "
+                              "role tokens: a system text shifts which turn it reads as its own")
+    assert new_chat(model, trained_without).warnings == []  # no system text: nothing to warn about
     with_roles = extend_tokenizer(base_tokenizer, role_tokens=True)
     with_roles.system_text = False
-    new_chat(LLaMA(LLaMAConfig.from_name("tiny", vocab_size=with_roles.vocab_size, n_layer=1)), with_roles, system="Be brief.")
-    assert capsys.readouterr().err == ""
+    chat = new_chat(LLaMA(LLaMAConfig.from_name("tiny", vocab_size=with_roles.vocab_size, n_layer=1)), with_roles,
+                    system="Be brief.")
+    assert chat.warnings == []
+    assert capsys.readouterr().err == ""  # the library prints nothing: generate/chat.py prints the warnings
+
+
+def test_chat_cli_prints_the_warnings(model, tokenizer, tmp_path, monkeypatch, capsys):
+    trained_without = copy.copy(tokenizer)
+    trained_without.system_text = False
+    save_checkpoint_dir(model, trained_without, tmp_path / "ckpt")
+    monkeypatch.setattr("builtins.input", lambda prompt="": "/exit")
+    load_script("generate/chat.py").main(source=ModelSource(checkpoint_dir=tmp_path / "ckpt"), system="Be brief.")
+    assert capsys.readouterr().err.startswith("warning: this model was fine-tuned without system texts")

@@ -15,7 +15,8 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llam
 
 from conftest import FIXTURES, REPO, load_script
 from lit_llama.checkpoint import load_model, save_checkpoint_dir
-from lit_llama.convert import hf_tokenizer_files, interleaved_to_half
+from lit_llama.convert import interleaved_to_half
+from lit_llama.export import hf_tokenizer_files
 from lit_llama.model import apply_rope, build_rope_cache
 from lit_llama.prompts import encode_prompt
 from lit_llama.tokenizer import extend_tokenizer

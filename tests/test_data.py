@@ -5,10 +5,12 @@ import re
 import pytest
 import torch
 
-from lit_llama.data import (BadRow, PrepareReport, TokenDataset, alpaca_turns, encode_conversations, message_turns,
-                            read_lima_jsonl, segments_layout)
+from lit_llama.dataset import TokenDataset
 from lit_llama.errors import BadValue
-from lit_llama.prompts import Segment, encode_conversation
+from lit_llama.prepare import encode_records
+from lit_llama.prompts import Segment, conversation_segments, encode_conversation
+from lit_llama.records import (BadRecord, PrepareReport, alpaca_turns, lima_turns, message_turns, read_records,
+                               segments_layout)
 
 PAIR = ["Hi there!", "Hello! How can I help?"]  # 7 + 11 tokens with the fixture tokenizer
 
@@ -29,25 +31,31 @@ def test_a_split_cut_short_is_named_in_one_line(tokenizer, tmp_path):
         TokenDataset.load(tmp_path / "train.pt")
 
 
+def encoded(conversations: list[list[str]], tokenizer, **fit) -> TokenDataset:
+    """The conversations laid out, encoded and fitted as a prepare script does it."""
+    layouts = [conversation_segments(tokenizer, turns) for turns in conversations]
+    return encode_records(layouts, tokenizer, **fit)[0]
+
+
 def test_overlong_drop_and_cut_turns(tokenizer):
     conversations = [PAIR, PAIR * 2, PAIR * 3]  # 18, 35, 52 tokens
     report = PrepareReport()
-    kept = encode_conversations(conversations, tokenizer, max_seq_length=40, report=report, overlong="drop")
-    assert [len(s.ids) for s in kept] == [18, 35]
+    kept = encoded(conversations, tokenizer, max_seq_length=40, report=report, overlong="drop")
+    assert kept.lengths.tolist() == [18, 35]
     assert report.dropped == {"longer than max_seq_length": 1}
 
     report = PrepareReport()
-    kept = encode_conversations(conversations, tokenizer, max_seq_length=40, report=report, overlong="cut_turns")
-    assert [len(s.ids) for s in kept] == [18, 35, 35]  # cut after the second assistant turn, its EOT kept
-    assert kept[2].ids[-1] == tokenizer.eot_id and kept[2].loss_mask[-1]
+    kept = encoded(conversations, tokenizer, max_seq_length=40, report=report, overlong="cut_turns")
+    assert kept.lengths.tolist() == [18, 35, 35]  # cut after the second assistant turn, its EOT kept
+    assert kept[2][0][-1] == tokenizer.eot_id and kept[2][1][-1]
     assert report.cut == 1 and report.dropped == {}
 
     report = PrepareReport()
-    assert encode_conversations([PAIR], tokenizer, max_seq_length=10, report=report, overlong="cut_turns") == []
+    assert len(encoded([PAIR], tokenizer, max_seq_length=10, report=report, overlong="cut_turns")) == 0
     assert report.dropped == {"first exchange longer than max_seq_length": 1}
 
 
-def test_bad_rows_are_counted_by_reason_and_named(tmp_path, capsys):
+def test_bad_records_are_counted_by_reason_and_named(tmp_path, capsys):
     path = tmp_path / "bad.jsonl"
     lines = [
         json.dumps({"conversations": PAIR, "source": "ok"}),
@@ -61,7 +69,7 @@ def test_bad_rows_are_counted_by_reason_and_named(tmp_path, capsys):
     ]
     path.write_bytes("\n".join(lines).encode() + b"\n\xff\xfe\n")
     report = PrepareReport()
-    conversations = read_lima_jsonl(path, report)
+    conversations = list(read_records(path, report, lima_turns))
     assert conversations == [PAIR, PAIR]
     assert report.read == 8
     assert report.dropped == {
@@ -85,36 +93,36 @@ def test_concat_and_select_keep_samples_whole(tokenizer):
     assert len(data.select(torch.tensor([], dtype=torch.int64))) == 0 and len(TokenDataset.concat([])) == 0
 
 
-def test_json_array_rows_are_named_by_index(tmp_path, capsys):
+def test_json_array_records_are_named_by_index(tmp_path, capsys):
     path = tmp_path / "rows.json"
     path.write_text(json.dumps([{"conversations": PAIR}, {"conversations": "oops"}, ["not an object"]], indent=2))
     report = PrepareReport()
-    assert read_lima_jsonl(path, report) == [PAIR]
+    assert list(read_records(path, report, lima_turns)) == [PAIR]
     assert report.read == 3 and report.dropped == {"no 'conversations' list": 1, "not a JSON object": 1}
     assert f"{path}[1]: skipped: no 'conversations' list" in capsys.readouterr().err
 
     path.write_text('[\n  {"conversations": []},\n  {"conversations": [}\n]')
     with pytest.raises(ValueError, match=re.escape(f"{path}:3:22: invalid JSON (Expecting value)")):
-        read_lima_jsonl(path, report)
+        list(read_records(path, report, lima_turns))
     path.write_bytes(b'[{"conversations": ["\xff"]}]')
     with pytest.raises(ValueError, match=re.escape(f"{path}: invalid UTF-8 at byte 21")):
-        read_lima_jsonl(path, report)
+        list(read_records(path, report, lima_turns))
 
 
 def test_byte_order_mark_is_not_an_error(tmp_path):
     path = tmp_path / "bom.jsonl"
     path.write_bytes("\ufeff".encode() + (json.dumps({"conversations": PAIR}) + "\n").encode() * 2)
     report = PrepareReport()
-    assert read_lima_jsonl(path, report) == [PAIR, PAIR] and report.dropped == {}
+    assert list(read_records(path, report, lima_turns)) == [PAIR, PAIR] and report.dropped == {}
 
 
 def problem(parse, row) -> str:
-    with pytest.raises(BadRow) as e:
+    with pytest.raises(BadRecord) as e:
         parse(row)
     return str(e.value)
 
 
-def test_alpaca_rows():
+def test_alpaca_records():
     assert alpaca_turns({"instruction": "Add.", "input": "2 and 3", "output": "5"}) == ["Add.\n\n2 and 3", "5"]
     assert alpaca_turns({"instruction": "Add.", "output": "5"}) == alpaca_turns({"instruction": "Add.", "input": None, "output": "5"}) == ["Add.", "5"]
     assert problem(alpaca_turns, {"input": "", "output": "5"}) == "missing field 'instruction'"
@@ -123,7 +131,7 @@ def test_alpaca_rows():
     assert problem(alpaca_turns, {"instruction": "Add.", "output": " "}) == "an empty instruction or output"
 
 
-def test_message_rows():
+def test_message_records():
     turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
     assert message_turns({"messages": turns}) == (None, ["Hi", "Hello"])
     assert message_turns({"messages": [{"role": "system", "content": "Be brief."}, *turns]}) == ("Be brief.", ["Hi", "Hello"])
@@ -143,7 +151,7 @@ def test_message_rows():
     assert problem(message_turns, {"messages": []}) == "not user/assistant pairs (odd or fewer than 2 turns)"
 
 
-def test_segment_rows(tokenizer):
+def test_segment_records(tokenizer):
     names = {"<s>": 1, "</s>": 2, "<|eot|>": 1024}
     row = {"segments": [{"text": "Q: 2+2? A:", "label": False}, {"text": " 4", "label": True},
                         {"special": "<|eot|>", "label": True}, {"text": "<|eot|>", "label": False}]}
@@ -168,7 +176,7 @@ def test_segment_rows(tokenizer):
 def test_prepared_splits_and_the_export_reach_the_disk_before_their_names(tmp_path, monkeypatch, eot_checkpoint):
     """What files.py promises every file a run depends on: the bytes are flushed to the disk before the
     rename, or a power cut can leave a complete-looking name over a truncated file."""
-    from lit_llama.convert import export_hf_checkpoint
+    from lit_llama.export import export_hf_checkpoint
     from lit_llama.prompts import EncodedConversation
 
     synced, fsync = [], os.fsync

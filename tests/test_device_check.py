@@ -13,11 +13,12 @@ import torch.nn.functional as F
 from conftest import load_script
 from lit_llama import device_check
 from lit_llama.checkpoint import load_model, load_state_dict
-from lit_llama.data import load_prepared
+from lit_llama.dataset import load_prepared
 from lit_llama.device_check import ACCELERATOR, DeviceCheck, DeviceMismatch
 from lit_llama.generate import generate_batch
 from lit_llama.model import LLaMA, LLaMAConfig
-from lit_llama.training import TrainArgs, make_fabric, validate
+from lit_llama.finetune import DataArgs, RunLayout, make_fabric
+from lit_llama.training import TrainArgs, validate
 
 ON_ACCELERATOR = ACCELERATOR  # what `x.device` answers for a tensor the simulated accelerator holds
 HOST = torch.device("cpu")
@@ -114,7 +115,7 @@ def test_validation_runs_on_the_accelerator_and_reads_back_once(lima_data, tiny_
     first eval_interval of every GPU run; it also read 4 values back per micro-batch (mask indexing)."""
     tokenizer, _, val_data = load_prepared(lima_data, tiny_checkpoint)
     with DeviceCheck() as check:
-        fabric = make_fabric("cpu", 1, 1, "32-true", "auto", "csv", tmp_path)
+        fabric = make_fabric(RunLayout(tmp_path, accelerator="cpu", precision="32-true"))
         assert fabric.device == ACCELERATOR
         model = fabric.setup_module(load_model(eot_checkpoint).requires_grad_(False))
         loss, eot_loss = validate(fabric, model, val_data, TrainArgs(micro_batch_size=2, eval_iters=0), 0,
@@ -129,7 +130,7 @@ def finetune(lima_data: Path, checkpoint: Path, out_dir: Path, monkeypatch, **tr
     monkeypatch.setattr("lit_llama.training.sample_reply", lambda *args: "")
     with DeviceCheck() as check:
         load_script("finetune/lora.py").setup(
-            data_dir=lima_data, checkpoint_dir=checkpoint, out_dir=out_dir, accelerator="cpu", precision="bf16-true",
+            data=DataArgs(lima_data, checkpoint_dir=checkpoint), layout=RunLayout(out_dir, accelerator="cpu", precision="bf16-true"),
             train=TrainArgs(**{"micro_batch_size": 2, "global_batch_size": 2, "warmup_iters": 1, "eval_iters": 2,
                                "eval_interval": 100, "save_interval": 0, **train}))
     return check.total()

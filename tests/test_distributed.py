@@ -17,7 +17,10 @@ import torch
 
 from conftest import REPO, load_script, val_losses
 from lit_llama import device_check
-from lit_llama.checkpoint import WEIGHTS_FILES, load_state_dict
+from lit_llama.checkpoint import MODEL_FILE, load_state_dict
+from lit_llama.generate import Sampling, Stopping
+from lit_llama.inference import Replies
+from lit_llama.methods import METHODS
 
 FLAGS = ["--accelerator", "cpu", "--train.max_iters", "6", "--train.warmup_iters", "2", "--train.global_batch_size", "4",
          "--train.micro_batch_size", "2", "--train.eval_interval", "3", "--train.eval_iters", "0",
@@ -74,13 +77,13 @@ def test_two_processes_end_on_the_one_process_weights(runs, method, layout):
     out_dir, output = runs[method, layout]
     assert "trained weights agree across 2 ranks: True" in output
     assert "terminate called" not in output
-    one = load_state_dict(one_dir / WEIGHTS_FILES[method])
-    two = load_state_dict(out_dir / WEIGHTS_FILES[method])
+    one = load_state_dict(one_dir / weights_file(method))
+    two = load_state_dict(out_dir / weights_file(method))
     assert one.keys() == two.keys()
     for name in one:  # whole tensors, not shards
         assert two[name].shape == one[name].shape, name
         torch.testing.assert_close(two[name], one[name], atol=1e-5, rtol=0)
-    moved = load_state_dict(one_dir / WEIGHTS_FILES[method])["token_rows.lm_head" if method == "lora" else "lm_head.weight"]
+    moved = load_state_dict(one_dir / weights_file(method))["token_rows.lm_head" if method == "lora" else "lm_head.weight"]
     assert moved.abs().sum() > 0
     if (method, layout) == ("lora", "ddp"):  # the config file's values, and the defaults where it is silent
         hparams = json.loads((out_dir / "hyperparameters.json").read_text())
@@ -95,7 +98,8 @@ def test_two_processes_end_on_the_one_process_weights(runs, method, layout):
 def test_an_fsdp_out_dir_generates(runs, method, capsys):
     out_dir, _ = runs[method, "fsdp"]
     flag = {"lora": "lora_path", "full": "checkpoint_dir"}[method]
-    load_script(f"generate/{method}.py").main(prompt="What is rain?", **{flag: out_dir}, max_new_tokens=8, temperature=0)
+    load_script(f"generate/{method}.py").main(**{flag: out_dir}, replies=Replies(prompt="What is rain?"),
+                                              sampling=Sampling(temperature=0), stopping=Stopping(max_new_tokens=8))
     assert capsys.readouterr().err.startswith("stop reason: ")
 
 
@@ -125,6 +129,10 @@ def test_a_killed_fsdp_run_resumes_to_the_uninterrupted_weights(runs, tiny_check
         assert [row["step"] for row in csv.DictReader(f)] == [str(i) for i in range(1, 7)]
 
 
+def weights_file(method: str) -> str:
+    return METHODS[method].weights_file or MODEL_FILE
+
+
 class RankStub:
     """What `validate` asks of Fabric, as rank `rank` of `world_size` sees it (all_reduce: this rank's part)."""
 
@@ -138,11 +146,11 @@ class RankStub:
         return tensor
 
 
-def test_each_rank_validates_its_own_share(lima_data, tiny_checkpoint):
+def test_each_rank_validates_its_own_share(lima_data, tiny_checkpoint, monkeypatch):
     """5 micro-batches over 2 ranks: rank 0 scores 0, 2, 4 and rank 1 scores 1, 3, then runs one more
     forward pass, uncounted, so that both run as many (under ddp and fsdp every forward is collective)."""
     from lit_llama.batches import collate
-    from lit_llama.data import load_prepared
+    from lit_llama.dataset import load_prepared
     from lit_llama.training import TrainArgs, n_targets, next_token_targets, validate
 
     tokenizer, _, val_data = load_prepared(lima_data, tiny_checkpoint)
@@ -150,15 +158,18 @@ def test_each_rank_validates_its_own_share(lima_data, tiny_checkpoint):
     assert len(val_data) == 10
 
     class Recorder(torch.nn.Module):
+        """Stands in for the model, and for `summed_losses` of it."""
+
         def __init__(self):
             super().__init__()
             self.sums = []
 
-        def forward(self, input_ids, targets, loss_split):
+        def losses(self, input_ids, targets, groups, n_groups):
             self.sums.append(int(input_ids.sum()))  # tells the batches apart
-            assert torch.equal(loss_split, targets == eot)
+            assert n_groups == 2 and torch.equal(groups, (targets == eot).long())
             return torch.tensor([0.75, 0.25])  # the loss elsewhere, at end-of-turn targets
 
+    monkeypatch.setattr("lit_llama.training.summed_losses", lambda fabric, model, *args: model.losses(*args))
     args = TrainArgs(micro_batch_size=2, eval_iters=0)
     seen, losses = [], []
     for rank in range(2):

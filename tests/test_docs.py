@@ -239,7 +239,7 @@ def test_a_page_runs_as_written(command, repo_copy, servers, capsys):
 
 def test_the_demo_prints_commands_a_reader_can_paste(monkeypatch, capfd):
     monkeypatch.chdir(REPO)
-    load_script("scripts/demo.py").step("a step", "generate/lora.py", "--help", "--prompt", "How often, and why?")
+    load_script("scripts/demo.py").step("a step", ["generate/lora.py", "--help", "--prompt", "How often, and why?"])
     printed = [line for line in capfd.readouterr().out.splitlines() if line.startswith("$ ")]
     assert [shlex.split(line[2:]) for line in printed] == [
         ["python", "generate/lora.py", "--help", "--prompt", "How often, and why?"]]

@@ -12,9 +12,13 @@ import torch
 from conftest import REPO, load_script
 from lit_llama.checkpoint import load_finetuned, load_model
 from lit_llama.batches import collate
-from lit_llama.data import TokenDataset, load_prepared
-from lit_llama.generate import generate, stop_reason
+from lit_llama.dataset import TokenDataset, load_prepared
+from lit_llama.finetune import DataArgs, RunLayout
+from lit_llama.generate import Sampling, Stopping, generate, stop_reason
+from lit_llama.inference import Replies
 from lit_llama.lora import LoRAConfig
+from lit_llama.loss import loss_sum
+from lit_llama.prepare import PrepareDirs, VocabChange
 from lit_llama.prompts import encode_prompt
 from lit_llama.tokenizer import Tokenizer
 from lit_llama.training import TrainArgs, n_targets, next_token_targets
@@ -26,7 +30,7 @@ def mean_loss(model, data) -> float:
     total, count = 0.0, 0
     for start in range(0, len(data), 8):
         input_ids, labels = collate([data[i] for i in range(start, min(start + 8, len(data)))])
-        total += model(input_ids, targets=next_token_targets(labels)).item()
+        total += loss_sum(model, input_ids, next_token_targets(labels)).item()
         count += n_targets(labels)
     return total / count
 
@@ -70,7 +74,8 @@ def test_lora_finetune_then_generate(tiny_checkpoint, lima_data, tmp_path, capsy
     out_dir = tmp_path / "lora"
     train = TrainArgs(learning_rate=3e-3, max_iters=24, warmup_iters=2, global_batch_size=8, micro_batch_size=4,
                       eval_interval=12, eval_iters=2)
-    load_script("finetune/lora.py").setup(data_dir=lima_data, checkpoint_dir=tiny_checkpoint, out_dir=out_dir, train=train)
+    load_script("finetune/lora.py").setup(data=DataArgs(lima_data, checkpoint_dir=tiny_checkpoint), layout=RunLayout(out_dir),
+                                          train=train)
 
     with open(out_dir / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
@@ -95,8 +100,8 @@ def test_lora_finetune_then_generate(tiny_checkpoint, lima_data, tmp_path, capsy
     assert trained["token_rows.ids"].tolist() == [1024] and trained["token_rows.wte"].shape == (1, 128)
 
     capsys.readouterr()
-    load_script("generate/lora.py").main(prompt="How often should I water a cactus?", lora_path=out_dir,
-                                         max_new_tokens=20, temperature=0)
+    load_script("generate/lora.py").main(replies=Replies(prompt="How often should I water a cactus?"), lora_path=out_dir,
+                                         stopping=Stopping(max_new_tokens=20), sampling=Sampling(temperature=0))
     captured = capsys.readouterr()
     assert captured.err.startswith("stop reason: ") and "tokens/s" in captured.err
     assert "<|eot|>" not in captured.out
@@ -106,9 +111,9 @@ def test_repurposed_piece_found_in_the_data_is_refused_unless_allowed(tiny_check
     prepare = load_script("scripts/prepare_lima.py").prepare
     data_path = REPO / "data" / "lima_sample.jsonl"
     with pytest.raises(ValueError, match="the repurposed piece 'ñ' occurs 3 times in the data"):
-        prepare(data_path=data_path, checkpoint_dir=tiny_checkpoint, destination_path=tmp_path, repurpose_eot="ñ")
-    prepare(data_path=data_path, checkpoint_dir=tiny_checkpoint, destination_path=tmp_path, repurpose_eot="ñ",
-            allow_repurposed_in_data=True)
+        prepare(data_path=data_path, dirs=PrepareDirs(tiny_checkpoint, tmp_path), vocab=VocabChange(repurpose_eot="ñ"))
+    prepare(data_path=data_path, dirs=PrepareDirs(tiny_checkpoint, tmp_path),
+            vocab=VocabChange(repurpose_eot="ñ", allow_repurposed_in_data=True))
     assert "occurs 3 times in the data (encoded with other pieces)" in capsys.readouterr().out
     tokenizer = Tokenizer.from_dir(tmp_path)
     assert tokenizer.eot_id == 1023 and tokenizer.vocab_size == 1024
@@ -124,11 +129,13 @@ def test_both_modes_learn_to_halt_on_eot(tiny_checkpoint, tmp_path, repurpose_eo
     rows = [json.loads(line) for line in (REPO / "data" / "lima_sample.jsonl").open()]
     short = [r for r in rows if len(r["conversations"]) == 2 and len(r["conversations"][1].split()) < 25][:8]
     (tmp_path / "short.jsonl").write_text("\n".join(json.dumps(r) for r in short))
-    load_script("scripts/prepare_lima.py").prepare(data_path=tmp_path / "short.jsonl", checkpoint_dir=tiny_checkpoint,
-                                                   destination_path=tmp_path / "data", repurpose_eot=repurpose_eot)
+    load_script("scripts/prepare_lima.py").prepare(data_path=tmp_path / "short.jsonl",
+                                                   dirs=PrepareDirs(tiny_checkpoint, tmp_path / "data"),
+                                                   vocab=VocabChange(repurpose_eot=repurpose_eot))
     train = TrainArgs(learning_rate=3e-3, max_iters=200, warmup_iters=10, global_batch_size=4, micro_batch_size=4,
                       eval_interval=200, eval_iters=1)
-    load_script("finetune/lora.py").setup(data_dir=tmp_path / "data", checkpoint_dir=tiny_checkpoint, out_dir=tmp_path / "out",
+    load_script("finetune/lora.py").setup(data=DataArgs(tmp_path / "data", checkpoint_dir=tiny_checkpoint),
+                                          layout=RunLayout(tmp_path / "out"),
                                           lora=LoRAConfig(mlp=True, projection=True), train=train)
     model, tokenizer = load_finetuned(tmp_path / "out")
     assert tokenizer.eot_id == (1024 if repurpose_eot is None else 823)
@@ -150,9 +157,9 @@ def test_a_second_round_reuses_the_eot_and_its_trained_rows(tiny_checkpoint, tmp
     lora = LoRAConfig(mlp=True, projection=True)
     for round_, part, base in ((1, short[:8], tiny_checkpoint), (2, short[8:16], tmp_path / "merged")):
         (tmp_path / f"round{round_}.jsonl").write_text("\n".join(json.dumps(r) for r in part))
-        prepare(data_path=tmp_path / f"round{round_}.jsonl", checkpoint_dir=base, destination_path=tmp_path / f"data{round_}")
-        load_script("finetune/lora.py").setup(data_dir=tmp_path / f"data{round_}", checkpoint_dir=base,
-                                              out_dir=tmp_path / f"out{round_}", lora=lora, token_init="normal",
+        prepare(data_path=tmp_path / f"round{round_}.jsonl", dirs=PrepareDirs(base, tmp_path / f"data{round_}"))
+        load_script("finetune/lora.py").setup(data=DataArgs(tmp_path / f"data{round_}", checkpoint_dir=base, token_init="normal"),
+                                              layout=RunLayout(tmp_path / f"out{round_}"), lora=lora,
                                               train=replace(train, max_iters=200 if round_ == 1 else 60))
         if round_ == 1:
             load_script("scripts/merge_lora.py").main(lora_path=tmp_path / "out1", out_dir=tmp_path / "merged")
@@ -170,7 +177,7 @@ def test_a_second_round_reuses_the_eot_and_its_trained_rows(tiny_checkpoint, tmp
 
 
 def test_merging_an_adapter_is_refused_in_one_line(tiny_checkpoint, lima_data, tmp_path):
-    load_script("finetune/adapter.py").setup(data_dir=lima_data, checkpoint_dir=tiny_checkpoint, out_dir=tmp_path / "a",
+    load_script("finetune/adapter.py").setup(data=DataArgs(lima_data, checkpoint_dir=tiny_checkpoint), layout=RunLayout(tmp_path / "a"),
                                              train=TrainArgs(max_iters=1, global_batch_size=2, micro_batch_size=2, eval_iters=1))
     with pytest.raises(ValueError, match=r"is an adapter out dir: .* Generate with generate/adapter.py --adapter_path"):
         load_script("scripts/merge_lora.py").main(lora_path=tmp_path / "a", out_dir=tmp_path / "merged")

@@ -15,8 +15,10 @@ import pytest
 
 from conftest import REPO, load_script
 from lit_llama.checkpoint import load_model
+from lit_llama.finetune import DataArgs, RunLayout
 from lit_llama.generate import generate, stop_reason
 from lit_llama.lora import LoRAConfig
+from lit_llama.prepare import PrepareDirs
 from lit_llama.prompts import encode_prompt
 from lit_llama.tokenizer import Tokenizer
 from lit_llama.training import TrainArgs
@@ -35,10 +37,10 @@ def gguf(tiny_checkpoint, tmp_path_factory) -> tuple[Path, Path, list[str]]:
     rows = [json.loads(line) for line in (REPO / "data" / "lima_sample.jsonl").open()]
     short = [r for r in rows if len(r["conversations"]) == 2 and len(r["conversations"][1].split()) < 25][:8]
     (root / "short.jsonl").write_text("\n".join(json.dumps(r) for r in short))
-    load_script("scripts/prepare_lima.py").prepare(data_path=root / "short.jsonl", checkpoint_dir=tiny_checkpoint,
-                                                   destination_path=root / "data")
+    load_script("scripts/prepare_lima.py").prepare(data_path=root / "short.jsonl", dirs=PrepareDirs(tiny_checkpoint, root / "data"))
     load_script("finetune/lora.py").setup(
-        data_dir=root / "data", checkpoint_dir=tiny_checkpoint, out_dir=root / "lora", lora=LoRAConfig(mlp=True, projection=True),
+        data=DataArgs(root / "data", checkpoint_dir=tiny_checkpoint), layout=RunLayout(root / "lora"),
+        lora=LoRAConfig(mlp=True, projection=True),
         train=TrainArgs(learning_rate=3e-3, max_iters=200, warmup_iters=10, global_batch_size=4, micro_batch_size=4,
                         eval_interval=200, eval_iters=1))
     load_script("scripts/merge_lora.py").main(lora_path=root / "lora", out_dir=root / "merged")

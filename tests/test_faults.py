@@ -29,7 +29,7 @@ import torch
 from conftest import REPO
 from fault_runner import PHASES, Runner
 from lit_llama.checkpoint import HPARAMS_FILE, load_finetuned, load_state_dict
-from lit_llama.training import OutDir
+from lit_llama.outdir import OutDir
 
 STEPS = 4
 FLAGS = ["--train.learning_rate", "1e-2", "--train.max_iters", str(STEPS), "--train.warmup_iters", "1",

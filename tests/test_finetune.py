@@ -19,8 +19,13 @@ from lit_llama.adapter import AdapterConfig
 from lit_llama.batches import Mixture, collate, shuffled_indices
 from lit_llama.checkpoint import load_finetuned, load_model, load_state_dict
 from lit_llama.cli import build_parser, run
-from lit_llama.data import TokenDataset, load_mix, load_prepared
+from lit_llama.dataset import TokenDataset, load_mix, load_prepared
+from lit_llama.finetune import DataArgs, RunLayout
+from lit_llama.generate import Sampling, Stopping
+from lit_llama.inference import Replies
 from lit_llama.lora import LoRAConfig
+from lit_llama.loss import loss_sum
+from lit_llama.prepare import PrepareDirs, VocabChange
 from lit_llama.tokenizer import Tokenizer
 from lit_llama.training import TrainArgs, lr_at_step, micro_batches_of_rank, n_targets, next_token_targets
 from lit_llama.vocab import add_special_tokens
@@ -33,7 +38,7 @@ def train_loss(model, data) -> float:
     total, count = 0.0, 0
     for start in range(0, len(data), 8):
         input_ids, labels = collate([data[i] for i in range(start, min(start + 8, len(data)))])
-        total += model(input_ids, targets=next_token_targets(labels)).item()
+        total += loss_sum(model, input_ids, next_token_targets(labels)).item()
         count += n_targets(labels)
     return total / count
 
@@ -48,7 +53,7 @@ def base_train_loss(tiny_checkpoint, lima_data) -> float:
 
 def test_adapter_trains_saves_only_its_parameters_and_generates(tiny_checkpoint, lima_data, base_train_loss, tmp_path, capsys):
     out_dir = tmp_path / "adapter"
-    load_script("finetune/adapter.py").setup(data_dir=lima_data, checkpoint_dir=tiny_checkpoint, out_dir=out_dir,
+    load_script("finetune/adapter.py").setup(data=DataArgs(lima_data, checkpoint_dir=tiny_checkpoint), layout=RunLayout(out_dir),
                                              adapter=AdapterConfig(prompt_length=4, start_layer=2),
                                              train=TrainArgs(learning_rate=1e-2, max_iters=16, **SHORT))
     saved = load_state_dict(out_dir / "lit_model_adapter.pth")
@@ -62,7 +67,8 @@ def test_adapter_trains_saves_only_its_parameters_and_generates(tiny_checkpoint,
     assert train_loss(model, train_data) < base_train_loss - 0.02
 
     capsys.readouterr()
-    load_script("generate/adapter.py").main(prompt="What is rain?", adapter_path=out_dir, max_new_tokens=8, temperature=0)
+    load_script("generate/adapter.py").main(replies=Replies(prompt="What is rain?"), adapter_path=out_dir,
+                                            stopping=Stopping(max_new_tokens=8), sampling=Sampling(temperature=0))
     assert capsys.readouterr().err.startswith("stop reason: ")
 
 
@@ -78,20 +84,21 @@ def test_adapter_starts_as_the_base_model(tiny_checkpoint):
 
 def test_full_finetune_writes_a_checkpoint_dir(tiny_checkpoint, lima_data, base_train_loss, tmp_path, capsys):
     out_dir = tmp_path / "full"
-    load_script("finetune/full.py").setup(data_dir=lima_data, checkpoint_dir=tiny_checkpoint, out_dir=out_dir,
+    load_script("finetune/full.py").setup(data=DataArgs(lima_data, checkpoint_dir=tiny_checkpoint), layout=RunLayout(out_dir),
                                           train=TrainArgs(learning_rate=1e-3, max_iters=8, **SHORT))
     model = load_model(out_dir)  # a plain checkpoint dir, with the EOT
     assert model.config.vocab_size == 1025 and Tokenizer.from_dir(out_dir).eot_id == 1024
     _, train_data, _ = load_prepared(lima_data, tiny_checkpoint)
     assert train_loss(model, train_data) < base_train_loss - 0.1
     capsys.readouterr()
-    load_script("generate/full.py").main(prompt="What is rain?", checkpoint_dir=out_dir, max_new_tokens=8, temperature=0)
+    load_script("generate/full.py").main(replies=Replies(prompt="What is rain?"), checkpoint_dir=out_dir,
+                                         stopping=Stopping(max_new_tokens=8), sampling=Sampling(temperature=0))
     assert capsys.readouterr().err.startswith("stop reason: ")
 
 
 def test_merge_lora_gives_a_checkpoint_dir_with_the_same_outputs(tiny_checkpoint, lima_data, tmp_path):
     out_dir = tmp_path / "lora"
-    load_script("finetune/lora.py").setup(data_dir=lima_data, checkpoint_dir=tiny_checkpoint, out_dir=out_dir,
+    load_script("finetune/lora.py").setup(data=DataArgs(lima_data, checkpoint_dir=tiny_checkpoint), layout=RunLayout(out_dir),
                                           lora=LoRAConfig(mlp=True, head=True), train=TrainArgs(learning_rate=1e-2, max_iters=4, **SHORT))
     load_script("scripts/merge_lora.py").main(lora_path=out_dir, out_dir=tmp_path / "merged")
     merged = load_model(tmp_path / "merged")
@@ -106,7 +113,8 @@ def test_accumulation_matches_one_big_batch(tiny_checkpoint, lima_data, tmp_path
     """Loss per supervised token of the whole step: two micro-batches of 2 update exactly like one of 4."""
     common = dict(learning_rate=1e-2, max_iters=3, warmup_iters=1, global_batch_size=4, eval_interval=100, eval_iters=1, save_interval=0)
     for micro in (2, 4):
-        load_script("finetune/lora.py").setup(data_dir=lima_data, checkpoint_dir=tiny_checkpoint, out_dir=tmp_path / str(micro),
+        load_script("finetune/lora.py").setup(data=DataArgs(lima_data, checkpoint_dir=tiny_checkpoint),
+                                              layout=RunLayout(tmp_path / str(micro)),
                                               lora=LoRAConfig(dropout=0.0), train=TrainArgs(micro_batch_size=micro, **common))
     a, b = load_state_dict(tmp_path / "2" / "lit_model_lora.pth"), load_state_dict(tmp_path / "4" / "lit_model_lora.pth")
     assert a["token_rows.lm_head"].abs().sum() > 0
@@ -165,7 +173,7 @@ def test_token_rows_learn_at_the_scaled_rate(tiny_checkpoint, lima_data, tmp_pat
     for scale in (0.0, 1.0, 10.0):
         out_dir = tmp_path / f"{method}{scale}"
         load_script(f"finetune/{method}.py").setup(
-            data_dir=lima_data, checkpoint_dir=tiny_checkpoint, out_dir=out_dir, **config,
+            data=DataArgs(lima_data, checkpoint_dir=tiny_checkpoint), layout=RunLayout(out_dir), **config,
             train=TrainArgs(learning_rate=lr, max_iters=1, warmup_iters=1, global_batch_size=2, micro_batch_size=2,
                             eval_iters=1, token_lr_scale=scale))
         if method == "full":  # a plain checkpoint dir: the rows are folded into wte and lm_head
@@ -188,8 +196,8 @@ def test_token_rows_learn_at_the_scaled_rate(tiny_checkpoint, lima_data, tmp_pat
 
 def test_a_negative_token_lr_scale_is_refused(tiny_checkpoint, lima_data, tmp_path):
     with pytest.raises(ValueError, match="--train.token_lr_scale must be >= 0, got -1"):
-        load_script("finetune/lora.py").setup(data_dir=lima_data, checkpoint_dir=tiny_checkpoint, out_dir=tmp_path / "lora",
-                                              train=TrainArgs(token_lr_scale=-1))
+        load_script("finetune/lora.py").setup(data=DataArgs(lima_data, checkpoint_dir=tiny_checkpoint),
+                                              layout=RunLayout(tmp_path / "lora"), train=TrainArgs(token_lr_scale=-1))
     assert not (tmp_path / "lora").exists()
 
 
@@ -236,7 +244,7 @@ def alpaca_mix(tiny_checkpoint, tmp_path_factory) -> Path:
     """The shipped Alpaca sample prepared for the tiny checkpoint: a second data dir to mix in."""
     destination = tmp_path_factory.mktemp("data") / "alpaca"
     load_script("scripts/prepare_alpaca.py").prepare(data_path=REPO / "data" / "alpaca_sample.json",
-                                                     checkpoint_dir=tiny_checkpoint, destination_path=destination)
+                                                     dirs=PrepareDirs(tiny_checkpoint, destination))
     return destination
 
 
@@ -248,7 +256,7 @@ def test_a_mixed_in_data_dir_trains_beside_the_task_and_every_loss_is_reported_a
     args = TrainArgs(learning_rate=1e-2, max_iters=4, warmup_iters=1, global_batch_size=4, micro_batch_size=2,
                      eval_interval=2, eval_iters=1, save_interval=0, token_lr_scale=10.0)
     setup = load_script("finetune/lora.py").setup
-    setup(data_dir=lima_data, mix_dir=alpaca_mix, mix_ratio=2.0, checkpoint_dir=tiny_checkpoint, out_dir=out_dir,
+    setup(data=DataArgs(lima_data, mix_dir=alpaca_mix, mix_ratio=2.0, checkpoint_dir=tiny_checkpoint), layout=RunLayout(out_dir),
           lora=LoRAConfig(dropout=0.0), train=args)
     with open(out_dir / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -279,18 +287,18 @@ def test_a_mixed_in_data_dir_trains_beside_the_task_and_every_loss_is_reported_a
     assert [bool(r["val_eot_loss"]) for r in rows] == [False, True, False, True]
 
     with pytest.raises(ValueError, match="was trained with --mix_ratio 2.0: resume with the same flag"):
-        setup(data_dir=lima_data, mix_dir=alpaca_mix, mix_ratio=3.0, checkpoint_dir=tiny_checkpoint, out_dir=out_dir,
-              resume=True, train=args)
+        setup(data=DataArgs(lima_data, mix_dir=alpaca_mix, mix_ratio=3.0, checkpoint_dir=tiny_checkpoint),
+              layout=RunLayout(out_dir, resume=True), train=args)
 
 
 def test_a_mix_dir_prepared_with_another_tokenizer_is_refused(tiny_checkpoint, lima_data, tmp_path):
     other = tmp_path / "other"
     load_script("scripts/prepare_alpaca.py").prepare(data_path=REPO / "data" / "alpaca_sample.json",
-                                                     checkpoint_dir=tiny_checkpoint, destination_path=other,
-                                                     eot_token="<|end|>")
+                                                     dirs=PrepareDirs(tiny_checkpoint, other),
+                                                     vocab=VocabChange(eot_token="<|end|>"))
     with pytest.raises(ValueError, match=f"--mix_dir {other} was prepared with another tokenizer than --data_dir"):
-        load_script("finetune/lora.py").setup(data_dir=lima_data, mix_dir=other, checkpoint_dir=tiny_checkpoint,
-                                              out_dir=tmp_path / "out")
+        load_script("finetune/lora.py").setup(data=DataArgs(lima_data, mix_dir=other, checkpoint_dir=tiny_checkpoint),
+                                              layout=RunLayout(tmp_path / "out"))
 
 
 @pytest.mark.parametrize("config, script", [("lima.yaml", "finetune/full.py"), ("lima-65b.yaml", "finetune/full.py"),
@@ -327,27 +335,27 @@ def test_a_mixed_run_stopped_after_a_checkpoint_resumes_to_the_same_weights_and_
         tiny_checkpoint, lima_data, alpaca_mix, tmp_path, monkeypatch):
     """The mixed order is a function of the seed: a run stopped after step 2 and resumed draws the
     samples the uninterrupted run drew, to the same weights and the same metrics rows."""
-    from lit_llama import training
+    from lit_llama import outdir
 
     args = TrainArgs(learning_rate=1e-2, max_iters=4, warmup_iters=1, global_batch_size=4, micro_batch_size=2,
                      eval_interval=100, eval_iters=1, save_interval=2)
     setup = load_script("finetune/lora.py").setup
 
     def train(out_dir: Path, resume: bool = False) -> None:
-        setup(data_dir=lima_data, mix_dir=alpaca_mix, mix_ratio=3.0, checkpoint_dir=tiny_checkpoint, out_dir=out_dir,
-              lora=LoRAConfig(dropout=0.0), resume=resume, train=args)
+        setup(data=DataArgs(lima_data, mix_dir=alpaca_mix, mix_ratio=3.0, checkpoint_dir=tiny_checkpoint),
+              layout=RunLayout(out_dir, resume=resume), lora=LoRAConfig(dropout=0.0), train=args)
 
     train(tmp_path / "whole")
-    save = training.OutDir.save
+    save = outdir.OutDir.save
 
     def save_then_stop(self, *a, **kw):  # a kill right after the step-2 checkpoint
         save(self, *a, **kw)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(training.OutDir, "save", save_then_stop)
+    monkeypatch.setattr(outdir.OutDir, "save", save_then_stop)
     with pytest.raises(KeyboardInterrupt):
         train(tmp_path / "stopped")
-    monkeypatch.setattr(training.OutDir, "save", save)
+    monkeypatch.setattr(outdir.OutDir, "save", save)
     train(tmp_path / "stopped", resume=True)
 
     a, b = (load_state_dict(tmp_path / name / "lit_model_lora.pth") for name in ("whole", "stopped"))

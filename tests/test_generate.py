@@ -4,35 +4,46 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lit_llama.generate import (ContinuousBatch, Decoder, Detokenizer, Generation, Request, Sampling, Stream, generate,
-                                generate_batch, resolve_stop_ids, sample, stop_reason)
-from lit_llama.model import LLaMA, LLaMAConfig
+from lit_llama.generate import (ContinuousBatch, Decoder, Generation, Request, Sampling, generate, generate_batch,
+                                resolve_stop_ids, sample, stop_reason)
+from lit_llama.model import KVCache, LLaMA, LLaMAConfig
+from lit_llama.streaming import Detokenizer, Stream
 
 
 class ScriptedModel(torch.nn.Module):
-    """Stands in for LLaMA: whatever the input, the most likely next token of row b at step i is scripts[b][i]."""
+    """Stands in for LLaMA: whatever the input, the most likely next token of slot b at step i is scripts[b][i]."""
 
     def __init__(self, scripts: list[list[int]], prompt_len: int, vocab_size: int = 1025) -> None:
         super().__init__()
         self.scripts, self.prompt_len = scripts, prompt_len
         self.config = SimpleNamespace(block_size=64, vocab_size=vocab_size)
         self.lm_head = torch.nn.Linear(1, 1)
+        self.attn = SimpleNamespace(kv_cache=None)
+        self.transformer = SimpleNamespace(h=[SimpleNamespace(attn=self.attn)])
         self.cached = None
 
     def set_kv_cache(self, batch_size, max_seq_length):
         assert batch_size == len(self.scripts)
+        slots = torch.arange(batch_size).view(-1, 1, 1, 1)  # a view of one slot's cache names the slot
+        self.attn.kv_cache = KVCache(slots, slots.clone())
         self.cached = max_seq_length
 
     def clear_kv_cache(self):
-        self.cached = None
+        self.cached = self.attn.kv_cache = None
 
-    def forward(self, idx, input_pos, last_only=False, row=None, kv_length=None):
+    def hidden(self, idx, input_pos, kv_length=None):
         assert self.cached is not None and input_pos.shape == idx.shape
-        logits = torch.zeros(idx.shape[0], 1 if last_only else idx.shape[1], self.config.vocab_size)
-        for b, script in enumerate(self.scripts if row is None else [self.scripts[row]]):
+        logits = torch.zeros(idx.shape[0], idx.shape[1], self.config.vocab_size)
+        for b, slot in enumerate(self.attn.kv_cache.k.flatten().tolist()):
             step = int(input_pos[b, -1]) + 1 - self.prompt_len
-            logits[b, -1, script[step]] = 10.0
+            logits[b, -1, self.scripts[slot][step]] = 10.0
         return logits
+
+    def head(self, x):
+        return x  # the hidden states are the logits already
+
+    def forward(self, idx, input_pos, kv_length=None):
+        return self.head(self.hidden(idx, input_pos, kv_length))
 
 
 def tiny_model(vocab_size: int = 100, seed: int = 0) -> LLaMA:
@@ -127,7 +138,7 @@ def test_a_finished_row_takes_the_next_waiting_prompt():
         beside_the_long_one = []
         while batch.busy:
             batch.step()
-            beside_the_long_one.append(batch.rows[0])
+            beside_the_long_one.append(batch.slots[0])
         # the 9-token reply kept row 1 while row 0 served the other five in turn: 9 samples, 8 steps
         assert decoder.steps == 8 and all(len(r.generation.tokens) == n for r, n in zip(requests, limits))
         assert {r for r in beside_the_long_one if r is not None} == {requests[i] for i in (2, 4)}
@@ -172,7 +183,7 @@ def test_a_prompt_extending_the_cache_reads_only_the_new_tokens():
         reused = decoder.prefill(0, history + more)
         assert decoder.prefilled == 3
         rewound = decoder.prefill(0, history[:2] + more)  # diverges at position 2: positions after it are rewritten
-        assert decoder.prefilled == 3 and decoder.ids == [history[:2] + more]
+        assert decoder.prefilled == 3 and decoder.held == [history[:2] + more]
     with torch.no_grad():
         torch.testing.assert_close(reused, model(torch.tensor([history + more]))[0, -1])
         torch.testing.assert_close(rewound, model(torch.tensor([history[:2] + more]))[0, -1])

@@ -10,6 +10,8 @@ import sys
 import torch
 
 from conftest import REPO, load_script
+from lit_llama.acceptance import Missing, Plan, Work, tokens_per_second
+from lit_llama.acceptance_checks import Check, selected
 
 CHECKS = ["setup", "lora", "adapter", "full", "qlora", "generate", "attention", "compile", "batch", "chat", "halting",
           "self_sample", "serve", "export", "transformers"]
@@ -40,7 +42,6 @@ def test_help_lists_the_flags():
 
 
 def test_only_runs_a_check_with_those_it_builds_on():
-    selected = load_script("scripts/gpu_check.py").selected
     names = [check.name for check in selected(["transformers"], devices=1)]
     assert names == ["setup", "lora", "export", "transformers"]
     assert [check.name for check in selected(["fsdp", "setup"], devices=2)] == ["setup", "fsdp"]
@@ -59,7 +60,6 @@ def test_user_errors_end_in_one_line():
 
 
 def test_tokens_per_second_reads_the_generate_scripts_summaries():
-    tokens_per_second = load_script("scripts/gpu_check.py").tokens_per_second
     reply = ("stop reason: eot after 30 tokens | 858.3 tokens/s, decode steps 1020.4 tokens/s | peak memory 0.34 GB "
              "(process)")
     batch = "12 replies, stop reasons: eot 12 | 300 tokens, 120.5 tokens/s | peak memory 0.3 GB (process)"
@@ -69,17 +69,17 @@ def test_tokens_per_second_reads_the_generate_scripts_summaries():
 
 def test_a_missing_package_skips_and_an_error_fails_with_one_line(tmp_path, capsys):
     script = load_script("scripts/gpu_check.py")
-    work = script.Work(tmp_path, script.Plan.on("cpu", None))
+    work = Work(tmp_path, Plan.on("cpu", None))
     (tmp_path / "logs").mkdir()
 
     def missing(work):
-        raise script.Missing("pip install something")
+        raise Missing("pip install something")
 
     def broken(work):
         raise RuntimeError("first line\nsecond line")
 
-    assert script.run_check(script.Check("serve", "x", missing), work) == "SKIP"
-    assert script.run_check(script.Check("chat", "y", broken), work) == "FAIL"
+    assert script.run_check(Check("serve", "x", missing), work) == "SKIP"
+    assert script.run_check(Check("chat", "y", broken), work) == "FAIL"
     lines = capsys.readouterr().out.splitlines()
     assert re.fullmatch(r"SKIP  serve x +\d+\.\d s   needs pip install something", lines[0])
     assert re.fullmatch(r"FAIL  chat y +\d+\.\d s   RuntimeError: first line", lines[1])

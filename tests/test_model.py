@@ -1,6 +1,8 @@
 import pytest
 import torch
 
+from lit_llama.generate import one_slot
+from lit_llama.loss import loss_sum
 from lit_llama.model import LLaMA, LLaMAConfig
 
 
@@ -56,7 +58,7 @@ def test_kv_cache_decoding_equals_full_forward(n_query_groups):
         prefill = model(idx[:, :12], torch.arange(12).expand(2, 12))
         steps = [model(idx[:, t : t + 1], torch.tensor([[t], [t]])) for t in range(12, 20)]
         model.set_kv_cache(batch_size=2, max_seq_length=32)
-        last = model(idx[:, :12], torch.arange(12).expand(2, 12), last_only=True)  # what a prefill asks for
+        last = model.head(model.hidden(idx[:, :12], torch.arange(12).expand(2, 12))[:, -1:])  # what a prefill asks for
         model.clear_kv_cache()
     cached = torch.cat([prefill, *steps], dim=1)
     torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-5)
@@ -64,16 +66,19 @@ def test_kv_cache_decoding_equals_full_forward(n_query_groups):
     torch.testing.assert_close(last, full[:, 11:12], atol=1e-5, rtol=1e-5)
 
 
-def test_rows_of_the_kv_cache_are_sequences_of_their_own_lengths():
+def test_slots_of_the_kv_cache_are_sequences_of_their_own_lengths():
     torch.manual_seed(0)
     model = LLaMA(small_config(n_query_groups=2)).eval()
     a, b = torch.randint(0, 100, (1, 9)), torch.randint(0, 100, (1, 16))
     with torch.no_grad():
         full_a, full_b = model(a), model(b)
         model.set_kv_cache(batch_size=2, max_seq_length=24)
-        model(torch.randint(0, 100, (1, 20)), torch.arange(20).unsqueeze(0), row=0)  # stale: 20 positions row 0 forgets
-        prefill_a = model(a[:, :4], torch.arange(4).unsqueeze(0), row=0)  # each prompt read into its own row
-        prefill_b = model(b[:, :11], torch.arange(11).unsqueeze(0), row=1)
+        with one_slot(model, 0):  # stale: 20 positions slot 0 forgets
+            model(torch.randint(0, 100, (1, 20)), torch.arange(20).unsqueeze(0))
+        with one_slot(model, 0):  # each prompt read into its own slot
+            prefill_a = model(a[:, :4], torch.arange(4).unsqueeze(0))
+        with one_slot(model, 1):
+            prefill_b = model(b[:, :11], torch.arange(11).unsqueeze(0))
         # both rows step together, each at its own position
         steps = [model(torch.cat([a[:, 4 + t : 5 + t], b[:, 11 + t : 12 + t]]), torch.tensor([[4 + t], [11 + t]]))
                  for t in range(5)]
@@ -109,7 +114,7 @@ def test_activation_checkpointing_recomputes_each_block_and_keeps_the_gradients(
         for block in model.transformer.h:
             block.register_forward_pre_hook(lambda *_: runs.append(1))
         torch.manual_seed(3)
-        model(idx, targets=targets).backward()
+        loss_sum(model, idx, targets).backward()
         grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
         calls.append(len(runs))
     assert calls == [2, 4]
@@ -133,13 +138,14 @@ def test_residual_dropout_rises_with_depth_and_only_trains():
         model.set_residual_dropout(1.5)
 
 
-def test_a_prompt_read_into_another_row_with_gradients_and_checkpointing_lands_in_that_row():
-    """The checkpointed path dropped `row`: a prompt read into cache row 1 went to row 0."""
+def test_a_prompt_read_into_another_slot_with_gradients_and_checkpointing_lands_in_that_slot():
+    """The checkpointed path once lost the slot: a prompt read into cache slot 1 went to slot 0."""
     torch.manual_seed(0)
     model = LLaMA(small_config())
     model.activation_checkpointing = True
     model.set_kv_cache(batch_size=2, max_seq_length=8)
     idx = torch.tensor([[1, 5, 9]])
-    model(idx, torch.arange(3).unsqueeze(0), row=1, kv_length=3)
+    with one_slot(model, 1):
+        model(idx, torch.arange(3).unsqueeze(0), kv_length=3)
     cache = model.transformer.h[0].attn.kv_cache
     assert cache.k[0].abs().sum() == 0 and cache.k[1, :, :3].abs().sum() > 0

@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from lit_llama.lora import LoRAConfig, LoRALinear, inject_lora
-from lit_llama.model import LLaMA, LLaMAConfig, ScoreRows
+from lit_llama.loss import ScoreRows, loss_sum, loss_sums
+from lit_llama.model import LLaMA, LLaMAConfig
 from lit_llama.vocab import attach_token_rows, merge_token_rows
 
 
@@ -89,8 +90,8 @@ def test_lora_forward_and_gradients_match_the_chunkwise_formula(enabled):
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
-def test_forward_with_targets_is_the_summed_cross_entropy_of_the_logits(method, monkeypatch):
-    monkeypatch.setattr("lit_llama.model.LOSS_CHUNK_SIZE", 5)  # several chunks, the last one short
+def test_the_loss_is_the_summed_cross_entropy_of_the_logits(method, monkeypatch):
+    monkeypatch.setattr("lit_llama.loss.LOSS_CHUNK_SIZE", 5)  # several chunks, the last one short
     model = small_model()
     if method == "lora":
         inject_lora(model, LoRAConfig(r=4, dropout=0.0))
@@ -102,7 +103,7 @@ def test_forward_with_targets_is_the_summed_cross_entropy_of_the_logits(method, 
     targets = torch.randint(0, 100, (2, 8))
     targets[0, :3] = -100
     targets[:, 5] = 99  # the special id, scored by its own row
-    loss = model(idx, targets=targets)
+    loss = loss_sum(model, idx, targets)
     expected = F.cross_entropy(model(idx).flatten(0, 1), targets.flatten(), reduction="sum")
     torch.testing.assert_close(loss, expected)
     got = torch.autograd.grad(loss * 0.5, params)
@@ -110,12 +111,12 @@ def test_forward_with_targets_is_the_summed_cross_entropy_of_the_logits(method, 
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
     with torch.no_grad():
-        torch.testing.assert_close(model(idx, targets=targets), expected)
+        torch.testing.assert_close(loss_sum(model, idx, targets), expected)
 
 
 @pytest.mark.parametrize("grad", [True, False])
-def test_loss_split_sums_each_side_of_the_split_for_the_cost_of_one_loss(grad, monkeypatch):
-    monkeypatch.setattr("lit_llama.model.LOSS_CHUNK_SIZE", 5)
+def test_loss_sums_sum_each_side_of_the_split_for_the_cost_of_one_loss(grad, monkeypatch):
+    monkeypatch.setattr("lit_llama.loss.LOSS_CHUNK_SIZE", 5)
     model = small_model()
     attach_token_rows(model, [99])
     idx = torch.randint(0, 100, (3, 8))
@@ -127,16 +128,16 @@ def test_loss_split_sums_each_side_of_the_split_for_the_cost_of_one_loss(grad, m
     split |= targets == 99
     per_position = F.cross_entropy(model(idx).flatten(0, 1), targets.flatten(), reduction="none").view(3, 8)
     with torch.set_grad_enabled(grad):
-        losses = model(idx, targets=targets, loss_split=split)
+        losses = loss_sums(model, idx, targets, split)
         assert losses.shape == (2,)
         torch.testing.assert_close(losses, torch.stack([per_position[~split].sum(), per_position[split].sum()]))
         if grad:  # one backward through both sums is the plain loss's
             params = [p for p in model.parameters() if p.requires_grad]
             got = torch.autograd.grad(losses.sum(), params)
-            want = torch.autograd.grad(model(idx, targets=targets), params)
+            want = torch.autograd.grad(loss_sum(model, idx, targets), params)
             for g, w in zip(got, want):
                 torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
-    nothing = model(idx, targets=targets, loss_split=torch.zeros_like(split))  # an empty side sums to 0
+    nothing = loss_sums(model, idx, targets, torch.zeros_like(split))  # an empty side sums to 0
     assert nothing[1].item() == 0
 
 
@@ -161,7 +162,7 @@ def test_score_rows_backward_under_bf16_autocast_with_an_fp32_head():
 def test_the_loss_without_gradients_never_holds_the_whole_logits(monkeypatch):
     """Validation scores in chunks too: a (chunk, V) block at a time, not the (B*T, V) logits (4 x 2048
     x 32000 fp32 are 1 GB)."""
-    monkeypatch.setattr("lit_llama.model.LOSS_CHUNK_SIZE", 5)
+    monkeypatch.setattr("lit_llama.loss.LOSS_CHUNK_SIZE", 5)
     model = small_model()
     attach_token_rows(model, [99])
     idx, targets = torch.randint(0, 100, (3, 8)), torch.randint(0, 100, (3, 8))
@@ -169,7 +170,7 @@ def test_the_loss_without_gradients_never_holds_the_whole_logits(monkeypatch):
     monkeypatch.setattr(F, "linear", lambda x, w, *args: (rows.append(x.shape[:-1].numel() if w.shape[0] == 100 else 0),
                                                           linear(x, w, *args))[1])
     with torch.no_grad():
-        losses = model(idx, targets=targets, loss_split=targets == 99)
+        losses = loss_sums(model, idx, targets, targets == 99)
     assert max(rows) == 5
     monkeypatch.undo()
     per_position = F.cross_entropy(model(idx).flatten(0, 1), targets.flatten(), reduction="none")

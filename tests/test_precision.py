@@ -14,6 +14,7 @@ from conftest import load_script
 from lit_llama.checkpoint import load_state_dict
 from lit_llama.device_check import DeviceCheck
 from lit_llama.errors import BadValue
+from lit_llama.finetune import DataArgs, RunLayout
 from lit_llama.lora import LoRAConfig
 from lit_llama.training import TrainArgs, optimizer_step
 
@@ -32,8 +33,8 @@ def test_bf16_full_finetune_keeps_the_updates_fp32_makes(tiny_checkpoint, lima_d
     the same bf16 number for >= 90% (without fp32 master weights, about 4% did)."""
     runs = {}
     for precision in ("32-true", "bf16-true"):
-        load_script("finetune/full.py").setup(data_dir=lima_data, checkpoint_dir=tiny_checkpoint,
-                                              out_dir=tmp_path / precision, precision=precision,
+        load_script("finetune/full.py").setup(data=DataArgs(lima_data, checkpoint_dir=tiny_checkpoint),
+                                              layout=RunLayout(tmp_path / precision, precision=precision),
                                               train=TrainArgs(learning_rate=1e-5, max_iters=20, **SHORT))
         runs[precision] = load_state_dict(tmp_path / precision / "lit_model.pth")
     base = load_state_dict(tiny_checkpoint / "lit_model.pth")
@@ -49,8 +50,8 @@ def test_bf16_full_finetune_keeps_the_updates_fp32_makes(tiny_checkpoint, lima_d
 
 
 def test_bf16_lora_trains_in_fp32_beside_a_bf16_base(tiny_checkpoint, lima_data, tmp_path):
-    load_script("finetune/lora.py").setup(data_dir=lima_data, checkpoint_dir=tiny_checkpoint, out_dir=tmp_path / "lora",
-                                          precision="bf16-true", lora=LoRAConfig(dropout=0.0),
+    load_script("finetune/lora.py").setup(data=DataArgs(lima_data, checkpoint_dir=tiny_checkpoint),
+                                          layout=RunLayout(tmp_path / "lora", precision="bf16-true"), lora=LoRAConfig(dropout=0.0),
                                           train=TrainArgs(max_iters=3, **SHORT))
     saved = load_state_dict(tmp_path / "lora" / "lit_model_lora.pth")
     assert {t.dtype for name, t in saved.items() if name != "token_rows.ids"} == {torch.float32}
@@ -100,11 +101,11 @@ def fp16_from(init_scale: float):
 
 def test_fp16_finetune_skips_overflowing_steps_counts_them_and_trains_on(tiny_checkpoint, lima_data, tmp_path,
                                                                          monkeypatch):
-    monkeypatch.setattr(training, "precision_plugin", fp16_from(2.0 ** 24))
+    monkeypatch.setattr("lit_llama.finetune.precision_plugin", fp16_from(2.0 ** 24))
     out_dir = tmp_path / "fp16"
     with DeviceCheck():  # the scaler's state and its overflow check where a GPU run keeps them
         load_script("finetune/lora.py").setup(
-            data_dir=lima_data, checkpoint_dir=tiny_checkpoint, out_dir=out_dir, precision="16-mixed",
+            data=DataArgs(lima_data, checkpoint_dir=tiny_checkpoint), layout=RunLayout(out_dir, precision="16-mixed"),
             lora=LoRAConfig(dropout=0.0), train=TrainArgs(max_iters=12, learning_rate=1e-2, **SHORT))
     with open(out_dir / "metrics.csv", newline="") as f:
         skipped = [int(row["skipped_steps"]) for row in csv.DictReader(f)]
@@ -116,10 +117,10 @@ def test_fp16_finetune_skips_overflowing_steps_counts_them_and_trains_on(tiny_ch
 
 
 def test_fp16_gives_up_after_too_many_skipped_steps_in_a_row(tiny_checkpoint, lima_data, tmp_path, monkeypatch):
-    monkeypatch.setattr(training, "precision_plugin", fp16_from(2.0 ** 100))  # overflows for ~75 halvings
+    monkeypatch.setattr("lit_llama.finetune.precision_plugin", fp16_from(2.0 ** 100))  # overflows for ~75 halvings
     monkeypatch.setattr(training, "MAX_SKIPPED_STEPS", 3)
     with pytest.raises(ValueError, match="overflowed fp16 in 3 steps in a row, up to step 3: train with "
                                                  "--precision bf16-mixed or 32-true"):
-        load_script("finetune/lora.py").setup(data_dir=lima_data, checkpoint_dir=tiny_checkpoint,
-                                              out_dir=tmp_path / "fp16", precision="16-mixed",
+        load_script("finetune/lora.py").setup(data=DataArgs(lima_data, checkpoint_dir=tiny_checkpoint),
+                                              layout=RunLayout(tmp_path / "fp16", precision="16-mixed"),
                                               train=TrainArgs(max_iters=10, **SHORT))

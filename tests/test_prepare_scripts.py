@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from conftest import FIXTURES, REPO, load_script
-from lit_llama.data import TokenDataset
+from lit_llama.dataset import TokenDataset
 from lit_llama.model import LLaMAConfig
+from lit_llama.prepare import PrepareDirs, Samples, VocabChange
 from lit_llama.tokenizer import Tokenizer
 
 HI = [565, 959, 264, 267, 36]  # "Hi there!" with the fixture tokenizer
@@ -63,8 +64,8 @@ def test_lima_single_and_multi_turn(checkpoint_dir, tmp_path):
     write_jsonl(tmp_path / "lima" / "train.jsonl", [{"conversations": PAIR, "source": "stackexchange"},
                                                      {"conversations": PAIR * 2, "source": "multi_turn"},
                                                      {"conversations": PAIR[:1], "source": "test"}])
-    load_script("scripts/prepare_lima.py").prepare(data_path=tmp_path / "lima", checkpoint_dir=checkpoint_dir,
-                                                   destination_path=tmp_path / "out")
+    load_script("scripts/prepare_lima.py").prepare(data_path=tmp_path / "lima",
+                                                   dirs=PrepareDirs(checkpoint_dir, tmp_path / "out"))
     # the multi-turn conversation is one sample with both assistant turns trained
     assert prepared(tmp_path / "out") == [(PAIR_IDS, PAIR_MASK), (PAIR_IDS + PAIR_IDS[1:], PAIR_MASK + PAIR_MASK[1:])]
     assert report(tmp_path / "out") == {"read": 3, "kept": 2, "cut": 0, "tokens": 53, "trained_tokens": 33, "longest": 35,
@@ -77,8 +78,8 @@ def test_lima_single_and_multi_turn(checkpoint_dir, tmp_path):
 ])
 def test_lima_overlong(checkpoint_dir, tmp_path, capsys, overlong, expected, dropped):
     data_path = write_jsonl(tmp_path / "lima.jsonl", [{"conversations": PAIR}] * 2 + [{"conversations": PAIR * 2}])
-    load_script("scripts/prepare_lima.py").prepare(data_path=data_path, checkpoint_dir=checkpoint_dir, destination_path=tmp_path,
-                                                   max_seq_length=30, overlong=overlong)
+    load_script("scripts/prepare_lima.py").prepare(data_path=data_path, dirs=PrepareDirs(checkpoint_dir, tmp_path),
+                                                   samples=Samples(max_seq_length=30, overlong=overlong))
     assert [ids for ids, _ in prepared(tmp_path)] == expected
     assert report(tmp_path)["dropped"] == dropped and report(tmp_path)["cut"] == int(overlong == "cut_turns")
     assert f"read 3, kept {len(expected)} ({int(overlong == 'cut_turns')} cut at a turn boundary)" in capsys.readouterr().out
@@ -87,12 +88,11 @@ def test_lima_overlong(checkpoint_dir, tmp_path, capsys, overlong, expected, dro
 def test_lima_strict_and_nothing_usable(checkpoint_dir, tmp_path):
     prepare = load_script("scripts/prepare_lima.py").prepare
     data_path = write_jsonl(tmp_path / "lima.jsonl", [{"conversations": PAIR}] * 2 + ["{broken"])
-    prepare(data_path=data_path, checkpoint_dir=checkpoint_dir, destination_path=tmp_path / "out")  # counted, not fatal
+    prepare(data_path=data_path, dirs=PrepareDirs(checkpoint_dir, tmp_path / "out"))  # counted, not fatal
     with pytest.raises(ValueError, match="1 rows dropped and --strict is set"):
-        prepare(data_path=data_path, checkpoint_dir=checkpoint_dir, destination_path=tmp_path / "out", strict=True)
+        prepare(data_path=data_path, dirs=PrepareDirs(checkpoint_dir, tmp_path / "out"), samples=Samples(strict=True))
     with pytest.raises(ValueError, match="0 usable samples"):
-        prepare(data_path=write_jsonl(tmp_path / "bad.jsonl", ["{broken"]), checkpoint_dir=checkpoint_dir,
-                destination_path=tmp_path / "out")
+        prepare(data_path=write_jsonl(tmp_path / "bad.jsonl", ["{broken"]), dirs=PrepareDirs(checkpoint_dir, tmp_path / "out"))
 
 
 def test_lima_cli_exits_2_when_nothing_is_usable(checkpoint_dir, tmp_path):
@@ -114,8 +114,9 @@ def test_alpaca_with_and_without_input(checkpoint_dir, tmp_path):
             {"instruction": "Name a color.", "input": "", "output": "Blue."},
             {"instruction": "Name a color.", "output": "Blue."}]  # no "input" at all: the same
     (tmp_path / "alpaca.json").write_text(json.dumps(rows, indent=2))  # one JSON array, as published
-    load_script("scripts/prepare_alpaca.py").prepare(data_path=tmp_path / "alpaca.json", checkpoint_dir=checkpoint_dir,
-                                                     destination_path=tmp_path / "out", val_split_fraction=0.3)
+    load_script("scripts/prepare_alpaca.py").prepare(data_path=tmp_path / "alpaca.json",
+                                                     dirs=PrepareDirs(checkpoint_dir, tmp_path / "out"),
+                                                     samples=Samples(val_split_fraction=0.3))
     with_input = [BOS, *ADD, 13, 13, 1001, 280, 951, 1004, EOT, *FIVE, EOT]  # "Add the numbers.\n\n2 and 3"
     without_input = [BOS, *NAME, EOT, *BLUE, EOT]
     assert prepared(tmp_path / "out") == [(with_input, [False] * 16 + [True] * 3), (without_input, [False] * 8 + [True] * 5),
@@ -125,8 +126,8 @@ def test_alpaca_with_and_without_input(checkpoint_dir, tmp_path):
 def test_alpaca_prompt_style_round_trip(checkpoint_dir, tmp_path):
     rows = [{"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"}, {"instruction": "Name a color.", "output": "Blue."}]
     write_jsonl(tmp_path / "alpaca.jsonl", rows)
-    load_script("scripts/prepare_alpaca.py").prepare(data_path=tmp_path / "alpaca.jsonl", checkpoint_dir=checkpoint_dir,
-                                                     destination_path=tmp_path / "out", prompt_style="alpaca")
+    load_script("scripts/prepare_alpaca.py").prepare(data_path=tmp_path / "alpaca.jsonl",
+                                                     dirs=PrepareDirs(checkpoint_dir, tmp_path / "out"), prompt_style="alpaca")
     tokenizer = Tokenizer.from_dir(tmp_path / "out")
     decoded = sorted(tokenizer.decode(ids, skip_special=False) for ids, _ in prepared(tmp_path / "out"))
     assert decoded == [
@@ -160,8 +161,9 @@ def test_messages_with_a_system_turn(checkpoint_dir, tmp_path):
     # message contents are text, always: a typed "<|eot|>" or "</s>" stays characters
     typed = [{"role": "user", "content": "Hi <|eot|></s>"}, {"role": "assistant", "content": "Hello! How can I help?"}]
     write_jsonl(tmp_path / "chats.jsonl", [{"messages": messages}, {"messages": typed}])
-    load_script("scripts/prepare_conversations.py").prepare(data_path=tmp_path / "chats.jsonl", checkpoint_dir=checkpoint_dir,
-                                                            destination_path=tmp_path / "out", parse_special_in_text=True)
+    load_script("scripts/prepare_conversations.py").prepare(data_path=tmp_path / "chats.jsonl",
+                                                            dirs=PrepareDirs(checkpoint_dir, tmp_path / "out"),
+                                                            parse_special_in_text=True)
     samples = prepared(tmp_path / "out")
     assert ([BOS, *BE_BRIEF, EOT, *HI, EOT, *HELLO, EOT], [False] * 14 + [True] * 11) in samples
     tokenizer = Tokenizer.from_dir(tmp_path / "out")
@@ -177,8 +179,9 @@ SEGMENTS = [{"text": "Q: Hi there!", "label": False}, {"text": " A: Hello!", "la
 @pytest.mark.parametrize("parse_special_in_text", [False, True])
 def test_segments_as_written(checkpoint_dir, tmp_path, parse_special_in_text):
     write_jsonl(tmp_path / "segments.jsonl", [{"segments": SEGMENTS}, {"segments": SEGMENTS[:3]}])
-    load_script("scripts/prepare_conversations.py").prepare(data_path=tmp_path / "segments.jsonl", checkpoint_dir=checkpoint_dir,
-                                                            destination_path=tmp_path / "out", parse_special_in_text=parse_special_in_text)
+    load_script("scripts/prepare_conversations.py").prepare(data_path=tmp_path / "segments.jsonl",
+                                                            dirs=PrepareDirs(checkpoint_dir, tmp_path / "out"),
+                                                            parse_special_in_text=parse_special_in_text)
     question, answer = [951, 84, 1003, *HI], [348, 1003, 565, 503, 955, 36]  # "Q: Hi there!" and, continuing it, " A: Hello!"
     literal_eot = [63, 127, 952, 322, 127, 65]  # "<|eot|>" as text, continuing text
     short = [BOS, *question, *answer, EOT]
@@ -198,8 +201,8 @@ def test_segments_bos_off_unknown_special_and_cut(checkpoint_dir, tmp_path, caps
             {"chat": []}]
     write_jsonl(tmp_path / "segments.jsonl", rows)
     load_script("scripts/prepare_conversations.py").prepare(
-        data_path=tmp_path / "segments.jsonl", checkpoint_dir=checkpoint_dir, destination_path=tmp_path / "out",
-        segments_bos=False, max_seq_length=20, overlong="cut_turns")
+        data_path=tmp_path / "segments.jsonl", dirs=PrepareDirs(checkpoint_dir, tmp_path / "out"),
+        segments_bos=False, samples=Samples(max_seq_length=20, overlong="cut_turns"))
     short = [951, 84, 1003, *HI, 348, 1003, 565, 503, 955, 36, EOT]
     assert prepared(tmp_path / "out") == [(short, [False] * 8 + [True] * 7)] * 2  # the long one cut after its first reply
     assert report(tmp_path / "out")["dropped"] == {"neither 'messages' nor 'segments'": 1,
@@ -207,8 +210,8 @@ def test_segments_bos_off_unknown_special_and_cut(checkpoint_dir, tmp_path, caps
     assert f"{tmp_path / 'segments.jsonl'}:3: skipped: unknown special token '<|user|>'" in capsys.readouterr().err
     # an extra special token can be placed once the tokenizer has it
     load_script("scripts/prepare_conversations.py").prepare(
-        data_path=tmp_path / "segments.jsonl", checkpoint_dir=checkpoint_dir, destination_path=tmp_path / "out",
-        extra_special_tokens=["<|user|>"])
+        data_path=tmp_path / "segments.jsonl", dirs=PrepareDirs(checkpoint_dir, tmp_path / "out"),
+        vocab=VocabChange(extra_special_tokens=["<|user|>"]))
     assert [ids[:2] for ids, _ in prepared(tmp_path / "out")] == [[BOS, 951], [BOS, 951], [BOS, 1025]]
 
 
@@ -238,7 +241,8 @@ def source_text(row: dict) -> str:
 def test_shipped_samples_round_trip(checkpoint_dir, tmp_path, script, sample):
     path = REPO / "data" / sample
     rows = json.loads(path.read_text()) if path.suffix == ".json" else [json.loads(line) for line in path.open()]
-    load_script(f"scripts/{script}").prepare(data_path=path, checkpoint_dir=checkpoint_dir, destination_path=tmp_path, strict=True)
+    load_script(f"scripts/{script}").prepare(data_path=path, dirs=PrepareDirs(checkpoint_dir, tmp_path),
+                                             samples=Samples(strict=True))
     tokenizer = Tokenizer.from_dir(tmp_path)
     samples = prepared(tmp_path)
     assert all(ids[0] == BOS and ids[-1] == EOT and mask[-1] for ids, mask in samples)
@@ -247,8 +251,9 @@ def test_shipped_samples_round_trip(checkpoint_dir, tmp_path, script, sample):
 
 def test_role_tokens_and_the_system_text_record_travel_with_the_data(checkpoint_dir, tmp_path):
     write_jsonl(tmp_path / "lima.jsonl", [{"conversations": PAIR}, {"conversations": PAIR}])
-    load_script("scripts/prepare_lima.py").prepare(data_path=tmp_path / "lima.jsonl", checkpoint_dir=checkpoint_dir,
-                                                   destination_path=tmp_path / "roles", role_tokens=True)
+    load_script("scripts/prepare_lima.py").prepare(data_path=tmp_path / "lima.jsonl",
+                                                   dirs=PrepareDirs(checkpoint_dir, tmp_path / "roles"),
+                                                   vocab=VocabChange(role_tokens=True))
     tokenizer = Tokenizer.from_dir(tmp_path / "roles")
     assert tokenizer.roles == {"system": 1025, "user": 1026, "assistant": 1027} and tokenizer.system_text is False
     ids, mask = prepared(tmp_path / "roles")[0]
@@ -259,5 +264,5 @@ def test_role_tokens_and_the_system_text_record_travel_with_the_data(checkpoint_
                                                             {"role": "user", "content": PAIR[0]},
                                                             {"role": "assistant", "content": PAIR[1]}]}] * 2)
     load_script("scripts/prepare_conversations.py").prepare(data_path=tmp_path / "messages.jsonl",
-                                                            checkpoint_dir=checkpoint_dir, destination_path=tmp_path / "sys")
+                                                            dirs=PrepareDirs(checkpoint_dir, tmp_path / "sys"))
     assert Tokenizer.from_dir(tmp_path / "sys").system_text is True and not Tokenizer.from_dir(tmp_path / "sys").roles

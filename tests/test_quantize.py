@@ -11,9 +11,13 @@ pytest.importorskip("torchao", reason="pip install -e '.[quantize]'")
 
 from conftest import REPO, load_script, val_losses  # noqa: E402
 from lit_llama.checkpoint import load_finetuned, load_model  # noqa: E402
-from lit_llama.generate import generate  # noqa: E402
+from lit_llama.finetune import DataArgs, RunLayout  # noqa: E402
+from lit_llama.generate import Sampling, Stopping, generate  # noqa: E402
+from lit_llama.inference import ModelSource, Placement, Replies  # noqa: E402
 from lit_llama.lora import LoRAConfig, inject_lora  # noqa: E402
+from lit_llama.loss import loss_sum  # noqa: E402
 from lit_llama.model import LLaMA, LLaMAConfig  # noqa: E402
+from lit_llama.prepare import PrepareDirs  # noqa: E402
 from lit_llama.quantize import block_linears, quantize, round_trip  # noqa: E402
 from lit_llama.training import TrainArgs  # noqa: E402
 
@@ -45,8 +49,8 @@ def test_nf4_stores_the_block_weights_and_computes_with_what_they_stand_for():
 
     idx = torch.randint(0, 1024, (2, 16))
     targets = torch.randint(0, 1024, (2, 16))
-    model(idx, targets=targets).backward()
-    dense(idx, targets=targets).backward()
+    loss_sum(model, idx, targets).backward()
+    loss_sum(dense, idx, targets).backward()
     trained = [(q, d) for q, d in zip(model.parameters(), dense.parameters()) if d.requires_grad]
     assert len(trained) == 2 * 2 * 4  # A and B of c_attn and the MLP's three linears, in 2 layers
     for q, d in trained:  # LoRA's gradients beside the NF4 base equal those beside its dense values
@@ -70,16 +74,15 @@ def short_data(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) 
     short = [r for r in rows if len(r["conversations"]) == 2 and len(r["conversations"][1].split()) < 25][:8]
     root = tmp_path_factory.mktemp("qlora")
     (root / "short.jsonl").write_text("\n".join(json.dumps(r) for r in short))
-    load_script("scripts/prepare_lima.py").prepare(data_path=root / "short.jsonl", checkpoint_dir=tiny_checkpoint,
-                                                   destination_path=root / "data")
+    load_script("scripts/prepare_lima.py").prepare(data_path=root / "short.jsonl", dirs=PrepareDirs(tiny_checkpoint, root / "data"))
     return root / "data"
 
 
-def finetune(data: Path, checkpoint: Path, out_dir: Path, **flags) -> dict:
+def finetune(data: Path, checkpoint: Path, out_dir: Path, quantize=None, **layout) -> dict:
     train = TrainArgs(learning_rate=3e-3, max_iters=200, warmup_iters=10, global_batch_size=4, micro_batch_size=4,
                       eval_interval=200, eval_iters=1)
-    load_script("finetune/lora.py").setup(data_dir=data, checkpoint_dir=checkpoint, out_dir=out_dir,
-                                          lora=LoRAConfig(mlp=True, projection=True), train=train, **flags)
+    load_script("finetune/lora.py").setup(data=DataArgs(data, checkpoint_dir=checkpoint), layout=RunLayout(out_dir, **layout),
+                                          lora=LoRAConfig(mlp=True, projection=True), train=train, quantize=quantize)
     return json.loads((out_dir / "hyperparameters.json").read_text())
 
 
@@ -91,7 +94,8 @@ def test_qlora_learns_as_the_dense_lora_does_halts_and_merges(tiny_checkpoint, s
     dense, nf4 = val_losses(tmp_path / "dense")[-1], val_losses(tmp_path / "nf4")[-1]
     assert abs(nf4 - dense) <= 0.05 * dense, (nf4, dense)
 
-    report = load_script("scripts/evaluate_halting.py").main(data_dir=short_data, lora_path=tmp_path / "nf4", split="train",
+    report = load_script("scripts/evaluate_halting.py").main(data_dir=short_data, source=ModelSource(lora_path=tmp_path / "nf4"),
+                                                             split="train",
                                                              max_new_tokens=100, output_file=tmp_path / "halting.json")
     assert report["eot_rate"] >= 0.9, report
 
@@ -103,8 +107,9 @@ def test_qlora_learns_as_the_dense_lora_does_halts_and_merges(tiny_checkpoint, s
     assert generate(merged, prompt, 20).tokens == generate(model, prompt, 20).tokens
 
     # generating on an NF4 base: the merged weights quantized again, and the reply still ends on EOT
-    load_script("generate/lora.py").main(lora_path=tmp_path / "nf4", quantize="nf4", temperature=0,
-                                         prompt=json.loads((REPO / "data" / "lima_sample.jsonl").open().readline())["conversations"][0])
+    question = json.loads((REPO / "data" / "lima_sample.jsonl").open().readline())["conversations"][0]
+    load_script("generate/lora.py").main(lora_path=tmp_path / "nf4", placement=Placement(quantize="nf4"),
+                                         sampling=Sampling(temperature=0), replies=Replies(prompt=question))
     assert "stop reason: eot after" in capsys.readouterr().err
 
     with pytest.raises(ValueError, match="was trained with --quantize nf4: resume with the same flag"):
@@ -119,8 +124,8 @@ def test_qlora_runs_on_one_device(tiny_checkpoint, short_data, tmp_path):
 def test_an_adapter_trains_on_an_nf4_base_and_loads_as_it_trained(tiny_checkpoint, short_data, tmp_path):
     train = TrainArgs(learning_rate=3e-3, max_iters=4, warmup_iters=1, global_batch_size=4, micro_batch_size=4,
                       eval_interval=4, eval_iters=1)
-    load_script("finetune/adapter.py").setup(data_dir=short_data, checkpoint_dir=tiny_checkpoint,
-                                             out_dir=tmp_path / "adapter", train=train, quantize="nf4")
+    load_script("finetune/adapter.py").setup(data=DataArgs(short_data, checkpoint_dir=tiny_checkpoint),
+                                             layout=RunLayout(tmp_path / "adapter"), train=train, quantize="nf4")
     assert json.loads((tmp_path / "adapter" / "hyperparameters.json").read_text())["quantize"] == "nf4"
     model, tokenizer = load_finetuned(tmp_path / "adapter")
     base = round_trip(load_model(tiny_checkpoint), "nf4", torch.float32)
@@ -132,6 +137,7 @@ def test_an_adapter_trains_on_an_nf4_base_and_loads_as_it_trained(tiny_checkpoin
 def test_a_checkpoint_dir_generates_on_an_nf4_base(tiny_checkpoint, capsys):
     """A base or full fine-tune loads its weights as trainable parameters; inference freezes them before
     quantizing (it used to stop with "weight trains: only a frozen base is quantized")."""
-    load_script("generate/base.py").main(checkpoint_dir=tiny_checkpoint, prompt="The sun", max_new_tokens=4,
-                                         temperature=0, quantize="nf4")
+    load_script("generate/base.py").main(checkpoint_dir=tiny_checkpoint, replies=Replies(prompt="The sun"),
+                                         stopping=Stopping(max_new_tokens=4), sampling=Sampling(temperature=0),
+                                         placement=Placement(quantize="nf4"))
     assert "stop reason: max_new_tokens after 4 tokens" in capsys.readouterr().err

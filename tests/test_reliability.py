@@ -17,6 +17,7 @@ from sentencepiece import sentencepiece_model_pb2
 
 from conftest import REPO, load_script
 from lit_llama.checkpoint import load_finetuned, load_state_dict
+from lit_llama.finetune import DataArgs, RunLayout
 from lit_llama.model import LLaMA
 from lit_llama.prompts import encode_conversation
 from lit_llama.tokenizer import extend_tokenizer
@@ -26,7 +27,7 @@ QUICK = dict(warmup_iters=1, global_batch_size=2, micro_batch_size=2, eval_inter
 
 
 def lora_setup(tiny_checkpoint, lima_data, out_dir, **train):
-    load_script("finetune/lora.py").setup(data_dir=lima_data, checkpoint_dir=tiny_checkpoint, out_dir=out_dir,
+    load_script("finetune/lora.py").setup(data=DataArgs(lima_data, checkpoint_dir=tiny_checkpoint), layout=RunLayout(out_dir),
                                           train=TrainArgs(**{**QUICK, **train}))
 
 
@@ -74,8 +75,8 @@ def test_unwritable_or_full_out_dir_fails_before_training(tiny_checkpoint, lima_
 
 def test_a_device_count_the_machine_lacks_fails_before_loading(tiny_checkpoint, lima_data, tmp_path, monkeypatch):
     def setup(**flags):
-        load_script("finetune/lora.py").setup(data_dir=lima_data, checkpoint_dir=tiny_checkpoint,
-                                              out_dir=tmp_path / "out", train=TrainArgs(**QUICK), **flags)
+        load_script("finetune/lora.py").setup(data=DataArgs(lima_data, checkpoint_dir=tiny_checkpoint),
+                                              layout=RunLayout(tmp_path / "out", **flags), train=TrainArgs(**QUICK))
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)

@@ -12,6 +12,9 @@ import torch
 from conftest import REPO, load_script
 from lit_llama.checkpoint import load_model, save_checkpoint_dir
 from lit_llama.generate import ContinuousBatch, Request, generate
+from lit_llama.inference import ModelSource
+from lit_llama.loss import loss_sum
+from lit_llama.prepare import PrepareDirs
 from lit_llama.tokenizer import Tokenizer
 
 QUERIES = ["How do plants drink water?", "What is rain?", "Name a river.\n\nIn Africa.", "What is snow?", "Why is the sky blue?"]
@@ -46,7 +49,8 @@ def test_mixed_input_makes_rows_prepare_conversations_reads(self_sample, eot_che
     data = write_jsonl(tmp_path / "in.jsonl", [ROWS[0], ROWS[1], "not json", ROWS[2], {"question": "?"},
                                                {"conversations": [long_query, "ok"]}])
     summary = self_sample.main(data_path=data, destination_path=tmp_path / "new" / "cache.jsonl",
-                               checkpoint_dir=eot_checkpoint, max_new_tokens=16, keep_unfinished=True)
+                               source=ModelSource(checkpoint_dir=eot_checkpoint), max_new_tokens=16,
+                               keep_unfinished=True)
     out, err = capsys.readouterr()
     assert f"{data}:3: skipped: invalid JSON" in err
     assert f"{data}:5: skipped: neither 'messages', 'conversations' nor an Alpaca 'instruction'" in err
@@ -63,15 +67,16 @@ def test_mixed_input_makes_rows_prepare_conversations_reads(self_sample, eot_che
         assert assistant["role"] == "assistant" and assistant["content"] == assistant["content"].strip() != ""
 
     load_script("scripts/prepare_conversations.py").prepare(
-        data_path=tmp_path / "new" / "cache.jsonl", checkpoint_dir=eot_checkpoint, destination_path=tmp_path / "prepared")
+        data_path=tmp_path / "new" / "cache.jsonl", dirs=PrepareDirs(eot_checkpoint, tmp_path / "prepared"))
     prepared = json.loads((tmp_path / "prepared" / "prepare.json").read_text())
     assert (prepared["train"], prepared["val"], prepared["report"]["dropped"]) == (2, 1, {})
 
 
 def test_reply_is_the_echo_prompts_sample_with_the_rows_seed(self_sample, eot_checkpoint, tmp_path):
     data = write_jsonl(tmp_path / "in.jsonl", ROWS[:3])
-    self_sample.main(data_path=data, destination_path=tmp_path / "cache.jsonl", checkpoint_dir=eot_checkpoint,
-                     max_new_tokens=12, seed=7, batch_size=2, keep_unfinished=True)
+    self_sample.main(data_path=data, destination_path=tmp_path / "cache.jsonl",
+                     source=ModelSource(checkpoint_dir=eot_checkpoint), max_new_tokens=12, seed=7, batch_size=2,
+                     keep_unfinished=True)
     rows = read_jsonl(tmp_path / "cache.jsonl")
     assert sorted(r["index"] for r in rows) == [0, 1, 2]
 
@@ -88,7 +93,8 @@ def test_reply_is_the_echo_prompts_sample_with_the_rows_seed(self_sample, eot_ch
 
 def test_a_killed_run_resumes_to_the_same_rows(self_sample, eot_checkpoint, tmp_path, capsys):
     data = write_jsonl(tmp_path / "in.jsonl", ROWS)
-    settings = dict(data_path=data, checkpoint_dir=eot_checkpoint, max_new_tokens=8, batch_size=2, keep_unfinished=True)
+    settings = dict(data_path=data, source=ModelSource(checkpoint_dir=eot_checkpoint), max_new_tokens=8, batch_size=2,
+                    keep_unfinished=True)
     self_sample.main(destination_path=tmp_path / "full.jsonl", **settings)
     full = (tmp_path / "full.jsonl").read_text().splitlines()
     assert len(full) == 5
@@ -113,7 +119,7 @@ def train_to_end_paragraphs(checkpoint_dir: Path, text: str, out_dir: Path) -> N
     ids = torch.tensor([tokenizer.encode(text, bos=True)])
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(40):
-        model(ids[:, :-1], targets=ids[:, 1:]).backward()
+        loss_sum(model, ids[:, :-1], ids[:, 1:]).backward()
         optimizer.step()
         optimizer.zero_grad()
     save_checkpoint_dir(model.eval(), tokenizer, out_dir)
@@ -140,7 +146,8 @@ def test_base_model_gets_plain_text_and_stops_at_a_blank_line(self_sample, tiny_
     monkeypatch.setattr(ContinuousBatch, "cancel", spy)
     data = write_jsonl(tmp_path / "in.jsonl", [{"instruction": query, "output": reference}])
     summary = self_sample.main(data_path=data, destination_path=tmp_path / "cache.jsonl",
-                               checkpoint_dir=tmp_path / "paragraphs", temperature=0, max_new_tokens=24)
+                               source=ModelSource(checkpoint_dir=tmp_path / "paragraphs"), temperature=0,
+                               max_new_tokens=24)
     [row] = read_jsonl(tmp_path / "cache.jsonl")
     assert row["messages"][1]["content"] == tokenizer.decode(uncut).split("\n\n")[0].strip() == own
     assert row["stop_reason"] == "blank line" and summary["hit_cap"] == 0
@@ -148,7 +155,8 @@ def test_base_model_gets_plain_text_and_stops_at_a_blank_line(self_sample, tiny_
 
     # a blank line on the very token that reaches the cap ends the paragraph all the same: the reply is kept
     summary = self_sample.main(data_path=data, destination_path=tmp_path / "capped.jsonl",
-                               checkpoint_dir=tmp_path / "paragraphs", temperature=0, max_new_tokens=blank)
+                               source=ModelSource(checkpoint_dir=tmp_path / "paragraphs"), temperature=0,
+                               max_new_tokens=blank)
     [row] = read_jsonl(tmp_path / "capped.jsonl")
     assert (row["messages"][1]["content"], row["stop_reason"], summary["hit_cap"]) == (own, "blank line", 0)
     assert len(cancelled) == 1
@@ -157,15 +165,16 @@ def test_base_model_gets_plain_text_and_stops_at_a_blank_line(self_sample, tiny_
 def test_replies_cut_off_at_the_cap_are_dropped_unless_kept(self_sample, eot_checkpoint, tmp_path, capsys):
     data = tmp_path / "in.json"
     data.write_text(json.dumps(ROWS[:4]))  # a JSON array works as well as JSONL
-    dropped = self_sample.main(data_path=data, destination_path=tmp_path / "dropped.jsonl", checkpoint_dir=eot_checkpoint,
-                               max_new_tokens=2, max_rows=3)
+    dropped = self_sample.main(data_path=data, destination_path=tmp_path / "dropped.jsonl",
+                               source=ModelSource(checkpoint_dir=eot_checkpoint), max_new_tokens=2, max_rows=3)
     assert dropped["read"] == 3 and dropped["hit_cap"] > 0 and dropped["unfinished_kept"] == 0
     assert dropped["written"] + dropped["hit_cap"] + dropped["empty_reply"] == 3
     assert all(r["stop_reason"] != "max_new_tokens" for r in read_jsonl(tmp_path / "dropped.jsonl"))
     assert f"{data}[" in capsys.readouterr().err  # the first such row named by file[index]
 
-    kept = self_sample.main(data_path=data, destination_path=tmp_path / "kept.jsonl", checkpoint_dir=eot_checkpoint,
-                            max_new_tokens=2, max_rows=3, keep_unfinished=True)
+    kept = self_sample.main(data_path=data, destination_path=tmp_path / "kept.jsonl",
+                            source=ModelSource(checkpoint_dir=eot_checkpoint), max_new_tokens=2, max_rows=3,
+                            keep_unfinished=True)
     rows = read_jsonl(tmp_path / "kept.jsonl")
     assert kept["unfinished_kept"] == dropped["hit_cap"] == sum(r["stop_reason"] == "max_new_tokens" for r in rows)
     assert len(rows) == dropped["written"] + dropped["hit_cap"]
