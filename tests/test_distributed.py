@@ -1,7 +1,8 @@
 """Two CPU processes over gloo, the path multi-GPU runs take, each on the simulated accelerator of
 lit_llama/device_check.py: ddp and fsdp (FSDP2, per block) train to the weights one process reaches,
 validate a share each, save whole tensors that every generate script loads, and an fsdp run killed
-mid-way resumes to the uninterrupted run's weights."""
+mid-way resumes to the uninterrupted run's weights. Two launches of one command, node ranks 0 and 1,
+train as two machines of one process each."""
 
 import csv
 import json
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.fabric.plugins.environments.lightning import find_free_network_port
 
 from conftest import REPO, load_script, val_losses
 from lit_llama import device_check
@@ -127,6 +129,37 @@ def test_a_killed_fsdp_run_resumes_to_the_uninterrupted_weights(runs, tiny_check
         torch.testing.assert_close(resumed[name], whole[name], atol=1e-6, rtol=0)
     with open(out_dir / "metrics.csv", newline="") as f:
         assert [row["step"] for row in csv.DictReader(f)] == [str(i) for i in range(1, 7)]
+
+
+def test_two_nodes_end_on_the_one_process_weights(runs, tiny_checkpoint, lima_data, tmp_path):
+    """--num_nodes 2 --devices 1 as two machines start it: the same command launched twice, with node
+    ranks 0 and 1 and one main address and port. Each node has an out dir of its own, as on two disks:
+    the first node's holds the one-process weights, and the second node writes nothing."""
+    one_dir, _ = runs["full", "one"]
+    port = find_free_network_port()
+    procs, logs = [], [tmp_path / f"node{node}.log" for node in range(2)]
+    try:
+        for node, log in enumerate(logs):
+            cmd = command("full", lima_data, tiny_checkpoint, tmp_path / f"out{node}", "--num_nodes", "2",
+                          "--devices", "1", "--strategy", "fsdp", "--activation_checkpointing", "false")
+            env = {**ENV, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "NODE_RANK": str(node)}
+            with open(log, "w") as f:  # a file, not a pipe: a node blocked on a full pipe would stall the other
+                procs.append(subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=env))
+        codes = [proc.wait(timeout=600) for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    outputs = [log.read_text() for log in logs]
+    for code, output in zip(codes, outputs):
+        assert code == 0, output[-3000:]
+    assert "trained weights agree across 2 ranks: True" in outputs[0]
+    one, two = load_state_dict(one_dir / MODEL_FILE), load_state_dict(tmp_path / "out0" / MODEL_FILE)
+    assert one.keys() == two.keys()
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], atol=1e-5, rtol=0)
+    assert val_losses(tmp_path / "out0") == pytest.approx(val_losses(one_dir), abs=1e-4)  # each node scored half
+    assert not (tmp_path / "out1").exists()  # the global rank 0 writes the out dir, on the first node's disk
 
 
 def weights_file(method: str) -> str:

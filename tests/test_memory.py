@@ -1,0 +1,128 @@
+"""The memory plan against the memory a training step allocates, measured exactly on CPU at small shapes.
+
+The measure: a TorchDispatchMode sees every tensor each op returns; a storage no input of the op holds
+is new, and its bytes count until a weakref finalizer sees it freed. Views, in-place ops and parameters
+made before the step add nothing; every allocation autograd, the loss and AdamW make is counted, with
+no allocator rounding or caching in between. The weights are counted apart (their storages before the
+step). One process only: ddp's buckets and fsdp's gathering are not measured here.
+"""
+
+import weakref
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from lit_llama.lora import LoRAConfig
+from lit_llama.loss import loss_sum
+from lit_llama.memory import GiB, Setup, activations_per_token, base_params, lora_params, plan, table, trained_params
+from lit_llama.methods import prepare_model
+from lit_llama.model import LLaMA, LLaMAConfig
+from lit_llama.precision import compute_dtype, set_training_dtypes
+from lit_llama.quantize import quantize
+
+B, T = 2, 256
+
+
+class StorageTracker(TorchDispatchMode):
+    """Bytes of the tensor storages alive that were made inside the mode, and their peak."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: dict[int, int] = {}
+        self.now = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if not isinstance(t, torch.Tensor) or type(t) is not torch.Tensor:
+                continue
+            storage = t.untyped_storage()
+            key = storage.data_ptr()
+            if key in self.live or key in inputs or storage.nbytes() == 0:
+                continue
+            self.live[key] = storage.nbytes()
+            self.now += storage.nbytes()
+            self.peak = max(self.peak, self.now)
+            weakref.finalize(storage, self.free, key)
+        return out
+
+    def free(self, key: int) -> None:
+        self.now -= self.live.pop(key)
+
+
+def tensor_bytes(model: torch.nn.Module) -> int:
+    """The bytes of the model's parameters and buffers (an NF4 weight: its inner tensors)."""
+    total = 0
+    for t in [*model.parameters(), *model.buffers()]:
+        inner = [getattr(t, name) for name in t.__tensor_flatten__()[0]] if hasattr(t, "__tensor_flatten__") else [t]
+        total += sum(x.untyped_storage().nbytes() for x in inner)
+    return total
+
+
+def measured_peak(s: Setup) -> int:
+    """Two training steps as training takes them (the second one holds AdamW's state): the model's
+    bytes plus the peak of what the steps allocate."""
+    torch.manual_seed(0)
+    model = LLaMA(s.config)
+    method_config = {"lora": s.lora, "adapter": s.adapter}.get(s.base_method)
+    prepare_model(model, s.base_method, method_config, [s.config.vocab_size - 1])
+    set_training_dtypes(model, s.precision)
+    quantize(model, "nf4" if s.method == "qlora" else None)
+    model.activation_checkpointing = s.activation_checkpointing
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, betas=(0.9, 0.95))
+    idx, targets = (torch.randint(0, s.config.vocab_size, (B, T)) for _ in range(2))
+    dtype = compute_dtype(s.precision)
+    weights = tensor_bytes(model)
+    with StorageTracker() as tracker:
+        for _ in range(2):
+            with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+                loss = loss_sum(model, idx, targets)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            del loss
+    return weights + tracker.peak
+
+
+CASES = [(m, p, ck) for m in ("lora", "full") for p in ("32-true", "bf16-true") for ck in (False, True)]
+CASES += [("lora", "bf16-mixed", False), ("adapter", "32-true", False), ("adapter", "bf16-true", True)]
+
+
+@pytest.mark.parametrize("method, precision, checkpointing", CASES + [("qlora", "bf16-true", False),
+                                                                     ("qlora", "bf16-true", True)])
+def test_the_plan_is_within_15_percent_of_the_measured_peak(method, precision, checkpointing):
+    if method == "qlora":
+        pytest.importorskip("torchao")
+    s = Setup(LLaMAConfig.from_name("tiny"), method=method, precision=precision, micro_batch_size=B,
+              max_seq_length=T, activation_checkpointing=checkpointing, device_type="cpu")
+    estimate, measured = plan(s), measured_peak(s)
+    print(f"\n{method} {precision} checkpointing={checkpointing}: estimated {estimate.peak / 2**20:.2f} MiB, "
+          f"measured {measured / 2**20:.2f} MiB\n{table(estimate)}")
+    assert abs(estimate.peak - measured) <= 0.15 * measured
+
+
+def test_parameter_counts_are_the_models():
+    for name in ("tiny", "TinyLlama-1.1B"):
+        config = LLaMAConfig.from_name(name)
+        with torch.device("meta"):
+            model = LLaMA(config)
+        assert sum(base_params(config).values()) == sum(p.numel() for p in model.parameters())
+        lora = LoRAConfig(key=True, projection=True, mlp=True, head=True)
+        prepare_model(model, "lora", lora, [0, 1])
+        lora_numel = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+        assert lora_params(config, lora) == lora_numel
+        s = Setup(config, method="lora", lora=lora, special_tokens=2)
+        assert trained_params(s) == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def test_sharding_divides_what_is_sharded():
+    config = LLaMAConfig.from_name("Llama-2-70b")
+    one = plan(Setup(config, method="full", strategy="fsdp", processes=1, activation_checkpointing=True))
+    sixteen = plan(Setup(config, method="full", strategy="fsdp", processes=16, activation_checkpointing=True))
+    assert sixteen.parts["AdamW state (2 x fp32)"] * 16 == pytest.approx(one.parts["AdamW state (2 x fp32)"], rel=1e-6)
+    assert "fsdp gathered root" in sixteen.parts and sixteen.peak < one.peak / 8
+    assert activations_per_token(Setup(config)) > 0 and one.host_load > 0 and sixteen.peak > GiB
