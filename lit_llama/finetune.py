@@ -4,6 +4,7 @@ loop of `training.py`, and finish (the loss plot). The flags all three scripts s
 `DataArgs` (what trains on what) and `RunLayout` (where it runs, and its out dir)."""
 
 import gc
+import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional
@@ -12,11 +13,12 @@ import lightning as L
 import torch
 
 from lit_llama.batches import Mixture
-from lit_llama.checkpoint import load_model
+from lit_llama.checkpoint import CONFIG_FILE, MAKE_CHECKPOINT, load_model, read_config
 from lit_llama.cli import FlagGroup
 from lit_llama.dataset import TokenDataset, load_mix, load_prepared
 from lit_llama.errors import BadValue
-from lit_llama.files import check_writable
+from lit_llama.files import check_writable, require_file
+from lit_llama.memory import Setup, plan, table
 from lit_llama.methods import Method, MethodConfig, prepare_model
 from lit_llama.metrics import LoggerName, make_loggers, plot_losses, truncate_metrics
 from lit_llama.model import LLaMA
@@ -73,6 +75,8 @@ class RunLayout(FlagGroup):
             keeping them: less memory, about a third more compute
         resume: continue from the training state saved in out_dir
         logger_name: csv (out_dir/metrics.csv, always written), or also tensorboard or wandb (files under out_dir)
+        plan: print the memory plan of these settings (scripts/plan_memory.py's, with the data's longest
+            sample) and exit, loading nothing
     """
 
     out_dir: Path = Path("out")
@@ -84,6 +88,7 @@ class RunLayout(FlagGroup):
     activation_checkpointing: bool = False
     resume: bool = False
     logger_name: LoggerName = "csv"
+    plan: bool = False
 
 
 @dataclass
@@ -145,9 +150,29 @@ def make_fabric(layout: RunLayout) -> L.Fabric:
         raise BadValue(f"--accelerator {layout.accelerator}: {e}") from None
 
 
+def memory_plan(run: FineTuneRun) -> str:
+    """The memory plan of `run` (lit_llama/memory.py), read from the checkpoint's config and the data dir's
+    prepare.json (its longest sample, its special tokens): no weights and no samples are loaded."""
+    data = run.data
+    config = read_config(Path(data.checkpoint_dir) / CONFIG_FILE, "is this a checkpoint dir? " + MAKE_CHECKPOINT)
+    prepared = json.loads(require_file(Path(data.data_dir) / "prepare.json", "is this a prepared data dir?").read_text())
+    method = "qlora" if run.quantize else run.method
+    configs = {} if run.method_config is None else {run.method: run.method_config}
+    setup = Setup(config, method=method, precision=run.layout.precision or default_precision(),
+                  strategy=run.layout.strategy, processes=run.layout.devices * run.layout.num_nodes,
+                  micro_batch_size=run.train.micro_batch_size, max_seq_length=prepared["report"]["longest"],
+                  activation_checkpointing=run.layout.activation_checkpointing,
+                  special_tokens=len(prepared["special_tokens"]), device_type=device_type(run.layout.accelerator),
+                  **configs)
+    return table(plan(setup))
+
+
 def finetune(run: FineTuneRun) -> dict:
     """Everything a finetune script does after parsing its flags. Returns the last losses."""
     layout = run.layout
+    if layout.plan:
+        print(memory_plan(run))
+        return dict(NO_LOSSES)
     check_token_lr_scale(run.train.token_lr_scale)
     check_quantize(run.quantize, layout.devices * layout.num_nodes)
     check_resumed_flags(layout.out_dir, layout.resume, {"quantize": run.quantize, **run.data.mix_flags()})

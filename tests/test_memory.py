@@ -126,3 +126,22 @@ def test_sharding_divides_what_is_sharded():
     assert sixteen.parts["AdamW state (2 x fp32)"] * 16 == pytest.approx(one.parts["AdamW state (2 x fp32)"], rel=1e-6)
     assert "fsdp gathered root" in sixteen.parts and sixteen.peak < one.peak / 8
     assert activations_per_token(Setup(config)) > 0 and one.host_load > 0 and sixteen.peak > GiB
+
+
+def test_a_finetune_script_prints_the_plan_of_its_flags_and_loads_nothing(tiny_checkpoint, lima_data, tmp_path, capsys):
+    import json
+
+    from conftest import load_script
+    from lit_llama.cli import run
+    from lit_llama.training import TrainArgs
+
+    out_dir = tmp_path / "out"
+    run(load_script("finetune/lora.py").setup,
+        ["--data_dir", str(lima_data), "--checkpoint_dir", str(tiny_checkpoint), "--out_dir", str(out_dir),
+         "--accelerator", "cpu", "--lora.r", "4", "--activation_checkpointing", "true", "--plan", "true"])
+    prepared = json.loads((lima_data / "prepare.json").read_text())
+    expected = Setup(LLaMAConfig.from_json(tiny_checkpoint / "model_config.json"), method="lora", precision="32-true",
+                     micro_batch_size=TrainArgs().micro_batch_size, max_seq_length=prepared["report"]["longest"],
+                     activation_checkpointing=True, lora=LoRAConfig(r=4), special_tokens=1, device_type="cpu")
+    assert table(plan(expected)) in capsys.readouterr().out
+    assert not out_dir.exists()  # nothing trained, nothing written
