@@ -13,7 +13,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable, Literal, Optional
+from typing import Callable, Literal, Optional
 
 import torch
 
@@ -21,7 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lit_llama.cli import FlagGroup  # noqa: E402
+from lit_llama.cli import FlagGroup, flags  # noqa: E402,F401 (flags: the benchmarks take it from here)
 from lit_llama.export import hf_config, hf_state  # noqa: E402
 from lit_llama.dataset import IGNORE_INDEX  # noqa: E402
 from lit_llama.model import LLaMA, LLaMAConfig  # noqa: E402
@@ -71,18 +71,6 @@ class TrainStep(FlagGroup):
     def flags(self) -> list[str]:
         """The flags that give a worker process this step."""
         return flags(**asdict(self))
-
-
-def flags(**values: Any) -> list[str]:
-    """A command line from keywords: `flags(size="30M", warm=True, train=dict(seed=1))` is
-    `--size 30M --warm true --train.seed 1`."""
-    words = []
-    for name, value in values.items():
-        if isinstance(value, dict):
-            words += flags(**{f"{name}.{key}": nested for key, nested in value.items()})
-        else:
-            words += [f"--{name}", str(value).lower() if isinstance(value, bool) else str(value)]
-    return words
 
 
 def model_config(size: str) -> LLaMAConfig:

@@ -135,11 +135,6 @@ def child_env(processes: int = 1) -> dict[str, str]:
     return env
 
 
-def flags(**values: Any) -> list[str]:
-    """A command line from keywords: `flags(lora_path=p, temperature=0)` is `--lora_path p --temperature 0`."""
-    return [word for name, value in values.items() for word in (f"--{name}", str(value))]
-
-
 def start(work: Work, script: str, args: Sequence[Any] = (), *, processes: int = 1) -> Started:
     """`python script args...` from the repo root, as a user types it, its output going to the check's log.
     It runs in a session of its own, so that ending it ends the processes it starts (ddp's other ranks)."""

@@ -14,9 +14,10 @@ from typing import Any, Callable, Literal, Optional, Sequence
 import torch
 
 from lit_llama import device_check
-from lit_llama.acceptance import (COMMAND_TIMEOUT, REPO, Failed, Started, Work, finish, flags, last_error,
+from lit_llama.acceptance import (COMMAND_TIMEOUT, REPO, Failed, Started, Work, finish, last_error,
                                   metrics_rows, require, require_reasons, require_trained, run_script, start,
                                   tokens_per_second, train_args)
+from lit_llama.cli import flags
 from lit_llama.checkpoint import load_model
 from lit_llama.dataset import TokenDataset
 from lit_llama.errors import BadValue

@@ -28,6 +28,18 @@ def flag_groups(fn: Callable[..., Any]) -> dict[str, inspect.Parameter]:
             if isinstance(p.annotation, type) and issubclass(p.annotation, FlagGroup)}
 
 
+def flags(**values: Any) -> list[str]:
+    """A command line from keywords: `flags(size="30M", warm=True, train=dict(seed=1))` is
+    `--size 30M --warm true --train.seed 1`."""
+    words = []
+    for name, value in values.items():
+        if isinstance(value, dict):
+            words += flags(**{f"{name}.{key}": nested for key, nested in value.items()})
+        else:
+            words += [f"--{name}", str(value).lower() if isinstance(value, bool) else str(value)]
+    return words
+
+
 class Parser(ArgumentParser):
     """jsonargparse's parser, whose errors (unknown flag, bad value) end in one line naming the flag,
     instead of the usage and a multi-line report. With --debug, jsonargparse's own report is kept."""
