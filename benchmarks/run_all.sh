@@ -13,6 +13,9 @@ done
 python load.py
 python checkpointing.py --size 120M --method lora --runs 5
 python qlora.py --size 1.1B
+python sharded_load.py
+python sharded_load.py --method full
+python sharded_load.py --quantize nf4 --processes '[2, 4]'  # nf4 under fsdp needs 2 or more
 python group_by_length.py --size 30M
 python mix_experiment.py --work_dir ../out/mix_experiment
 if python -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then

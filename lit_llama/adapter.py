@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lit_llama.errors import BadValue
+from lit_llama.lora import made_on
 from lit_llama.model import CausalSelfAttention, LLaMA, LLaMAConfig
 
 
@@ -61,7 +62,7 @@ def inject_adapter(model: LLaMA, config: AdapterConfig) -> None:
         with torch.device("meta"):  # no throwaway copies of the attention weights
             new = AdapterAttention(model.config, config.prompt_length)
         new.c_attn, new.c_proj = old.c_attn, old.c_proj
-        new.reset_adapter_parameters(old.c_attn.weight.device, old.c_attn.weight.dtype)
+        new.reset_adapter_parameters(made_on(old.c_attn.weight), old.c_attn.weight.dtype)
         block.attn = new
 
 

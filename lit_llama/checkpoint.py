@@ -1,9 +1,11 @@
 """Checkpoint dirs: what they hold, how to load them lean, how to write a plain one.
 
 A base checkpoint dir:   lit_model.pth, model_config.json, tokenizer.model [, special_tokens.json]
+                         (a full fine-tune under fsdp writes its weights a block at a time instead:
+                         lit_model.safetensors.index.json and one lit_model-*.safetensors per block)
 A fine-tune out dir:     model_config.json, tokenizer.model, special_tokens.json, hyperparameters.json
                          (method, base checkpoint dir, method settings, training settings), metrics.csv,
-                         training_state.pth (for --resume), and the trained weights:
+                         training_state.pth (under fsdp training_state/, for --resume), and the trained weights:
                            lora     lit_model_lora.pth     LoRA matrices + special-token rows
                            adapter  lit_model_adapter.pth  adapter prompts and gates + special-token rows
                            full     lit_model.pth          everything: the out dir is a checkpoint dir
@@ -13,9 +15,11 @@ import json
 import pickle
 from dataclasses import replace
 from pathlib import Path
-from typing import Optional
+from typing import Collection, Optional
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from lit_llama.errors import BadValue, MissingFile, file_error
 from lit_llama.files import atomic_save, require_dir, require_file
@@ -28,6 +32,7 @@ from lit_llama.tokenizer import Tokenizer
 from lit_llama.vocab import attach_token_rows, grow_vocab, merge_token_rows
 
 MODEL_FILE = "lit_model.pth"
+WEIGHTS_INDEX = "lit_model.safetensors.index.json"  # {"weight_map": {name: file}}, the files beside it
 CONFIG_FILE = "model_config.json"
 HPARAMS_FILE = "hyperparameters.json"
 MAKE_CHECKPOINT = "make a checkpoint dir with scripts/prepare_tiny.py or scripts/convert_hf_checkpoint.py"
@@ -63,6 +68,40 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
                        f"write it again, or use the previous checkpoint") from None
 
 
+def weights_file(checkpoint_dir: Path) -> Path:
+    """The file that says what a checkpoint dir's weights are: lit_model.pth, or the index of the weights
+    written a block at a time; the one written last if a kill left both."""
+    checkpoint_dir = Path(checkpoint_dir)
+    found = [path for path in (checkpoint_dir / MODEL_FILE, checkpoint_dir / WEIGHTS_INDEX) if path.is_file()]
+    if not found:
+        raise MissingFile(f"{checkpoint_dir / MODEL_FILE} not found: the checkpoint dir has no weights")
+    return max(found, key=lambda path: path.stat().st_mtime)
+
+
+def read_weights(checkpoint_dir: Path, names: Optional[Collection[str]] = None) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint dir on the CPU (those of `names`, or all): lit_model.pth memory-mapped
+    (read when used), or read from the files of lit_model.safetensors.index.json that hold them."""
+    path = weights_file(checkpoint_dir)
+    if path.name == MODEL_FILE:
+        state = load_state_dict(path)
+        return state if names is None else {name: state[name] for name in names}
+    try:
+        weight_map = json.loads(path.read_text())["weight_map"]
+        files = sorted(set(weight_map.values() if names is None else (weight_map[name] for name in names)))
+        state = {name: t for file in files for name, t in load_file(path.parent / file).items()}
+        return state if names is None else {name: state[name] for name in names}
+    except (ValueError, KeyError, TypeError, OSError, SafetensorError) as e:
+        raise BadValue(f"{path} or a file it names is missing or damaged ({e!r}); write the checkpoint again, "
+                       f"or use the previous one") from None
+
+
+def drop_block_weights(checkpoint_dir: Path) -> None:
+    """Remove weights written a block at a time (once lit_model.pth holds newer ones)."""
+    (Path(checkpoint_dir) / WEIGHTS_INDEX).unlink(missing_ok=True)
+    for path in Path(checkpoint_dir).glob("lit_model-*.safetensors"):
+        path.unlink()
+
+
 def load_model(checkpoint_dir: Path, dtype: Optional[torch.dtype] = None) -> LLaMA:
     """The model of a checkpoint dir, built on the meta device and given the mmapped tensors as its
     parameters (no random init, no second copy). Stays on the CPU; move it where it should run."""
@@ -70,8 +109,7 @@ def load_model(checkpoint_dir: Path, dtype: Optional[torch.dtype] = None) -> LLa
     config = read_config(checkpoint_dir / CONFIG_FILE, "is this a checkpoint dir? " + MAKE_CHECKPOINT)
     with torch.device("meta"):
         model = LLaMA(config)
-    state = load_state_dict(require_file(checkpoint_dir / MODEL_FILE, "the checkpoint dir has no weights"))
-    model.load_state_dict(state, assign=True)
+    model.load_state_dict(read_weights(checkpoint_dir), assign=True)
     if dtype is not None:
         model.to(dtype)
     return model

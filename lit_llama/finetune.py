@@ -23,9 +23,10 @@ from lit_llama.methods import Method, MethodConfig, prepare_model
 from lit_llama.metrics import LoggerName, make_loggers, plot_losses, truncate_metrics
 from lit_llama.model import LLaMA
 from lit_llama.outdir import OutDir, StopOnSignal, check_resumed_flags
-from lit_llama.parallel import check_devices, device_type, gather_objects, make_strategy, trained_checksum
+from lit_llama.parallel import check_devices, device_type, gather_objects, is_sharded, make_strategy, trained_checksum
 from lit_llama.precision import TrainPrecision, compute_dtype, default_precision, precision_plugin, set_training_dtypes
 from lit_llama.quantize import Quantize, nf4_tensor, quantize as quantize_base
+from lit_llama.sharded import shard_and_load
 from lit_llama.tokenizer import Tokenizer
 from lit_llama.training import NO_LOSSES, Session, TrainArgs, fit, make_optimizer
 from lit_llama.vocab import add_special_tokens
@@ -120,11 +121,15 @@ def check_token_lr_scale(token_lr_scale: float) -> None:
         raise BadValue(f"--train.token_lr_scale must be >= 0, got {token_lr_scale}")
 
 
-def check_quantize(quantize: Optional[Quantize], processes: int) -> None:
-    """A quantized base runs on one process."""
+def check_quantize(quantize: Optional[Quantize], processes: int, strategy: str) -> None:
+    """A quantized base runs on one process, or sharded on several (FSDP2 gathers the NF4 codes)."""
     if quantize is not None:
-        if processes > 1:
-            raise BadValue("--quantize nf4 runs on one device: pass --devices 1")
+        if processes > 1 and strategy != "fsdp":
+            raise BadValue(f"--quantize nf4 on {processes} processes needs --strategy fsdp (the 4-bit base is "
+                           "sharded; ddp would replicate it)")
+        if processes == 1 and strategy == "fsdp":  # FSDP2 can't gather NF4 codes over a mesh of one
+            raise BadValue("--quantize nf4 with --strategy fsdp needs 2 or more processes; on one, leave out "
+                           "--strategy fsdp")
         nf4_tensor()  # the missing library named now, not after loading
 
 
@@ -174,7 +179,7 @@ def finetune(run: FineTuneRun) -> dict:
         print(memory_plan(run))
         return dict(NO_LOSSES)
     check_token_lr_scale(run.train.token_lr_scale)
-    check_quantize(run.quantize, layout.devices * layout.num_nodes)
+    check_quantize(run.quantize, layout.devices * layout.num_nodes, layout.strategy)
     check_resumed_flags(layout.out_dir, layout.resume, {"quantize": run.quantize, **run.data.mix_flags()})
     tokenizer, train_data, val_data = load_data(run.data)  # bad paths fail before any launch
     check_devices(layout.accelerator, layout.devices)
@@ -222,12 +227,21 @@ def model_to_train(fabric: L.Fabric, run: FineTuneRun, tokenizer: Tokenizer) -> 
     dtypes (and quantized, if asked), and the out dir that saves what trains."""
     checkpoint_dir = run.data.checkpoint_dir
     model = load_model(checkpoint_dir)
+    shard = is_sharded(fabric)
+    if shard:  # each rank loads only its own shards of the blocks, once the model is sharded (sharded.py)
+        model.transformer.h.to("meta")
     base_dtypes = {name: t.dtype for name, t in model.state_dict().items()}
     learned = Tokenizer.from_dir(checkpoint_dir).special_tokens.values()  # a second round keeps them
     special_ids = add_special_tokens(model, tokenizer, run.data.token_init, seed=run.train.seed, learned=learned)
     prepare_model(model, run.method, run.method_config, special_ids)
     set_training_dtypes(model, run.layout.precision)
-    quantize_base(model, run.quantize, fabric.device)  # after the dtypes: moving an NF4 weight to a dtype dequantizes it
+    # quantized after the dtypes are set (moving an NF4 weight to a dtype dequantizes it); under fsdp
+    # block by block, each as it is sharded
+    if shard:
+        model = shard_and_load(model, fabric.strategy.device_mesh, checkpoint_dir, fabric.device,
+                               compute_dtype(run.layout.precision), run.quantize)
+    else:
+        quantize_base(model, run.quantize, fabric.device)
     model.activation_checkpointing = run.layout.activation_checkpointing
     model.set_residual_dropout(run.train.residual_dropout)
     trained = {n for n, p in model.named_parameters() if p.requires_grad}

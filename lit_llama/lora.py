@@ -99,9 +99,16 @@ class LoRALinear(nn.Linear):
         return delta
 
 
+def made_on(base_weight: torch.Tensor) -> torch.device:
+    """Where the parameters a method adds beside `base_weight` are made: beside it, or on the CPU while the
+    base waits on the meta device to be loaded shard by shard (fsdp). They draw from the same random
+    stream either way, so a sharded run starts from the one-process run's values."""
+    return torch.device("cpu") if base_weight.is_meta else base_weight.device
+
+
 def _lora_linear(old: nn.Linear, config: LoRAConfig, chunks: Optional[list[int]] = None,
                  enabled: Optional[list[bool]] = None) -> LoRALinear:
-    with torch.device(old.weight.device):
+    with torch.device(made_on(old.weight)):
         new = LoRALinear(old.in_features, old.out_features, r=config.r, alpha=config.alpha, dropout=config.dropout,
                          chunks=chunks, enabled=enabled)
     new.weight = old.weight  # shared, not copied

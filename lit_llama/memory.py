@@ -305,10 +305,21 @@ def largest_trained(s: Setup) -> int:
 
 
 def host_load(s: Setup) -> tuple[int, str]:
-    """Every process loads the whole checkpoint (memory-mapped: shared in the page cache by the processes
-    of one node) and converts to fp32 what trains, and the frozen rest to its dtype, in its own memory."""
-    p = sum(base_params(s.config).values())
+    """Without fsdp, every process loads the whole checkpoint (memory-mapped: shared in the page cache by
+    the processes of one node) and converts to fp32 what trains, and the frozen rest to its dtype, in its
+    own memory. Under fsdp (sharded.py) a process builds the embedding and head whole and what the method
+    adds, and reads the blocks one at a time: its rows of each (qlora: each whole, to quantize it)."""
+    p = base_params(s.config)
     t = trained_params(s)
+    if s.strategy == "fsdp":  # the sharded loader, whatever the number of processes
+        root = (p["wte"] + p["lm_head"]) * (4 if s.base_method == "full" else frozen_bytes(s.precision))
+        made = 0 if s.base_method == "full" else 4 * t
+        block = block_params(s) * s.checkpoint_bytes
+        read = block if s.method == "qlora" else block // s.processes
+        note = (f"each process: the embedding and head whole, {root / GiB:.1f} GiB, and "
+                f"{'each block whole' if s.method == 'qlora' else 'its rows of each block'}, one at a time")
+        return root + made + read, note
+    p = sum(p.values())
     frozen = 0 if s.base_method == "full" else p
     converted = (4 * t if s.checkpoint_bytes != 4 else 0)
     converted += frozen * frozen_bytes(s.precision) if frozen_bytes(s.precision) != s.checkpoint_bytes else 0
@@ -320,22 +331,25 @@ def host_load(s: Setup) -> tuple[int, str]:
 
 def host_save(s: Setup) -> tuple[int, str]:
     """Rank 0 gathers what trains on the CPU in fp32 (a full fine-tune: also a copy in the checkpoint's
-    dtype to write); under fsdp, the training state (weights and AdamW's two moments) is gathered too."""
+    dtype to write). Under fsdp a full fine-tune is gathered one unit at a time (the root, or a block),
+    and each process writes its own shards of the training state."""
     t = trained_params(s)
-    total = 4 * t + (s.checkpoint_bytes * t if s.base_method == "full" else 0)
-    note = "rank 0: the trained weights in fp32"
-    if s.sharded:
-        total += 12 * t
-        note += ", and the whole training state (fsdp gathers it)"
-    return total, note
+    if s.strategy != "fsdp":
+        return 4 * t + (s.checkpoint_bytes * t if s.base_method == "full" else 0), "rank 0: the trained weights in fp32"
+    # the training state's shards go to disk a tensor at a time, from each process
+    if s.base_method == "full":
+        p = base_params(s.config)
+        unit = max(p["wte"] + p["lm_head"] + 2 * s.special_tokens * s.config.n_embd, block_params(s))
+        return (4 + s.checkpoint_bytes) * unit, "rank 0: the largest unit (the root, or a block) in fp32 and as written"
+    return 4 * t, "rank 0: the trained weights in fp32"
 
 
 def plan(s: Setup) -> Plan:
     """The peak per device: what stays, plus the largest moment of a step."""
     if s.strategy not in ("auto", "ddp", "fsdp"):
         raise BadValue(f"--strategy {s.strategy!r} is not one of auto, ddp, fsdp")
-    if s.method == "qlora" and s.processes > 1:
-        raise BadValue("qlora (--quantize nf4) runs on one device: pass --devices 1 --num_nodes 1")
+    if s.method == "qlora" and s.processes > 1 and not s.sharded:
+        raise BadValue("qlora (--quantize nf4) on several processes needs --strategy fsdp")
     moments = {"forward": forward_parts(s), "backward": backward_parts(s), "step": step_parts(s)}
     moment = max(moments, key=lambda m: sum(moments[m].values()))
     load, load_note = host_load(s)

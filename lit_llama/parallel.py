@@ -15,8 +15,7 @@ from typing import Any, Callable, Optional, Union
 import lightning as L
 import torch
 from lightning.fabric.strategies import ModelParallelStrategy, Strategy
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 
 from lit_llama.errors import BadValue
@@ -45,14 +44,20 @@ def check_devices(accelerator: str, devices: int) -> None:
                            f"--devices {available} or fewer (across machines: --num_nodes)")
 
 
-def shard_per_block(model: LLaMA, device_mesh: Any, compute_dtype: Optional[torch.dtype] = None) -> LLaMA:
+def shard_per_block(model: LLaMA, device_mesh: Any, compute_dtype: Optional[torch.dtype] = None,
+                    before: Callable[[int, torch.nn.Module], None] = lambda i, block: None) -> LLaMA:
     """FSDP2: each transformer block is its own unit (gathered just before it runs, freed after), and
     the root holds the rest (embeddings, head, final norm, the special-token rows). With a half
     `compute_dtype`, weights are gathered in it, so the fp32 trained weights never exist whole in fp32
-    on one device, and gradients are reduced in fp32."""
+    on one device, and gradients are reduced in fp32. `before(i, block)` runs just before block i is
+    sharded. A model sharded already (loaded into its shards, `sharded.shard_and_load`) is returned as
+    it is."""
+    if isinstance(model, FSDPModule):
+        return model
     mesh = device_mesh["data_parallel"]
     policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32 if compute_dtype else None)
-    for block in model.transformer.h:
+    for i, block in enumerate(model.transformer.h):
+        before(i, block)
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     register_fsdp_forward_method(model, "hidden")  # the loss and the decoder call it: gathered as for forward
@@ -74,17 +79,24 @@ def is_sharded(fabric: L.Fabric) -> bool:
     return isinstance(fabric.strategy, ModelParallelStrategy)
 
 
+@torch.no_grad()
 def full_state_dict(fabric: L.Fabric, model: torch.nn.Module,
                     keep: Callable[[str], bool] = lambda name: True) -> dict[str, torch.Tensor]:
     """The entries of the model's state dict that `keep` accepts, as whole tensors on the CPU of rank 0
-    (other ranks: {} under fsdp). Every rank must call it: under fsdp it gathers. Tensors leave the
+    (other ranks: {} under fsdp). Every rank must call it: under fsdp it gathers, one entry at a time
+    and only those kept, so no process ever holds more of the model than it saves. Tensors leave the
     device one at a time, so a save never holds a second copy of the model there, and the file loads
     on any machine."""
-    if is_sharded(fabric):
-        state = get_model_state_dict(model.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    else:
+    if not is_sharded(fabric):
         state = fabric.strategy.get_module_state_dict(model)
-    return {name: tensor.detach().cpu() for name, tensor in state.items() if keep(name)}
+        return {name: tensor.detach().cpu() for name, tensor in state.items() if keep(name)}
+    whole = {}
+    for name, tensor in model.module.state_dict().items():  # shards under fsdp: nothing gathered yet
+        if keep(name):
+            tensor = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor  # every rank takes part
+            if fabric.is_global_zero:
+                whole[name] = tensor.detach().cpu()
+    return whole
 
 
 @torch.no_grad()

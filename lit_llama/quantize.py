@@ -45,18 +45,30 @@ def quantize(model: LLaMA, method: Optional[Quantize], device: Optional[torch.de
     """Store the block linears' weights in `method` ("nf4"; None: leave the model as it is), quantized
     from `dtype` (by default their own), one layer at a time on `device` (by default where they are):
     moving a 70B base to a GPU this way never holds more than one dense layer there."""
-    if method is None:
-        return model
-    NF4Tensor = nf4_tensor()
-    for name, module in block_linears(model):
-        if module.weight.requires_grad:
-            raise ValueError(f"{name}.weight trains: only a frozen base is quantized (LoRA or adapter, not full fine-tuning)")
-        weight = module.weight.to(device=device, dtype=dtype)
-        if weight.numel() % (BLOCK_SIZE * SCALER_BLOCK_SIZE):
-            raise BadValue(f"{name}.weight {tuple(weight.shape)} does not split into NF4 blocks of "
-                           f"{BLOCK_SIZE} x {SCALER_BLOCK_SIZE} weights")
-        module.weight = nn.Parameter(NF4Tensor.from_tensor(weight, BLOCK_SIZE, SCALER_BLOCK_SIZE), requires_grad=False)
+    if method is not None:
+        for i, block in enumerate(model.transformer.h):
+            quantize_block(block, f"transformer.h.{i}", device, dtype)
     return model
+
+
+@torch.no_grad()
+def quantize_block(block: nn.Module, name: str, device: Optional[torch.device] = None,
+                   dtype: Optional[torch.dtype] = None, shards: int = 1) -> None:
+    """`quantize` for the linear layers of one block (named `name`), whose codes are then to be cut into
+    `shards` equal row shards (FSDP2): each shard must hold whole NF4 blocks and scaler blocks."""
+    NF4Tensor = nf4_tensor()
+    for sub, module in block.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        if module.weight.requires_grad:
+            raise ValueError(f"{name}.{sub}.weight trains: only a frozen base is quantized (LoRA or adapter, not "
+                             "full fine-tuning)")
+        weight = module.weight.to(device=device, dtype=dtype)
+        if weight.shape[0] % shards or weight.numel() % (BLOCK_SIZE * SCALER_BLOCK_SIZE * shards):
+            raise BadValue(f"{name}.{sub}.weight {tuple(weight.shape)} does not split into {shards} equal row shards "
+                           f"of whole NF4 blocks of {BLOCK_SIZE} x {SCALER_BLOCK_SIZE} weights"
+                           + ("; train it on fewer processes" if shards > 1 else ""))
+        module.weight = nn.Parameter(NF4Tensor.from_tensor(weight, BLOCK_SIZE, SCALER_BLOCK_SIZE), requires_grad=False)
 
 
 @torch.no_grad()

@@ -121,15 +121,20 @@ def install_fault(file: str, phase: str, at: int) -> None:
 
 
 def install_snapshot(directory: Path) -> None:
-    """After each checkpoint, keep a copy of its files as <step>.<file name> in `directory`."""
+    """After each checkpoint, keep a copy of its files as <step>.<file name> in `directory` (a sharded
+    training state: its directory, as <step>.training_state)."""
     from lit_llama.outdir import OutDir
+    from lit_llama.sharded import latest_state
 
     save = OutDir.save
 
     def save_and_copy(self, fabric, model, optimizer, step, *rest):
         save(self, fabric, model, optimizer, step, *rest)
-        for path in (self.weights, self.state):
-            shutil.copyfile(path, Path(directory) / f"{step}.{path.name}")
+        shutil.copyfile(self.weights, Path(directory) / f"{step}.{self.weights.name}")
+        if self.state.exists():
+            shutil.copyfile(self.state, Path(directory) / f"{step}.{self.state.name}")
+        else:
+            shutil.copytree(latest_state(self.state_dir), Path(directory) / f"{step}.{self.state_dir.name}")
 
     Path(directory).mkdir(parents=True, exist_ok=True)
     OutDir.save = save_and_copy

@@ -7,6 +7,7 @@ train as two machines of one process each."""
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,10 +20,16 @@ from lightning.fabric.plugins.environments.lightning import find_free_network_po
 
 from conftest import REPO, load_script, val_losses
 from lit_llama import device_check
-from lit_llama.checkpoint import MODEL_FILE, load_state_dict
+from lit_llama.checkpoint import (CONFIG_FILE, MODEL_FILE, WEIGHTS_INDEX, load_state_dict, read_config, read_weights,
+                                  save_checkpoint_dir)
 from lit_llama.generate import Sampling, Stopping
 from lit_llama.inference import Replies
 from lit_llama.methods import METHODS
+from lit_llama.model import LLaMA, LLaMAConfig
+from lit_llama.outdir import RESUME_DIR
+from lit_llama.prepare import PrepareDirs
+from lit_llama.sharded import REST, latest_state
+from lit_llama.tokenizer import Tokenizer
 
 FLAGS = ["--accelerator", "cpu", "--train.max_iters", "6", "--train.warmup_iters", "2", "--train.global_batch_size", "4",
          "--train.micro_batch_size", "2", "--train.eval_interval", "3", "--train.eval_iters", "0",
@@ -79,14 +86,17 @@ def test_two_processes_end_on_the_one_process_weights(runs, method, layout):
     out_dir, output = runs[method, layout]
     assert "trained weights agree across 2 ranks: True" in output
     assert "terminate called" not in output
-    one = load_state_dict(one_dir / weights_file(method))
-    two = load_state_dict(out_dir / weights_file(method))
+    one, two = trained_weights(one_dir, method), trained_weights(out_dir, method)
     assert one.keys() == two.keys()
     for name in one:  # whole tensors, not shards
         assert two[name].shape == one[name].shape, name
         torch.testing.assert_close(two[name], one[name], atol=1e-5, rtol=0)
-    moved = load_state_dict(one_dir / weights_file(method))["token_rows.lm_head" if method == "lora" else "lm_head.weight"]
+    moved = one["token_rows.lm_head" if method == "lora" else "lm_head.weight"]
     assert moved.abs().sum() > 0
+    if (method, layout) == ("full", "fsdp"):  # written a block at a time: the root's file, then one per block
+        index = json.loads((out_dir / WEIGHTS_INDEX).read_text())
+        n_layer = read_config(out_dir / CONFIG_FILE, "").n_layer
+        assert len(set(index["weight_map"].values())) == 1 + n_layer and not (out_dir / MODEL_FILE).exists()
     if (method, layout) == ("lora", "ddp"):  # the config file's values, and the defaults where it is silent
         hparams = json.loads((out_dir / "hyperparameters.json").read_text())
         assert hparams["lora"]["r"] == 4 and hparams["train"]["max_iters"] == 6
@@ -105,30 +115,52 @@ def test_an_fsdp_out_dir_generates(runs, method, capsys):
     assert capsys.readouterr().err.startswith("stop reason: ")
 
 
-def test_a_killed_fsdp_run_resumes_to_the_uninterrupted_weights(runs, tiny_checkpoint, lima_data, tmp_path):
-    whole_dir, _ = runs["full", "fsdp"]
-    out_dir = tmp_path / "killed"
+@pytest.fixture(scope="module")
+def killed_fsdp_run(runs, tiny_checkpoint, lima_data, tmp_path_factory) -> tuple[Path, list[str], int]:
+    """A 2-process fsdp full fine-tune killed (both ranks at once, as a node failure would) once its first
+    sharded checkpoint is complete: (out dir, command, the step its checkpoint is at)."""
+    out_dir = tmp_path_factory.mktemp("killed") / "out"
     cmd = command("full", lima_data, tiny_checkpoint, out_dir, *LAYOUTS["fsdp"], "--activation_checkpointing", "true")
-    # its own process group: the kill takes both ranks at once, as a node failure would
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
                             env=ENV)
     deadline = time.time() + 300
-    while not (out_dir / "training_state.pth").exists() and proc.poll() is None and time.time() < deadline:
+    while latest_state(out_dir / RESUME_DIR) is None and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    state = torch.load(out_dir / "training_state.pth", weights_only=True)
-    saved_step = state["step"]
-    assert saved_step < 6
-    assert len(state["rng"]) == 2  # each rank's random state
+    checkpoint = latest_state(out_dir / RESUME_DIR)
+    rest = torch.load(checkpoint / REST, weights_only=True)
+    assert rest["step"] < 6
+    assert len(rest["rng"]) == 2  # each rank's random state
+    assert sorted(p.name for p in checkpoint.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]  # a file per rank
+    assert not (out_dir / "training_state.pth").exists()  # no rank wrote the whole state
+    return out_dir, cmd, rest["step"]
 
-    output = run(cmd + ["--resume", "true"])
+
+@pytest.mark.parametrize("layout", [["--devices", "2", "--strategy", "fsdp"], ["--devices", "1", "--strategy", "auto"],
+                                    ["--devices", "4", "--strategy", "fsdp", "--train.micro_batch_size", "1"]],
+                         ids=["2 fsdp", "1 plain", "4 fsdp"])
+def test_a_killed_fsdp_run_resumes_on_any_layout_to_the_uninterrupted_weights(runs, killed_fsdp_run, tmp_path, layout):
+    """Saved by 2 processes, resumed by 2, by 1 without fsdp, and by 4 (one sample each): the shards are
+    read into whatever layout resumes, and the steps draw the same samples."""
+    whole_dir, _ = runs["full", "fsdp"]
+    killed, cmd, saved_step = killed_fsdp_run
+    out_dir = tmp_path / "out"
+    shutil.copytree(killed, out_dir)
+    output = run([str(out_dir) if arg == str(killed) else arg for arg in cmd] + [*layout, "--resume", "true"])
     assert f"resuming from step {saved_step}" in output
-    whole, resumed = load_state_dict(whole_dir / "lit_model.pth"), load_state_dict(out_dir / "lit_model.pth")
+    # another process count: each process's random state has no heir, and the run says so
+    assert ("saved by 2 processes and resumes on" in output) == (layout[1] != "2")
+    whole, resumed = read_weights(whole_dir), read_weights(out_dir)
     for name in whole:
-        torch.testing.assert_close(resumed[name], whole[name], atol=1e-6, rtol=0)
+        torch.testing.assert_close(resumed[name], whole[name], atol=1e-5, rtol=0)
     with open(out_dir / "metrics.csv", newline="") as f:
         assert [row["step"] for row in csv.DictReader(f)] == [str(i) for i in range(1, 7)]
+    checkpoints = list((out_dir / RESUME_DIR).glob("step-*"))
+    if "fsdp" in layout:  # the last checkpoint only, the one `latest` names
+        assert checkpoints == [latest_state(out_dir / RESUME_DIR)] and checkpoints[0].name == "step-000006"
+    else:  # without fsdp the state is one file again, and the sharded one is gone
+        assert torch.load(out_dir / "training_state.pth", weights_only=True)["step"] == 6 and not checkpoints
 
 
 def test_two_nodes_end_on_the_one_process_weights(runs, tiny_checkpoint, lima_data, tmp_path):
@@ -154,16 +186,53 @@ def test_two_nodes_end_on_the_one_process_weights(runs, tiny_checkpoint, lima_da
     for code, output in zip(codes, outputs):
         assert code == 0, output[-3000:]
     assert "trained weights agree across 2 ranks: True" in outputs[0]
-    one, two = load_state_dict(one_dir / MODEL_FILE), load_state_dict(tmp_path / "out0" / MODEL_FILE)
+    one, two = read_weights(one_dir), read_weights(tmp_path / "out0")
     assert one.keys() == two.keys()
     for name in one:
         torch.testing.assert_close(two[name], one[name], atol=1e-5, rtol=0)
     assert val_losses(tmp_path / "out0") == pytest.approx(val_losses(one_dir), abs=1e-4)  # each node scored half
-    assert not (tmp_path / "out1").exists()  # the global rank 0 writes the out dir, on the first node's disk
+    # the global rank 0 writes the out dir, on the first node's disk, and each rank its shards of the state:
+    # the second node's are on its own disk, and the first says the state can't be resumed from there
+    assert {p.name for p in (tmp_path / "out1").rglob("*") if p.is_file()} == {"__1_0.distcp"}
+    assert "--out_dir is not on a filesystem they share" in outputs[0]
 
 
-def weights_file(method: str) -> str:
-    return METHODS[method].weights_file or MODEL_FILE
+def trained_weights(out_dir: Path, method: str) -> dict[str, torch.Tensor]:
+    """What a run wrote: a LoRA out dir's trained weights, or a full fine-tune's whole checkpoint."""
+    weights_file = METHODS[method].weights_file
+    return load_state_dict(out_dir / weights_file) if weights_file else read_weights(out_dir)
+
+
+@pytest.fixture(scope="module")
+def wide_checkpoint(tiny_checkpoint, tmp_path_factory) -> Path:
+    """Random weights with the tiny tokenizer, at a shape whose block weights each split into 2 row
+    shards of whole NF4 blocks (64 x 256 weights; the tiny model's c_proj is one such block)."""
+    tokenizer = Tokenizer.from_dir(tiny_checkpoint)
+    torch.manual_seed(0)
+    model = LLaMA(LLaMAConfig.from_name("tiny", n_layer=2, n_embd=256, intermediate_size=512,
+                                        vocab_size=tokenizer.vocab_size))
+    directory = tmp_path_factory.mktemp("checkpoints") / "wide"
+    save_checkpoint_dir(model, tokenizer, directory)
+    return directory
+
+
+def test_qlora_on_two_fsdp_processes_ends_on_the_one_process_weights(wide_checkpoint, tmp_path):
+    """--quantize nf4 under fsdp: each block quantized whole, its NF4 codes sharded by FSDP2; LoRA trains
+    beside them to the weights of one process, and the out dir holds only what trained."""
+    pytest.importorskip("torchao", reason="pip install -e '.[quantize]'")
+    data = tmp_path / "data"
+    load_script("scripts/prepare_lima.py").prepare(data_path=REPO / "data" / "lima_sample.jsonl",
+                                                   dirs=PrepareDirs(wide_checkpoint, data))
+    flags = ["--quantize", "nf4", "--lora.r", "4"]
+    one = run(command("lora", data, wide_checkpoint, tmp_path / "one", *flags))
+    two = run(command("lora", data, wide_checkpoint, tmp_path / "two", *flags, *LAYOUTS["fsdp"]))
+    assert "on an nf4 base" in one and "on an nf4 base" in two
+    assert "trained weights agree across 2 ranks: True" in two
+    one, two = (load_state_dict(tmp_path / run / "lit_model_lora.pth") for run in ("one", "two"))
+    assert one.keys() == two.keys() and all("lora_" in name or name.startswith("token_rows.") for name in one)
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], atol=1e-5, rtol=0)
+    assert val_losses(tmp_path / "two") == pytest.approx(val_losses(tmp_path / "one"), abs=1e-4)
 
 
 class RankStub:

@@ -6,8 +6,10 @@ each running `python finetune/lora.py ...` as that command line would (a fresh P
 per run, a fork milliseconds). The reference also runs once as a plain `python finetune/lora.py`,
 so what the forks do is checked against the real command.
 
-By default each kill point runs once, plus two kills at random times. The soak, a long loop of
-random kills, is opt-in (it prints the seed and a tally of where the kills landed):
+The same kills hit the sharded training state of fsdp (one process: the same writer as on many). By
+default each kill point of the one-file writer runs once, one per file of the sharded writer, plus
+two kills at random times. The soak, a long loop of random kills and the sharded writer's other
+stages, is opt-in (it prints the seed and a tally of where the kills landed):
 
     python -m pytest -m soak tests/test_faults.py          # 30 random kills
     python -m pytest tests/test_faults.py --soak 200       # 200; add --fault-seed S to replay a loop
@@ -18,18 +20,22 @@ import random
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import lightning as L
 import pytest
 import torch
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from conftest import REPO
 from fault_runner import PHASES, Runner
 from lit_llama.checkpoint import HPARAMS_FILE, load_finetuned, load_state_dict
-from lit_llama.outdir import OutDir
+from lit_llama.outdir import RESUME_DIR, OutDir
+from lit_llama.sharded import REST, latest_state
 
 STEPS = 4
 FLAGS = ["--train.learning_rate", "1e-2", "--train.max_iters", str(STEPS), "--train.warmup_iters", "1",
@@ -52,9 +58,9 @@ class Reference:
 class Runs:
     """Fine-tunes of one base model and data set, run through the fault runner, each with its own log."""
 
-    def __init__(self, runner: Runner, tiny_checkpoint: Path, lima_data: Path, logs: Path) -> None:
+    def __init__(self, runner: Runner, tiny_checkpoint: Path, lima_data: Path, logs: Path, layout: tuple = ()) -> None:
         self.runner, self.logs, self.count = runner, logs, 0
-        self.base = ["finetune/lora.py", "--data_dir", lima_data, "--checkpoint_dir", tiny_checkpoint]
+        self.base = ["finetune/lora.py", "--data_dir", lima_data, "--checkpoint_dir", tiny_checkpoint, *layout]
         logs.mkdir(parents=True, exist_ok=True)
 
     def argv(self, out_dir: Path, resume: bool = False) -> list:
@@ -72,10 +78,8 @@ def runner():
     runner.close()
 
 
-@pytest.fixture(scope="module")
-def reference(runner, tiny_checkpoint, lima_data, tmp_path_factory) -> Reference:
-    root = tmp_path_factory.mktemp("reference")
-    runs = Runs(runner, tiny_checkpoint, lima_data, root / "logs")
+def make_reference(runner: Runner, tiny_checkpoint: Path, lima_data: Path, root: Path, layout: tuple = ()) -> Reference:
+    runs = Runs(runner, tiny_checkpoint, lima_data, root / "logs", layout)
     # one thread, as the forks run: summation order, and so the last bits of the weights, follow the thread count
     plain = subprocess.run([sys.executable, *map(str, runs.argv(root / "plain"))], cwd=REPO, stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True, timeout=600,
@@ -89,9 +93,32 @@ def reference(runner, tiny_checkpoint, lima_data, tmp_path_factory) -> Reference
     assert_same(load_state_dict(root / "forked" / WEIGHTS), ref.final, "a forked run ends like `python finetune/lora.py`")
     for step in range(1, STEPS + 1):
         ref.weights[step] = load_state_dict(root / "steps" / f"{step}.{WEIGHTS}")
-        ref.state_model[step] = torch.load(root / "steps" / f"{step}.{STATE}", weights_only=True)["model"]
+        state = root / "steps" / f"{step}.{STATE}"
+        ref.state_model[step] = (torch.load(state, weights_only=True) if state.exists()
+                                 else whole_sharded_state(root / "steps" / f"{step}.{RESUME_DIR}"))["model"]
     assert_same(ref.weights[STEPS], ref.final, "the last checkpoint holds the final weights")
     return ref
+
+
+@pytest.fixture(scope="module")
+def reference(runner, tiny_checkpoint, lima_data, tmp_path_factory) -> Reference:
+    return make_reference(runner, tiny_checkpoint, lima_data, tmp_path_factory.mktemp("reference"))
+
+
+def whole_sharded_state(checkpoint: Path) -> dict:
+    """A sharded training state (sharded.py) read whole: the model and optimizer parts, and the rest."""
+    with tempfile.TemporaryDirectory() as tmp:
+        dcp_to_torch_save(checkpoint, Path(tmp) / "state.pth")
+        state = torch.load(Path(tmp) / "state.pth", weights_only=True)
+    return {**state, **torch.load(checkpoint / REST, weights_only=True)}
+
+
+def training_state(out_dir: Path) -> Optional[dict]:
+    """The training state `--resume` reads, whole, whichever writer wrote it (None: none yet)."""
+    if (out_dir / STATE).exists():
+        return torch.load(out_dir / STATE, weights_only=True)  # a half-written one would raise here
+    checkpoint = latest_state(out_dir / RESUME_DIR)
+    return None if checkpoint is None else whole_sharded_state(checkpoint)
 
 
 @pytest.fixture
@@ -114,8 +141,8 @@ def check_after_kill(out_dir: Path, ref: Reference, why: str) -> int:
     uninterrupted run had at one of its steps, the weights file is the training state's checkpoint or
     the next one, and the whole out dir loads for inference. Returns the training state's step (0: none)."""
     step = 0
-    if (out_dir / STATE).exists():
-        state = torch.load(out_dir / STATE, weights_only=True)  # a half-written one would raise here
+    state = training_state(out_dir)
+    if state is not None:
         step = state["step"]
         assert 1 <= step <= STEPS and {"optimizer", "rng"} <= state.keys(), why
         assert_same(state["model"], ref.state_model[step], f"{why}: {STATE} of step {step}")
@@ -150,7 +177,7 @@ def resume_to_the_end(runs: Runs, out_dir: Path, step: int, ref: Reference, why:
 
 def check_finished(out_dir: Path, ref: Reference, why: str) -> None:
     assert_same(load_state_dict(out_dir / WEIGHTS), ref.final, f"{why}: final weights")
-    assert torch.load(out_dir / STATE, weights_only=True)["step"] == STEPS, why
+    assert training_state(out_dir)["step"] == STEPS, why
     steps = [line.split(",")[0] for line in (out_dir / "metrics.csv").read_text().splitlines()[1:]]
     assert steps == [str(i) for i in range(1, STEPS + 1)], f"{why}: metrics.csv has steps {steps}"
     load_finetuned(out_dir)
@@ -207,6 +234,39 @@ def test_a_kill_after_the_final_checkpoint_resumes_to_a_finished_run(runs, refer
     assert returncode == -9, f"{why}: the kill point was never reached\n{output}"
     assert check_after_kill(out_dir, reference, why) == STEPS
     resume_to_the_end(runs, out_dir, STEPS, reference, why)
+
+
+# The sharded writer (fsdp, here on one process): DCP's file per rank and its .metadata, the rest (step,
+# random states) beside them, then the `latest` pointer. Files DCP writes in place have no rename stage.
+# By default one kill per file, at its boundary; the other stages run with the soak (-m soak).
+SHARDED = ("--strategy", "fsdp", "--devices", "1")
+SHARDED_STAGES = [("__0_0.distcp", "partial"), (".metadata", "complete"), ("rest.pth", "renamed"),
+                  ("latest", "partial"), ("latest", "renamed")]
+SHARDED_STAGES += [pytest.param(file, phase, marks=pytest.mark.soak)
+                   for file, phases in (("__0_0.distcp", PHASES[1:2]), (".metadata", PHASES[:1]),
+                                        ("rest.pth", PHASES[:2]), ("latest", PHASES[1:2]))
+                   for phase in phases]
+
+
+@pytest.fixture(scope="module")
+def sharded_reference(runner, tiny_checkpoint, lima_data, tmp_path_factory) -> Reference:
+    return make_reference(runner, tiny_checkpoint, lima_data, tmp_path_factory.mktemp("sharded"), SHARDED)
+
+
+@pytest.mark.parametrize("file, phase", SHARDED_STAGES)
+def test_a_kill_at_any_stage_of_a_sharded_checkpoint_write_loses_nothing(runner, tiny_checkpoint, lima_data,
+                                                                         sharded_reference, tmp_path, file, phase):
+    """The same for the sharded training state: until `latest` names the new checkpoint, the previous
+    one is the state; a partial one is never read, and the next save replaces it."""
+    runs = Runs(runner, tiny_checkpoint, lima_data, tmp_path / "logs", SHARDED)
+    out_dir, why = tmp_path / "out", f"killed at {file} {phase} of the 2nd sharded checkpoint"
+    returncode, output = runs.run(out_dir, fault=fault(file, phase, 2))
+    assert returncode == -9, f"{why}: the kill point was never reached\n{output}"
+    step = check_after_kill(out_dir, sharded_reference, why)
+    assert step == (2 if (file, phase) == ("latest", "renamed") else 1), why
+    resume_to_the_end(runs, out_dir, step, sharded_reference, why)
+    # nothing left of the partial write: the last checkpoint and the pointer to it
+    assert sorted(p.name for p in (out_dir / RESUME_DIR).iterdir()) == ["latest", f"step-{STEPS:06d}"], why
 
 
 @pytest.fixture(scope="module")

@@ -126,6 +126,12 @@ def test_sharding_divides_what_is_sharded():
     assert sixteen.parts["AdamW state (2 x fp32)"] * 16 == pytest.approx(one.parts["AdamW state (2 x fp32)"], rel=1e-6)
     assert "fsdp gathered root" in sixteen.parts and sixteen.peak < one.peak / 8
     assert activations_per_token(Setup(config)) > 0 and one.host_load > 0 and sixteen.peak > GiB
+    # under fsdp a process never holds the whole model on the host: loading and saving stay at the size
+    # of the embedding and head, or of one block, whatever the number of processes
+    whole = sum(base_params(config).values()) * 2
+    assert sixteen.host_load <= one.host_load < whole / 20 and sixteen.host_save < whole / 20
+    ddp = plan(Setup(config, method="lora", strategy="ddp", processes=16))
+    assert ddp.host_load >= whole  # every process maps the whole checkpoint
 
 
 def test_a_finetune_script_prints_the_plan_of_its_flags_and_loads_nothing(tiny_checkpoint, lima_data, tmp_path, capsys):

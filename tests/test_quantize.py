@@ -116,9 +116,12 @@ def test_qlora_learns_as_the_dense_lora_does_halts_and_merges(tiny_checkpoint, s
         finetune(short_data, tiny_checkpoint, tmp_path / "nf4", resume=True)
 
 
-def test_qlora_runs_on_one_device(tiny_checkpoint, short_data, tmp_path):
-    with pytest.raises(ValueError, match="--quantize nf4 runs on one device: pass --devices 1"):
-        finetune(short_data, tiny_checkpoint, tmp_path / "two", quantize="nf4", devices=2, accelerator="cpu")
+def test_qlora_on_several_processes_needs_fsdp(tiny_checkpoint, short_data, tmp_path):
+    with pytest.raises(ValueError, match="--quantize nf4 on 2 processes needs --strategy fsdp"):
+        finetune(short_data, tiny_checkpoint, tmp_path / "two", quantize="nf4", devices=2, accelerator="cpu",
+                 strategy="ddp")
+    with pytest.raises(ValueError, match="--quantize nf4 with --strategy fsdp needs 2 or more processes"):
+        finetune(short_data, tiny_checkpoint, tmp_path / "one", quantize="nf4", accelerator="cpu", strategy="fsdp")
 
 
 def test_an_adapter_trains_on_an_nf4_base_and_loads_as_it_trained(tiny_checkpoint, short_data, tmp_path):
