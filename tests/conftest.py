@@ -92,8 +92,7 @@ def lima_data(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -
 
 # opt-in markers: name -> how to run them
 OPT_IN = {
-    "soak": "long fault-injection loops and every stage of the sharded checkpoint writer: python -m pytest -m soak "
-            "tests/test_faults.py (30 kills), or --soak N",
+    "soak": "long fault-injection loops: python -m pytest -m soak tests/test_faults.py (30 kills), or --soak N",
     "docs": "every command of README.md and howto/*.md, run in a copy of the repo: python -m pytest -m docs "
             "tests/test_docs.py (about 7 minutes)",
     "engines": "other engines on an export: LLAMA_CPP_CONVERT=.../convert_hf_to_gguf.py python -m pytest -m engines "

@@ -7,9 +7,8 @@ per run, a fork milliseconds). The reference also runs once as a plain `python f
 so what the forks do is checked against the real command.
 
 The same kills hit the sharded training state of fsdp (one process: the same writer as on many). By
-default each kill point of the one-file writer runs once, one per file of the sharded writer, plus
-two kills at random times. The soak, a long loop of random kills and the sharded writer's other
-stages, is opt-in (it prints the seed and a tally of where the kills landed):
+default each kill point of both writers runs once, plus two kills at random times. The soak, a long
+loop of random kills, is opt-in (it prints the seed and a tally of where the kills landed):
 
     python -m pytest -m soak tests/test_faults.py          # 30 random kills
     python -m pytest tests/test_faults.py --soak 200       # 200; add --fault-seed S to replay a loop
@@ -238,13 +237,9 @@ def test_a_kill_after_the_final_checkpoint_resumes_to_a_finished_run(runs, refer
 
 # The sharded writer (fsdp, here on one process): DCP's file per rank and its .metadata, the rest (step,
 # random states) beside them, then the `latest` pointer. Files DCP writes in place have no rename stage.
-# By default one kill per file, at its boundary; the other stages run with the soak (-m soak).
 SHARDED = ("--strategy", "fsdp", "--devices", "1")
-SHARDED_STAGES = [("__0_0.distcp", "partial"), (".metadata", "complete"), ("rest.pth", "renamed"),
-                  ("latest", "partial"), ("latest", "renamed")]
-SHARDED_STAGES += [pytest.param(file, phase, marks=pytest.mark.soak)
-                   for file, phase in [("__0_0.distcp", "complete"), (".metadata", "partial"), ("rest.pth", "partial"),
-                                       ("rest.pth", "complete"), ("latest", "complete")]]
+SHARDED_STAGES = [("__0_0.distcp", "partial"), ("__0_0.distcp", "complete"), (".metadata", "partial"),
+                  (".metadata", "complete"), *((file, phase) for file in ("rest.pth", "latest") for phase in PHASES)]
 
 
 @pytest.fixture(scope="module")
