@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 from safetensors.torch import save_file
 
-from lit_llama.checkpoint import CONFIG_FILE, MODEL_FILE, WEIGHTS_INDEX, read_config, read_weights
+from lit_llama.checkpoint import CONFIG_FILE, MODEL_FILE, read_config, read_weights
 from lit_llama.convert import HF, HF_CONFIG_FILE, DType, torch_dtype
 from lit_llama.errors import BadValue, MissingFile
 from lit_llama.files import check_writable, require_dir, write_json, write_with
@@ -147,10 +147,11 @@ def export_hf_checkpoint(checkpoint_dir: Path, output_dir: Path, dtype: Optional
     output_dir = Path(output_dir)
     config = read_config(checkpoint_dir / CONFIG_FILE, "is this a checkpoint dir of this repo?")
     tokenizer = Tokenizer.from_dir(checkpoint_dir)
-    if not any((checkpoint_dir / name).is_file() for name in (MODEL_FILE, WEIGHTS_INDEX)):
+    try:
+        state = read_weights(checkpoint_dir)
+    except MissingFile:  # the reader's message, and what a LoRA out dir needs first
         raise MissingFile(f"{checkpoint_dir / MODEL_FILE} not found: the dir has no weights (a LoRA out dir must be "
-                          "merged into a plain checkpoint dir first)")
-    state = read_weights(checkpoint_dir)
+                          "merged into a plain checkpoint dir first)") from None
     check_writable(output_dir, 0, "--output_dir")  # before the slow part
     tensors = hf_state(state, config, torch_dtype(dtype))
     output_dir.mkdir(parents=True, exist_ok=True)
