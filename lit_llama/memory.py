@@ -246,20 +246,26 @@ def forward_parts(s: Setup) -> dict[str, int]:
 
 
 def gathered_blocks(s: Setup) -> dict[str, int]:
-    """fsdp gathers the running block and prefetches the next, in the compute dtype when half."""
+    """fsdp gathers the running block and prefetches the next, in the compute dtype when half: each is
+    all-gathered into one flat buffer, then copied out into its weights, so a block's buffer is alive
+    beside its weights. An NF4 block is gathered as its codes."""
     if not s.sharded:
         return {}
-    return {"fsdp gathered blocks (2)": 2 * block_params(s) * (4 if s.precision == "32-true" else 2)}
+    b = 4 if s.precision == "32-true" else 2
+    block = block_params(s) * b
+    if s.method == "qlora":
+        block = sum(nf4_bytes(o * i, b) for o, i in block_linear_shapes(s.config).values()) + 2 * s.config.n_embd * b
+    return {"fsdp gathered blocks (2) and a gather buffer": 3 * block}
 
 
 def block_work(s: Setup) -> int:
     """A block's backward pass: the gradient of the residual stream (and of the norm's output), and up to
-    three (B, T, intermediate) gradients inside the MLP at once; an NF4 weight dequantized."""
+    three (B, T, intermediate) gradients inside the MLP at once; the largest NF4 weight dequantized."""
     c, a = s.config, compute_bytes(s.precision)
     n = s.micro_batch_size * s.max_seq_length
     work = n * (3 * a * c.intermediate_size + 2 * residual_bytes(s) * c.n_embd)
-    if s.method == "qlora":
-        work += max(o * i for o, i in block_linear_shapes(c).values()) * frozen_bytes(s.precision)
+    if s.method == "qlora":  # torchao decodes through an int64 index per weight, beside three copies in its dtype
+        work += max(o * i for o, i in block_linear_shapes(c).values()) * (8 + 3 * frozen_bytes(s.precision))
     return work
 
 
