@@ -7,7 +7,9 @@ bf16 and nf4 bases compute under bf16 autocast, as `--precision bf16-true` train
 in its dtype (the nf4 one in bf16, then quantized) and the peak is counted from after that: the
 step's own memory, the weights included. On the CPU the workers run with glibc's mmap threshold at
 128 KiB, and the heap is trimmed before the peak is reset, so that peak RSS counts live tensors, as
-a GPU's allocated-memory peak does (see `main`).
+a GPU's allocated-memory peak does (see `main`). The CPU's peak RSS includes the process itself
+(torch's, Lightning's and torchao's libraries): the table also gives the peak less the RSS after the
+imports, the part a GPU's figure would count.
 
     python benchmarks/qlora.py
     python benchmarks/qlora.py --size 7B --device cuda --seq_len 2048   # on a GPU
@@ -21,7 +23,7 @@ from typing import Literal, Optional
 import torch
 
 from common import (EOT_ID, autocast, batch, build_ours, clock, environment, flags, median, mib, model_config,
-                    peak_memory, report, reset_peak_memory, run_worker, setup, table)
+                    peak_memory, report, reset_peak_memory, rss_bytes, run_worker, setup, table)
 from lit_llama.cli import run
 from lit_llama.lora import LoRAConfig
 from lit_llama.loss import loss_sum
@@ -37,6 +39,7 @@ BASES = {"fp32": "fp32 base", "bf16": "bf16 base", "nf4": "NF4 base (QLoRA)"}
 
 def worker(*, base: Base, size: str, batch_size: int, seq_len: int, steps: int, threads: int, device: str) -> dict:
     device = setup(threads, device)
+    imported = rss_bytes() if device.type == "cpu" else 0  # a GPU counts its allocations only
     config = model_config(size)
     precision: TrainPrecision = "32-true" if base == "fp32" else "bf16-true"
     model = build_ours(config, device, frozen_dtype(precision))
@@ -60,8 +63,8 @@ def worker(*, base: Base, size: str, batch_size: int, seq_len: int, steps: int, 
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         times.append(clock(device) - start)
-    return dict(base=base, peak=peak_memory(device), quantize_seconds=quantize_seconds, step_seconds=median(times[1:]),
-                loss=loss.item())
+    return dict(base=base, peak=peak_memory(device), imported=imported, quantize_seconds=quantize_seconds,
+                step_seconds=median(times[1:]), loss=loss.item())
 
 
 def main(*, size: str = "1.1B", batch_size: int = 1, seq_len: int = 256, steps: int = 3, threads: int = 2,
@@ -88,10 +91,13 @@ def main(*, size: str = "1.1B", batch_size: int = 1, seq_len: int = 256, steps: 
     os.environ["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)
     results = {name: run_worker("qlora.py", [*args, *flags(base=name)]) for name in BASES}
     bf16 = results["bf16"]
-    rows = [[BASES[name], mib(r["peak"]), f"{r['peak'] / bf16['peak']:.2f}x", f"{r['step_seconds']:.1f}",
+    net = {name: r["peak"] - r["imported"] for name, r in results.items()}
+    rows = [[BASES[name], mib(r["peak"]), f"{r['peak'] / bf16['peak']:.2f}x", mib(net[name]),
+             f"{net[name] / net['bf16']:.2f}x", f"{r['step_seconds']:.1f}",
              f"{r['quantize_seconds']:.1f}" if name == "nf4" else "-", f"{r['loss']:.4f}"] for name, r in results.items()]
     table(f"LoRA step on a quantized base, {size}, batch {batch_size} x {seq_len} tokens, {device}, {threads} threads; "
-          f"{environment()}", ["", "peak memory", "vs bf16 base", "step (s)", "quantizing the base (s)", "last loss"], rows)
+          f"{environment()}", ["", "peak memory", "vs bf16 base", "peak less imports",
+                                     "vs bf16 base", "step (s)", "quantizing the base (s)", "last loss"], rows)
 
 
 if __name__ == "__main__":

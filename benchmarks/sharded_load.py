@@ -13,12 +13,14 @@ the EOT's rows), one step of one sample per process, at TinyLlama-1.1B's shape w
 weights and a 32000-piece tokenizer, on the shipped LIMA sample cut to 128 tokens. The weights'
 size is the checkpoint file's. Each process runs with 2 // N threads (at least 1). With `--method
 full` it is `finetune/full.py`, whose weights all train and are kept in fp32 (twice the file's
-size, sharded), measured until its training loop starts and then stopped.
+size, sharded), measured until its training loop starts and then stopped; `--loading_only true` stops
+any run there (a CPU without bf16 matrix units takes hours over a bf16 step at this shape).
 
     python benchmarks/sharded_load.py
     python benchmarks/sharded_load.py --checkout /path/to/another/checkout   # its figures, same files
     python benchmarks/sharded_load.py --quantize nf4 --processes '[2, 4]'   # QLoRA: the base in 4 bits
     python benchmarks/sharded_load.py --method full                          # fp32 weights, loading only
+    python benchmarks/sharded_load.py --quantize nf4 --processes '[2, 4]' --loading_only true
 
 The second form runs another checkout's finetune script on the same checkpoint and data: the way to
 put two versions side by side.
@@ -122,9 +124,8 @@ def pss_phases(proc: subprocess.Popen, processes: int, log: Path, done: Path,
 
 
 def measure(checkout: Path, checkpoint: Path, data: Path, out_dir: Path, processes: int, *, method: str,
-            quantize: Optional[str]) -> tuple[int, int, Optional[int]]:
-    """`pss_phases` of a run on `processes` processes; a full fine-tune is stopped once loaded (its
-    first step, with fp32 weights and AdamW's state, needs more memory than this machine has at 1.1B)."""
+            quantize: Optional[str], loading_only: bool) -> tuple[int, int, Optional[int]]:
+    """`pss_phases` of a run on `processes` processes, stopped once loaded with `loading_only`."""
     command = [sys.executable, f"finetune/{method}.py", "--data_dir", str(data), "--checkpoint_dir", str(checkpoint),
                "--out_dir", str(out_dir), "--accelerator", "cpu", "--devices", str(processes), "--strategy", "fsdp",
                "--precision", "bf16-true", "--train.max_iters", "1", "--train.warmup_iters", "1",
@@ -138,8 +139,8 @@ def measure(checkout: Path, checkpoint: Path, data: Path, out_dir: Path, process
     with open(log, "w") as f:
         proc = subprocess.Popen(command, cwd=checkout, stdout=f, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)
-        sums = pss_phases(proc, processes, log, out_dir / "metrics.csv", loading_only=method == "full")
-        if method == "full":
+        sums = pss_phases(proc, processes, log, out_dir / "metrics.csv", loading_only=loading_only)
+        if loading_only:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         elif proc.wait(timeout=1800):
@@ -148,15 +149,18 @@ def measure(checkout: Path, checkpoint: Path, data: Path, out_dir: Path, process
 
 
 def main(checkout: Path = ROOT, work_dir: Path = Path("/tmp/sharded_load"), processes: tuple[int, ...] = (1, 2, 4),
-         method: Literal["lora", "full"] = "lora", quantize: Optional[str] = None, keep: bool = False) -> None:
+         method: Literal["lora", "full"] = "lora", quantize: Optional[str] = None, loading_only: bool = False,
+         keep: bool = False) -> None:
     """Sum of PSS over the processes of an fsdp fine-tune at TinyLlama-1.1B's shape, against the weights' size.
 
     Args:
         checkout: the checkout whose finetune scripts run (by default this one)
         work_dir: where the checkpoint, the data and the runs are written
         processes: the process counts to run
-        method: lora, or full (its weights train in fp32; measured while loading only)
+        method: lora, or full (its weights train in fp32; measured while loading only: its first step, with
+            AdamW's state, needs more memory than this machine has at 1.1B)
         quantize: nf4 for QLoRA (the base's block weights in 4 bits, sharded under fsdp)
+        loading_only: stop each run once its training loop starts (always so with method full)
         keep: keep work_dir (the checkpoint is 2.2 GB) for another run, e.g. with another --checkout
     """
     checkpoint, data = work_dir / "checkpoint", work_dir / "data"
@@ -170,7 +174,7 @@ def main(checkout: Path = ROOT, work_dir: Path = Path("/tmp/sharded_load"), proc
     rows = []
     for n in processes:
         started, loading, peak = measure(Path(checkout), checkpoint, data, work_dir / f"run{n}", n, method=method,
-                                         quantize=quantize)
+                                         quantize=quantize, loading_only=loading_only or method == "full")
         rows.append([str(n), mib(started), mib(loading), f"{loading / weights:.2f}x", f"{(loading - started) / weights:.2f}x",
                      "-" if peak is None else mib(peak), "-" if peak is None else f"{peak / weights:.2f}x"])
         print(rows[-1], flush=True)
