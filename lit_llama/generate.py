@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from lit_llama.cli import FlagGroup
 from lit_llama.errors import BadValue
+from lit_llama.logprobs import TokenLogprob, prompt_logprobs, token_logprob
 from lit_llama.model import KVCache, LLaMA
 from lit_llama.tokenizer import Tokenizer
 
@@ -29,6 +30,7 @@ from lit_llama.tokenizer import Tokenizer
 class Generation:
     tokens: list[int]  # the new tokens, without the stop id
     stop_id: Optional[int]  # the stop id that ended decoding; None if max_new_tokens did
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token, when the request asked
 
 
 @dataclass(frozen=True)
@@ -142,22 +144,26 @@ class Decoder:
     def prefill(self, slot: int, prompt: list[int]) -> torch.Tensor:
         """Make `slot` hold `prompt`, reading only what it does not hold yet: positions past the common
         prefix are overwritten, and the causal mask never lets a token see a stale position after its
-        own. The logits (V,) after the last prompt token."""
+        own. The logits (V,) after the last prompt token; `read(slot, prompt, 0)` reads it all."""
+        keep = min(common_prefix(self.held[slot], prompt), len(prompt) - 1)  # the last token is read again
+        return self.model.head(self.read(slot, prompt, keep)[-1])  # (V,): only the last position's
+
+    def read(self, slot: int, prompt: list[int], keep: int) -> torch.Tensor:
+        """Make `slot` hold `prompt`, keeping its first `keep` positions: the final hidden states
+        (T - keep, C) of the rest."""
         if not 0 < len(prompt) <= self.max_seq_length:
             raise BadValue(f"a prompt of {len(prompt)} tokens does not fit in the KV cache of {self.max_seq_length}")
         held = self.held[slot]
-        keep = min(common_prefix(held, prompt), len(prompt) - 1)  # the last token is read again: its logits are needed
         del held[keep:]
-        idx = torch.tensor([prompt[keep:]], device=self.device)  # (1, T)
-        input_pos = torch.arange(keep, len(prompt), device=self.device).unsqueeze(0)  # (1, T)
+        idx = torch.tensor([prompt[keep:]], device=self.device)  # (1, T - keep)
+        input_pos = torch.arange(keep, len(prompt), device=self.device).unsqueeze(0)  # (1, T - keep)
         with one_slot(self.model, slot):
-            hidden = self.model.hidden(idx, input_pos, kv_length=len(prompt))  # (1, T, C)
-        logits = self.model.head(hidden[0, -1])  # (V,): only the last position's
+            hidden = self.model.hidden(idx, input_pos, kv_length=len(prompt))  # (1, T - keep, C)
         held.extend(prompt[keep:])
         self.positions[slot] = len(prompt)
         self.active[slot] = True
         self.prefilled = len(prompt) - keep
-        return logits
+        return hidden[0]
 
     def feed(self, tokens: torch.Tensor, read: list[Optional[int]]) -> torch.Tensor:
         """Append one token to each slot in one step: `tokens` (B,) on the device, `read` the same ids as
@@ -190,14 +196,18 @@ class Request:
     sampling: Sampling = Sampling()
     stop_ids: Sequence[int] = ()
     generator: Optional[torch.Generator] = None  # its own, so its samples do not depend on its neighbours
+    logprobs: Optional[int] = None  # score each new token, with this many alternatives (None: no scores)
+    prompt_logprobs: Optional[int] = None  # score each prompt token too, with this many alternatives
     generation: Generation = field(default_factory=lambda: Generation([], None))
+    prompt_scores: list[Optional[TokenLogprob]] = field(default_factory=list)  # with prompt_logprobs, once read
     done: bool = False
 
-    def add(self, token: int) -> None:
+    def add(self, token: int, logprob: Optional[TokenLogprob] = None) -> None:
         if token in self.stop_ids:
             self.generation.stop_id = token
         else:
             self.generation.tokens.append(token)
+            self.generation.logprobs += [logprob] if logprob else []
         self.done = self.generation.stop_id is not None or len(self.generation.tokens) >= self.max_new_tokens
 
 
@@ -239,7 +249,7 @@ class ContinuousBatch:
         for slot in range(len(self.slots)):
             if self.slots[slot] is None and self.waiting:
                 request = self.waiting.popleft()
-                logits = self.decoder.prefill(slot, request.prompt)
+                logits = self.read_prompt(slot, request)
                 if self.logits is None:
                     self.logits = logits.new_zeros(len(self.slots), logits.shape[-1])
                 self.logits[slot] = logits
@@ -255,7 +265,9 @@ class ContinuousBatch:
         read = tokens.tolist()
         sampled, fed = [], [None] * len(self.slots)
         for slot, request in active:
-            request.add(read[slot])
+            scores = None if request.logprobs is None else token_logprob(self.logits[slot], tokens[slot : slot + 1],
+                                                                          request.logprobs)
+            request.add(read[slot], scores)
             sampled.append((request, read[slot]))
             if request.done:
                 self.slots[slot] = None
@@ -264,6 +276,16 @@ class ContinuousBatch:
         if any(self.slots):
             self.logits = self.decoder.feed(tokens, fed)
         return sampled
+
+    def read_prompt(self, slot: int, request: Request) -> torch.Tensor:
+        """Prefill `request`'s prompt into `slot`, scoring each of its tokens if it asks: the logits (V,)
+        its first token is drawn from."""
+        if request.prompt_logprobs is None:
+            return self.decoder.prefill(slot, request.prompt)
+        hidden = self.decoder.read(slot, request.prompt, 0)  # (T, C): every position, to score each
+        request.prompt_scores = prompt_logprobs(self.decoder.model, hidden, request.prompt, request.prompt_logprobs)
+        return self.decoder.model.head(hidden[-1])
+
 
 def decode(decoder: Decoder, request: Request) -> Iterator[int]:
     """The ids `request` samples, one per step, alone on `decoder`: a stop id, if one ends it, last."""
