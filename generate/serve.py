@@ -1,6 +1,7 @@
-"""Serve a fine-tune over an OpenAI-compatible API: `GET /v1/models`, `POST /v1/chat/completions`
-(plain or streamed). Concurrent requests share one continuous batch; replies end on the end-of-turn
-token. Ctrl-C or SIGTERM lets the open replies finish, then exits.
+"""Serve a fine-tune over an OpenAI-compatible API: `GET /v1/models`, `POST /v1/chat/completions` and
+`POST /v1/completions` (plain or streamed, with log-probabilities), `POST /tokenize` and `/detokenize`.
+Concurrent requests share one continuous batch; replies end on the end-of-turn token. Ctrl-C or
+SIGTERM lets the open replies finish, then exits.
 
     python generate/serve.py --lora_path out/lora
     python generate/serve.py --checkpoint_dir out/full --port 8000 --api_key "$KEY"
@@ -47,7 +48,8 @@ def main(
     try:
         import uvicorn
 
-        from lit_llama.serve import Engine, create_app
+        from lit_llama.engine import Engine
+        from lit_llama.serve import create_app
     except ImportError as e:
         raise MissingPackage(f"{e.name} is missing: the server needs pip install -e '.[serve]'") from None
     if batch_size < 1:

@@ -27,7 +27,8 @@ from conftest import REPO  # noqa: E402
 from lit_llama.checkpoint import load_model  # noqa: E402
 from lit_llama.generate import Decoder, generate, resolve_stop_ids  # noqa: E402
 from lit_llama.prompts import encode_prompt  # noqa: E402
-from lit_llama.serve import Engine, create_app  # noqa: E402
+from lit_llama.engine import Engine  # noqa: E402
+from lit_llama.serve import create_app  # noqa: E402
 from lit_llama.streaming import ReplyText  # noqa: E402
 from lit_llama.tokenizer import Tokenizer  # noqa: E402
 

@@ -1,0 +1,207 @@
+"""What the OpenAI-compatible endpoints share (lit_llama/serve.py builds the app): the service, errors
+in OpenAI's format, and a reply in flight on the engine.
+
+    Service(engine, tokenizer, model_name)   the engine, the tokenizer, the model's name and API key
+    APIError(status, message, ...)           an error the client caused, in OpenAI's format
+    Reply(service, prompt, ...)              one request on the engine: its text as it is decoded, cut at
+                                             the first stop string, and its tokens' log-probabilities
+    merged(streams)                          several replies' events, in the order they come
+"""
+
+import asyncio
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Optional
+
+import torch
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from lit_llama.engine import Engine
+from lit_llama.errors import UsageError
+from lit_llama.generate import Request, Sampling, resolve_stop_ids
+from lit_llama.logprobs import TokenLogprob
+from lit_llama.streaming import Detokenizer, ReplyText
+from lit_llama.tokenizer import Tokenizer
+
+
+class APIError(Exception):
+    """An error the client caused, answered in OpenAI's error format."""
+
+    def __init__(self, status: int, message: str, code: Optional[str] = None, param: Optional[str] = None,
+                 kind: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.status, self.message, self.code, self.param, self.kind = status, message, code, param, kind
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status)
+
+
+def engine_error(error: BaseException, param: str) -> APIError:
+    """What a request whose decoding failed gets: a 400 for a request the batch refused (it does not fit),
+    a 500 naming the error for a failed step."""
+    if isinstance(error, UsageError):
+        return APIError(400, str(error), "context_length_exceeded", param)
+    return APIError(500, f"decoding failed: {type(error).__name__}: {error}", kind="server_error")
+
+
+def validation_error(error: RequestValidationError) -> APIError:
+    """A 400 naming each field that is wrong and how ("body": the body as a whole)."""
+    problems, params = [], []
+    for e in error.errors():
+        field_name = ".".join(str(part) for part in e["loc"][1:])  # loc starts with "body"
+        if e["type"] == "json_invalid":
+            problems.append(f"the request body is not valid JSON ({e['ctx']['error']} at character {e['loc'][-1]})")
+        elif not field_name:
+            problems.append(f"the request body must be a JSON object: {e['msg']}")
+        else:
+            problems.append(f"{field_name}: {e['msg']}")
+            params.append(field_name)
+    return APIError(400, "; ".join(problems), param=params[0] if params else None)
+
+
+@dataclass
+class Service:
+    """What every endpoint needs: the engine, the model's tokenizer and name, and the API key."""
+
+    engine: Engine
+    tokenizer: Tokenizer
+    model_name: str
+    api_key: Optional[str] = None
+    created: int = field(default_factory=lambda: int(time.time()))
+    stop_ids: tuple[int, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.stop_ids = resolve_stop_ids(self.tokenizer)
+
+    @property
+    def context(self) -> int:
+        return self.engine.decoder.max_seq_length
+
+    def check_model(self, name: str) -> None:
+        if name != self.model_name:
+            raise APIError(404, f"the model {name!r} does not exist; this server serves {self.model_name!r}",
+                           "model_not_found", "model")
+
+    def head(self, prefix: str) -> dict:
+        """The fields every answer to one request shares."""
+        return {"id": f"{prefix}-{secrets.token_hex(16)}", "created": int(time.time()), "model": self.model_name}
+
+
+def token_text(tokenizer: Tokenizer, token: int) -> str:
+    """A token's own text, as the API names it in `logprobs`: its piece, with sentencepiece's word mark
+    as a space and a byte piece as its byte (a lone byte of a longer character shows as U+FFFD)."""
+    piece = tokenizer.processor.id_to_piece(token)
+    if tokenizer.processor.is_byte(token):
+        return bytes([int(piece[3:-1], 16)]).decode("utf-8", errors="replace")
+    return piece.replace("\u2581", " ")
+
+
+def text_offsets(tokenizer: Tokenizer, ids: list[int], context: list[int], start: int) -> list[int]:
+    """Where each of `ids` starts in the text, counted from `start`, when it follows `context`: a token
+    whose text is held back (part of a character, a lone word mark) starts where the text then is."""
+    detokenizer, offsets, at = Detokenizer(tokenizer), [], start
+    detokenizer.context = context[-4:]
+    for token in ids:
+        offsets.append(at)
+        at += len(detokenizer.add(token))
+    return offsets
+
+
+def seed_of(seed: Optional[int], choice: int) -> int:
+    """The seed of a request's `choice`-th sample: the client's, stepped per sample, or a random one."""
+    return seed + choice if seed is not None else secrets.randbits(63)
+
+
+class Reply:
+    """One request on the engine: `pieces()` gives its text as it is decoded, ended early by a stop
+    string or by the client leaving (the request then leaves the batch), with the log-probabilities of
+    the tokens that made each piece when asked."""
+
+    def __init__(self, service: Service, prompt: list[int], max_tokens: int, sampling: Sampling, seed: int,
+                 stop: list[str], logprobs: Optional[int] = None, prompt_logprobs: Optional[int] = None,
+                 param: str = "messages", continues: bool = False) -> None:
+        """`continues`: the text goes on from the prompt's (a completion), so a first word gets its space."""
+        self.service, self.prompt, self.param = service, prompt, param
+        generator = torch.Generator(service.engine.decoder.device).manual_seed(seed)
+        self.request = Request(prompt, max_tokens, sampling, service.stop_ids, generator, logprobs, prompt_logprobs)
+        self.text = ReplyText(service.tokenizer, stop)
+        if continues:
+            self.text.detokenizer.context = prompt[-4:]
+        loop, self.tokens = asyncio.get_running_loop(), asyncio.Queue()
+        self.first: Optional[Any] = None  # the first item, once `started` took it
+        service.engine.submit(self.request, lambda item: loop.call_soon_threadsafe(self.tokens.put_nowait, item))
+
+    async def started(self) -> None:
+        """Wait for the first token: the prompt has been read then (and scored, if asked)."""
+        if self.first is None:
+            self.first = await self.tokens.get()
+
+    async def next_item(self) -> Any:
+        item, self.first = (self.first, None) if self.first is not None else (await self.tokens.get(), None)
+        return item
+
+    async def pieces(self) -> AsyncIterator[tuple[str, list[TokenLogprob]]]:
+        """The reply's text as it is decoded, and the scores of the tokens since the last piece."""
+        scored, sent = self.request.generation.logprobs, 0
+        try:
+            while True:
+                item = await self.next_item()
+                if isinstance(item, BaseException):
+                    raise engine_error(item, self.param)
+                token, done = item
+                piece = self.text.add(token) if token not in self.service.stop_ids else ""
+                if piece or (done and len(scored) > sent):
+                    yield piece, scored[sent:]
+                    sent = len(scored)
+                if self.text.stopped or done:
+                    break
+            if piece := self.text.finish():
+                yield piece, scored[sent:]
+        finally:
+            if not self.request.done:
+                self.service.engine.cancel(self.request)
+
+    def finish_reason(self) -> str:
+        return "stop" if self.text.stopped or self.request.generation.stop_id is not None else "length"
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.request.generation.tokens)
+
+
+async def merged(streams: list[AsyncIterator[Any]]) -> AsyncIterator[Any]:
+    """The items of several async iterators, as each comes; an error in one ends them all."""
+    if len(streams) == 1:
+        async for item in streams[0]:
+            yield item
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def drain(stream: AsyncIterator[Any]) -> None:
+        try:
+            async for item in stream:
+                await queue.put(item)
+            await queue.put(done)
+        except BaseException as error:
+            await queue.put(error)
+
+    tasks = [asyncio.create_task(drain(stream)) for stream in streams]
+    try:
+        left = len(tasks)
+        while left:
+            item = await queue.get()
+            if item is done:
+                left -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()

@@ -1,0 +1,139 @@
+"""`POST /v1/chat/completions`: the messages encoded in the training format, `n` replies, each ending
+on the end-of-turn token, whole or streamed as server-sent events, with log-probabilities if asked.
+
+    chat_completions(service, body)   the answer: a chat.completion, or a stream of chat.completion.chunk
+"""
+
+import json
+from typing import Any, AsyncIterator, Optional, Union
+
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from lit_llama.api import APIError, Reply, Service, merged, seed_of, token_text
+from lit_llama.generate import Sampling
+from lit_llama.logprobs import MAX_TOP, TokenLogprob
+from lit_llama.prompt_records import parse_prompt_record
+from lit_llama.prompts import encode_prompt
+
+
+class Message(BaseModel):
+    role: str
+    content: str
+
+
+class ChatCompletionRequest(BaseModel):
+    """The fields of OpenAI's chat completion request that this server acts on; others are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: Optional[int] = Field(None, ge=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1)  # the newer name of max_tokens
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    stop: Optional[Union[str, list[str]]] = None
+    seed: Optional[int] = None
+    n: int = Field(1, ge=1, le=128)
+    logprobs: bool = False
+    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP)
+    stream: bool = False
+    stream_options: Optional[dict[str, Any]] = None
+
+    @property
+    def wanted(self) -> Optional[int]:
+        """The most tokens the reply may take, if the client says."""
+        return self.max_completion_tokens or self.max_tokens
+
+
+def prompt_of(service: Service, body: ChatCompletionRequest) -> list[int]:
+    """The ids of the request's messages, or an APIError naming what is wrong with the request."""
+    service.check_model(body.model)
+    if body.top_logprobs is not None and not body.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    try:
+        record = parse_prompt_record({"messages": [m.model_dump() for m in body.messages]})
+    except ValueError as e:
+        raise APIError(400, str(e), param="messages")
+    ids = encode_prompt(service.tokenizer, record.turns, record.system)
+    if len(ids) + (body.wanted or 1) > service.context:
+        asked = f" and max_tokens asks for {body.wanted}" if body.wanted else ", leaving no room for a reply"
+        raise APIError(400, f"the context holds {service.context} tokens; the messages take {len(ids)}{asked}",
+                       "context_length_exceeded", "messages")
+    return ids
+
+
+def content_logprobs(service: Service, scores: list[TokenLogprob]) -> list[dict]:
+    """Chat's `logprobs.content` entries: each token's text, bytes and log-probability, and its alternatives."""
+    def entry(token: int, logprob: float) -> dict:
+        text = token_text(service.tokenizer, token)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    return [{**entry(s.token, s.logprob), "top_logprobs": [entry(t, lp) for t, lp in s.top]} for s in scores]
+
+
+class ChatCompletion:
+    """One chat completion request: its `n` replies, submitted to the engine, and the answers made of them."""
+
+    def __init__(self, service: Service, body: ChatCompletionRequest) -> None:
+        self.service, self.body = service, body
+        self.ids = prompt_of(service, body)
+        sampling = Sampling(body.temperature, None, body.top_p)
+        stop = [body.stop] if isinstance(body.stop, str) else body.stop or []
+        top = (body.top_logprobs or 0) if body.logprobs else None
+        self.replies = [Reply(service, self.ids, body.wanted or service.context - len(self.ids), sampling,
+                              seed_of(body.seed, j), stop, logprobs=top) for j in range(body.n)]
+        self.head = service.head("chatcmpl")
+
+    def usage(self) -> dict:
+        n = sum(reply.completion_tokens for reply in self.replies)
+        return {"prompt_tokens": len(self.ids), "completion_tokens": n, "total_tokens": len(self.ids) + n}
+
+    def logprobs(self, scores: list[TokenLogprob]) -> Optional[dict]:
+        return {"content": content_logprobs(self.service, scores)} if self.body.logprobs else None
+
+    async def choice(self, index: int) -> dict:
+        reply, content, scores = self.replies[index], [], []
+        async for piece, scored in reply.pieces():
+            content.append(piece)
+            scores += scored
+        return {"index": index, "message": {"role": "assistant", "content": "".join(content)},
+                "logprobs": self.logprobs(scores), "finish_reason": reply.finish_reason()}
+
+    async def whole(self) -> dict:
+        """The replies, once all are done, as one chat.completion."""
+        choices = [await self.choice(j) for j in range(len(self.replies))]
+        return {**self.head, "object": "chat.completion", "choices": choices, "usage": self.usage()}
+
+    def chunk(self, choices: list, **extra: Any) -> str:
+        data = {**self.head, "object": "chat.completion.chunk", "choices": choices, **extra}
+        return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+    async def deltas(self, index: int) -> AsyncIterator[str]:
+        """Reply `index` as chunks: its role, a chunk per piece of text, and its finish reason."""
+        yield self.chunk([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                           "finish_reason": None}])
+        reply = self.replies[index]
+        async for piece, scored in reply.pieces():
+            yield self.chunk([{"index": index, "delta": {"content": piece}, "logprobs": self.logprobs(scored),
+                               "finish_reason": None}])
+        yield self.chunk([{"index": index, "delta": {}, "logprobs": None, "finish_reason": reply.finish_reason()}])
+
+    async def events(self) -> AsyncIterator[str]:
+        """The replies as server-sent events, in the order their pieces are decoded."""
+        try:
+            async for event in merged([self.deltas(j) for j in range(len(self.replies))]):
+                yield event
+        except APIError as error:  # the status went out with the first chunk: the error is an event
+            yield f"data: {json.dumps(error.body())}\n\n"
+            return
+        if (self.body.stream_options or {}).get("include_usage"):
+            yield self.chunk([], usage=self.usage())
+        yield "data: [DONE]\n\n"
+
+
+async def chat_completions(service: Service, body: ChatCompletionRequest) -> Any:
+    completion = ChatCompletion(service, body)
+    if not body.stream:
+        return await completion.whole()
+    return StreamingResponse(completion.events(), media_type="text/event-stream")
