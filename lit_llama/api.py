@@ -128,7 +128,8 @@ class Reply:
         """`continues`: the text goes on from the prompt's (a completion), so a first word gets its space."""
         self.service, self.prompt, self.param = service, prompt, param
         generator = torch.Generator(service.engine.decoder.device).manual_seed(seed)
-        self.request = Request(prompt, max_tokens, sampling, service.stop_ids, generator, logprobs, prompt_logprobs)
+        self.request = Request(prompt, max_tokens, sampling, service.stop_ids, generator, logprobs=logprobs,
+                               prompt_logprobs=prompt_logprobs)
         self.text = ReplyText(service.tokenizer, stop)
         if continues:
             self.text.detokenizer.context = prompt[-4:]
