@@ -21,6 +21,7 @@ setup(
         "wandb": ["wandb"],  # --logger_name wandb
         "serve": ["fastapi", "uvicorn"],  # generate/serve.py
         "quantize": ["torchao>=0.18"],  # --quantize nf4
+        "eval": ["lm-eval[api]>=0.4.9"],  # lm-evaluation-harness against generate/serve.py
         "test": ["pytest", "transformers>=5", "hypothesis", "tensorboard", "fastapi", "uvicorn", "openai", "httpx",
                  "torchao>=0.18"],
     },

@@ -97,6 +97,8 @@ OPT_IN = {
             "tests/test_docs.py (about 7 minutes)",
     "engines": "other engines on an export: LLAMA_CPP_CONVERT=.../convert_hf_to_gguf.py python -m pytest -m engines "
                "tests/test_engines.py (needs llama-cpp-python)",
+    "eval": "lm-evaluation-harness against generate/serve.py and on the HF export: python -m pytest -m eval "
+            "tests/test_lm_eval.py (needs pip install -e '.[eval]')",
 }
 
 
