@@ -115,3 +115,29 @@ def test_generation_through_the_chat_endpoint_equals_our_replies(server, eot_che
         tokens = generate(model, encode_prompt(tokenizer, [question["question"]]), 8,
                           stop_ids=resolve_stop_ids(tokenizer)).tokens
         assert sample["resps"][0][0] == tokenizer.decode(tokens)
+
+
+def test_in_process_evaluation_equals_the_servers(server, exported, eot_checkpoint, tasks, tmp_path):
+    """scripts/evaluate.py runs the same tasks on our model in process: the same log-likelihoods as through
+    the server (plain text after BOS), and with the chat format the same replies as the chat endpoint."""
+    evaluate_script = load_script("scripts/evaluate.py").main
+    from lit_llama.harness import HarnessModel
+    from lit_llama.inference import ModelSource
+
+    model, tokenizer = ModelSource(checkpoint_dir=eot_checkpoint).load()
+    local = evaluate(HarnessModel(model, tokenizer, batch_size=2), None, "tiny_choice", tasks)
+    served = evaluate("local-completions", {"base_url": f"{server}/completions", "model": "eot", "num_concurrent": 1,
+                                            "tokenizer_backend": "huggingface", "tokenizer": str(exported),
+                                            "add_bos_token": True}, "tiny_choice", tasks)
+    for ours, theirs in zip(local, served):
+        for (mine,), (reference,) in zip(ours["resps"], theirs["resps"]):
+            assert mine[0] == pytest.approx(reference[0], abs=1e-4) and mine[1] == reference[1]
+    results = evaluate_script(tasks=["tiny_choice", "tiny_reply"], out_dir=tmp_path / "eval", include_path=tasks,
+                              source=ModelSource(checkpoint_dir=eot_checkpoint), batch_size=2)
+    written = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert set(written["results"]) == {"tiny_choice", "tiny_reply"} == set(results["results"])
+    replies = evaluate(HarnessModel(model, tokenizer), None, "tiny_reply", tasks, apply_chat_template=True)
+    for sample, question in zip(replies, QUESTIONS):
+        tokens = generate(model, encode_prompt(tokenizer, [question["question"]]), 8,
+                          stop_ids=resolve_stop_ids(tokenizer)).tokens
+        assert sample["resps"][0][0] == tokenizer.decode(tokens)
