@@ -23,6 +23,6 @@ setup(
         "quantize": ["torchao>=0.18"],  # --quantize nf4
         "eval": ["lm-eval[api]>=0.4.9"],  # lm-evaluation-harness against generate/serve.py
         "test": ["pytest", "transformers>=5", "hypothesis", "tensorboard", "fastapi", "uvicorn", "openai", "httpx",
-                 "torchao>=0.18"],
+                 "torchao>=0.18", "peft"],
     },
 )
