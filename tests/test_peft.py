@@ -77,3 +77,53 @@ def test_an_appended_end_of_turn_token_is_refused(repurposed_lora, tmp_path):
     with pytest.raises(BadValue, match="appended <|eot|> to the vocabulary, which no adapter carries: merge it"):
         export_peft(lora_path=appended, output_dir=tmp_path / "adapter")
     assert not (tmp_path / "adapter").exists()
+
+
+def peft_logits(base_dir: Path, adapter_dir: Path, ids: list[int]) -> torch.Tensor:
+    base = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    with torch.no_grad():
+        return peft.PeftModel.from_pretrained(base, adapter_dir).eval()(torch.tensor([ids])).logits[0]
+
+
+def our_logits(lora_path: Path, ids: list[int]) -> torch.Tensor:
+    model, tokenizer = load_finetuned(lora_path)
+    with torch.no_grad():
+        return model.eval()(torch.tensor([ids]))[0, :, : tokenizer.vocab_size]
+
+
+def test_an_adapter_peft_made_imports_to_its_logits(tiny_checkpoint, tmp_path):
+    """A LoRA made by PEFT itself on the base's export (q, v and the MLP, on lm_head too), its weights
+    random, becomes an out dir whose model gives PEFT's logits."""
+    load_script("scripts/convert_lit_checkpoint.py").main(checkpoint_dir=tiny_checkpoint, output_dir=tmp_path / "base")
+    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
+    targets = ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=16, target_modules=targets))
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    model.save_pretrained(tmp_path / "adapter")
+    load_script("scripts/import_peft.py").main(adapter_dir=tmp_path / "adapter", checkpoint_dir=tiny_checkpoint,
+                                               out_dir=tmp_path / "lora")
+    ids = [1, *range(20, 60)]
+    torch.testing.assert_close(our_logits(tmp_path / "lora", ids), peft_logits(tmp_path / "base", tmp_path / "adapter", ids),
+                               atol=1e-4, rtol=0)
+
+
+def test_our_export_imports_back_to_the_same_model(repurposed_lora, tiny_checkpoint, tmp_path):
+    export_peft(lora_path=repurposed_lora, output_dir=tmp_path / "adapter")
+    load_script("scripts/import_peft.py").main(adapter_dir=tmp_path / "adapter", checkpoint_dir=tiny_checkpoint,
+                                               out_dir=tmp_path / "lora")
+    _, tokenizer = load_finetuned(repurposed_lora)
+    ids = encode_prompt(tokenizer, ["How do plants drink water?", "Through their roots.", "And trees?"])
+    torch.testing.assert_close(our_logits(tmp_path / "lora", ids), our_logits(repurposed_lora, ids), atol=1e-5, rtol=0)
+
+
+def test_an_adapter_our_lora_cannot_hold_is_refused(repurposed_lora, tiny_checkpoint, tmp_path):
+    export_peft(lora_path=repurposed_lora, output_dir=tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    with pytest.raises(BadValue, match="use_dora=True is not a plain LoRA"):
+        load_script("scripts/import_peft.py").main(adapter_dir=tmp_path / "adapter", checkpoint_dir=tiny_checkpoint,
+                                                   out_dir=tmp_path / "lora")
