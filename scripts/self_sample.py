@@ -27,15 +27,27 @@ soon as the reply is done: {"messages": [{"role": "user", "content": query}, {"r
 "max_new_tokens"}. Usable record i of the input (from 0) samples with a generator of its own, seeded
 seed + i, so its reply depends neither on its batch neighbours nor on where a run stopped: run again
 with the same flags after an interruption, and the records cached already are skipped.
+
+With `--base_url` the replies come from an OpenAI-compatible server instead (generate/serve.py,
+vLLM, llama.cpp's server) serving the model as `--model`: the echo prompt goes to /chat/completions as
+three messages (or, with `--plain true`, to /completions as text), `--concurrency` requests at a time,
+each with its row's seed. The engine's word for how a reply ended is the stop reason then: "stop" or,
+when it reached `--max_new_tokens`, "max_new_tokens".
+
+    python scripts/self_sample.py --base_url http://127.0.0.1:8000/v1 --model lora --data_path data/queries.jsonl \
+        --destination_path data/self_sampled.jsonl --concurrency 16
 """
 
 import json
 import os
 import sys
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 # run from a checkout without installing the package
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -116,7 +128,8 @@ class Job:
     index: int  # the record's index among the input's usable records: its generator's seed is seed + index
     where: str
     query: str
-    prompt: list[int]
+    reference: str
+    prompt: list[int]  # the echo prompt's ids (empty when a server encodes it)
     cap: int
 
 
@@ -179,6 +192,11 @@ def main(
     destination_path: Path,
     *,
     source: ModelSource = ModelSource(),
+    base_url: Optional[str] = None,
+    model: Optional[str] = None,
+    api_key: Optional[str] = None,
+    plain: bool = False,
+    concurrency: int = 8,
     temperature: float = 0.7,
     top_p: float = 0.95,
     max_new_tokens: int = 512,
@@ -196,6 +214,13 @@ def main(
             query with a reference reply
         destination_path: the JSONL cache to write, {"messages": [user, assistant], "source", "index",
             "stop_reason"} rows; when it exists, the rows it holds are kept and only the others are sampled
+        base_url: sample through this OpenAI-compatible server (e.g. http://127.0.0.1:8000/v1) instead of
+            loading a model here
+        model: the name the server serves the model as (with --base_url)
+        api_key: the server's API key, if it asks for one (with --base_url)
+        plain: with --base_url, send the echo prompt as plain text to /completions, ending each reply at
+            its first blank line (a base model); by default as messages to /chat/completions
+        concurrency: requests in flight at once (with --base_url)
         temperature: sampling temperature; 0 picks the most likely token every step
         top_p: sample among the fewest most likely tokens that hold this much of the probability (1: all)
         max_new_tokens: most tokens of a reply
@@ -211,20 +236,80 @@ def main(
     data_path, destination_path = Path(data_path), Path(destination_path)
     check_paths(data_path, destination_path)
     sampling = Sampling(temperature, None, top_p)
-    if max_new_tokens < 1 or batch_size < 1 or (max_rows is not None and max_rows < 1):
-        raise BadValue("--max_new_tokens, --batch_size and --max_rows must be at least 1")
+    if min(max_new_tokens, batch_size, concurrency, max_rows or 1) < 1:
+        raise BadValue("--max_new_tokens, --batch_size, --concurrency and --max_rows must be at least 1")
+    if (base_url is None) != (model is None):
+        raise BadValue("--base_url and --model go together: the server's address and the name it serves the model as")
     check_writable(destination_path.parent, 0, "--destination_path")  # before the model loads, not after the sampling
     cached = read_cache(destination_path)
-
-    model, tokenizer = source.load()
-    model = place(model, dtype.precision)
     counts = Counts(cached=len(cached))
     records = islice(located_records(data_path, counts.bad, query_and_reference), max_rows)
-    jobs = plan_jobs(model, tokenizer, records, cached=cached, counts=counts, max_new_tokens=max_new_tokens,
-                     destination_path=destination_path)
-    replies = sample_replies(model, tokenizer, jobs, sampling, seed, batch_size)
-    write_replies(destination_path, replies, tokenizer, counts, total=len(jobs), keep_unfinished=keep_unfinished)
+    if base_url is not None:
+        jobs = plan_jobs(records, lambda query, reference: ([], max_new_tokens), cached=cached, counts=counts,
+                         destination_path=destination_path)
+        server = Server(base_url.rstrip("/"), model, api_key, plain)
+        replies = server.replies(jobs, sampling, seed, concurrency)
+    else:
+        llm, tokenizer = source.load()
+        llm = place(llm, dtype.precision)
+
+        def prompt_of(query: str, reference: str) -> tuple[list[int], int]:
+            prompt = echo_prompt(tokenizer, query, reference)
+            return prompt, room_for(llm, len(prompt), max_new_tokens)
+
+        jobs = plan_jobs(records, prompt_of, cached=cached, counts=counts, destination_path=destination_path)
+        replies = ((job, *reply_text(tokenizer, generation, tokenizer.eot_id is None))
+                   for job, generation in sample_replies(llm, tokenizer, jobs, sampling, seed, batch_size))
+    write_replies(destination_path, replies, counts, total=len(jobs), keep_unfinished=keep_unfinished)
     return summarize(counts, destination_path, keep_unfinished)
+
+
+@dataclass
+class Server:
+    """An OpenAI-compatible server that samples the replies: the echo prompt as messages, or as plain text."""
+
+    base_url: str
+    model: str
+    api_key: Optional[str]
+    plain: bool
+
+    def post(self, path: str, body: dict) -> dict:
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        request = urllib.request.Request(self.base_url + path, json.dumps(body).encode(), headers)
+        with urllib.request.urlopen(request, timeout=3600) as response:
+            return json.loads(response.read())
+
+    def ask(self, job: Job, sampling: Sampling, seed: int) -> tuple[Job, Optional[str], str]:
+        """The job's reply and why it ended; (job, None, why) for a prompt the server finds too long."""
+        body = {"model": self.model, "max_tokens": job.cap, "temperature": sampling.temperature,
+                "top_p": sampling.top_p, "seed": seed + job.index}
+        if self.plain:
+            text = f"{job.query}{BLANK_LINE}{job.reference}{BLANK_LINE}{job.query}{BLANK_LINE}"
+            body.update(prompt=text, stop=[BLANK_LINE])
+        else:
+            body["messages"] = [{"role": "user", "content": job.query}, {"role": "assistant", "content": job.reference},
+                                {"role": "user", "content": job.query}]
+        try:
+            choice = self.post("/completions" if self.plain else "/chat/completions", body)["choices"][0]
+        except urllib.error.HTTPError as e:
+            error = json.loads(e.read() or b"{}").get("error") or {}
+            if e.code == 400 and error.get("code") == "context_length_exceeded":
+                return job, None, TOO_LONG
+            raise BadValue(f"--base_url {self.base_url} answered {e.code} for {job.where}: "
+                           f"{error.get('message', e.reason)}") from None
+        except urllib.error.URLError as e:
+            raise BadValue(f"--base_url {self.base_url}: {e.reason} (is the server running?)") from None
+        text = choice["text"] if self.plain else choice["message"]["content"]
+        return job, text.strip(), "max_new_tokens" if choice["finish_reason"] == "length" else choice["finish_reason"]
+
+    def replies(self, jobs: list[Job], sampling: Sampling, seed: int,
+                concurrency: int) -> Iterator[tuple[Job, Optional[str], str]]:
+        """Each job's reply, `concurrency` requests at a time, in the order they finish."""
+        with ThreadPoolExecutor(concurrency) as pool:
+            for future in as_completed([pool.submit(self.ask, job, sampling, seed) for job in jobs]):
+                yield future.result()
 
 
 def check_paths(data_path: Path, destination_path: Path) -> None:
@@ -250,10 +335,10 @@ class Counts:
     unfinished: int = 0  # replies cut off at their cap, kept
 
 
-def plan_jobs(model: LLaMA, tokenizer: Tokenizer, records: Iterable[tuple[str, tuple[str, str]]], *,
-              cached: dict[int, str], counts: Counts, max_new_tokens: int, destination_path: Path) -> list[Job]:
-    """A job for each usable record (where, (query, reference)) the cache holds no reply to, unless its
-    echo prompt leaves no room for a reply."""
+def plan_jobs(records: Iterable[tuple[str, tuple[str, str]]], prompt_of: Callable[[str, str], tuple[list[int], int]],
+              *, cached: dict[int, str], counts: Counts, destination_path: Path) -> list[Job]:
+    """A job for each usable record (where, (query, reference)) the cache holds no reply to, its echo
+    prompt and reply cap from `prompt_of`, unless that finds no room for a reply (ValueError)."""
     jobs = []
     for index, (where, (query, reference)) in enumerate(records):
         if index in cached:
@@ -262,28 +347,26 @@ def plan_jobs(model: LLaMA, tokenizer: Tokenizer, records: Iterable[tuple[str, t
                                f"({where}): it was written from other data; give a new destination")
             counts.resumed += 1
             continue
-        prompt = echo_prompt(tokenizer, query, reference)
         try:
-            jobs.append(Job(index, where, query, prompt, room_for(model, len(prompt), max_new_tokens)))
+            jobs.append(Job(index, where, query, reference, *prompt_of(query, reference)))
         except ValueError:
             counts.skipped.skip(where, TOO_LONG)
     return jobs
 
 
-def write_replies(destination_path: Path, replies: Iterator[tuple[Job, Generation]], tokenizer: Tokenizer,
-                  counts: Counts, *, total: int, keep_unfinished: bool) -> None:
-    """Append each reply to the destination as soon as it is done; an empty reply, or unless kept one cut
-    off at its cap, is counted instead."""
-    plain = tokenizer.eot_id is None
+def write_replies(destination_path: Path, replies: Iterator[tuple[Job, Optional[str], str]], counts: Counts, *,
+                  total: int, keep_unfinished: bool) -> None:
+    """Append each reply (its text, and why it ended) to the destination as soon as it is done; an empty
+    reply, one cut off at its cap unless kept, or none (a prompt too long: the reason says), is counted instead."""
     try:
         out = open(destination_path, "a", encoding="utf-8")
     except OSError as e:  # there but not writable
         raise file_error(e, f"--destination_path {destination_path}") from None
     with out, tqdm(total=total, unit="reply") as bar:
-        for job, generation in replies:
+        for job, reply, reason in replies:
             bar.update()
-            reply, reason = reply_text(tokenizer, generation, plain)
-            drop = EMPTY if not reply else CAPPED if reason == "max_new_tokens" and not keep_unfinished else None
+            drop = reason if reply is None else EMPTY if not reply else \
+                CAPPED if reason == "max_new_tokens" and not keep_unfinished else None
             if drop:
                 with tqdm.external_write_mode(file=sys.stderr):  # the message on a line of its own, not the bar's
                     counts.skipped.skip(job.where, drop)

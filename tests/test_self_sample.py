@@ -11,6 +11,7 @@ import torch
 
 from conftest import REPO, load_script
 from lit_llama.checkpoint import load_model, save_checkpoint_dir
+from lit_llama.errors import BadValue
 from lit_llama.generate import ContinuousBatch, Request, generate
 from lit_llama.inference import ModelSource
 from lit_llama.loss import loss_sum
@@ -191,3 +192,34 @@ def test_cli_help_and_errors(self_sample, tmp_path):
         assert flag in help_text
     missing = run("--data_path", str(tmp_path / "nope.jsonl"), "--destination_path", str(tmp_path / "out.jsonl"))
     assert missing.returncode == 2 and missing.stderr.strip() == f"error: --data_path {tmp_path / 'nope.jsonl'} not found"
+
+
+def test_sampling_through_the_server_caches_the_in_process_replies(self_sample, eot_checkpoint, tmp_path):
+    """--base_url: the echo prompts go to generate/serve.py's chat endpoint, four at a time, and greedy
+    replies are those decoded in process; a second run finds them all cached."""
+    from test_serve import start_server
+
+    data = write_jsonl(tmp_path / "in.jsonl", ROWS)
+    local = tmp_path / "local.jsonl"
+    self_sample.main(data_path=data, destination_path=local, source=ModelSource(checkpoint_dir=eot_checkpoint),
+                     temperature=0.0, max_new_tokens=12, keep_unfinished=True)  # the tiny model seldom stops
+    process, url = start_server(eot_checkpoint)
+    try:
+        remote = tmp_path / "remote.jsonl"
+        summary = self_sample.main(data_path=data, destination_path=remote, base_url=url, model="eot",
+                                   concurrency=4, temperature=0.0, max_new_tokens=12, keep_unfinished=True)
+        assert summary["written"] == len(ROWS)
+        again = self_sample.main(data_path=data, destination_path=remote, base_url=url, model="eot", max_new_tokens=12)
+        assert again["written"] == 0 and again["resumed"] == len(ROWS)
+        with pytest.raises(BadValue, match="answered 404"):
+            self_sample.main(data_path=data, destination_path=tmp_path / "other.jsonl", base_url=url, model="gpt-4")
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+    by_index = lambda path: {row["index"]: row for row in read_jsonl(path)}  # noqa: E731
+    ours, theirs = by_index(local), by_index(remote)
+    assert {i: row["messages"] for i, row in ours.items()} == {i: row["messages"] for i, row in theirs.items()}
+    for i, row in ours.items():
+        assert theirs[i]["stop_reason"] == ("max_new_tokens" if row["stop_reason"] == "max_new_tokens" else "stop")
+    with pytest.raises(BadValue, match="is the server running"):
+        self_sample.main(data_path=data, destination_path=tmp_path / "none.jsonl", base_url=url, model="eot")
