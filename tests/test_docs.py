@@ -31,7 +31,8 @@ from lit_llama.cli import build_parser
 
 PAGES = ["README.md", "howto/prepare_data.md", "howto/special_tokens.md", "howto/finetune_lora.md",
          "howto/finetune_adapter.md", "howto/finetune_full.md", "howto/recipes.md", "howto/inference.md",
-         "howto/chat.md", "howto/serve.md", "howto/download_weights.md", "howto/troubleshooting.md"]  # in the order they run: makers before users
+         "howto/chat.md", "howto/serve.md", "howto/evaluate.md", "howto/export.md", "howto/download_weights.md",
+         "howto/troubleshooting.md"]  # in the order they run: makers before users
 
 # a fine-tune in a howto page, cut short (the figures it prints are not what the page is about)
 SHORT_TRAINING = ["--train.epochs", "null", "--train.max_iters", "4", "--train.warmup_iters", "1",
