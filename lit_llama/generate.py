@@ -266,7 +266,7 @@ class ContinuousBatch:
         sampled, fed = [], [None] * len(self.slots)
         for slot, request in active:
             scores = None if request.logprobs is None else token_logprob(self.logits[slot], tokens[slot : slot + 1],
-                                                                          request.logprobs)
+                                                                          read[slot], request.logprobs)
             request.add(read[slot], scores)
             sampled.append((request, read[slot]))
             if request.done:

@@ -24,15 +24,14 @@ class TokenLogprob:
     top: list[tuple[int, float]]  # the most likely ids at this position and their log-probabilities, best first
 
 
-def scored(logprobs: torch.Tensor, tokens: torch.Tensor, top: int) -> list[TokenLogprob]:
-    """`tokens` (N,) scored by the rows of `logprobs` (N, V), with `top` alternatives each: read back to
-    the host in one go."""
-    own = logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # (N,)
-    best = logprobs.topk(top, dim=-1) if top else None
-    own_ids, own_values = tokens.tolist(), own.tolist()
-    best_values, best_ids = (best.values.tolist(), best.indices.tolist()) if best else ([[]] * len(own_ids),) * 2
-    return [TokenLogprob(t, v, list(zip(ids, values)))
-            for t, v, ids, values in zip(own_ids, own_values, best_ids, best_values)]
+def scored(logprobs: torch.Tensor, tokens: torch.Tensor, ids: list[int], top: int) -> list[TokenLogprob]:
+    """`tokens` (N,), on the device, whose ids the host holds as `ids`, scored by the rows of `logprobs`
+    (N, V), with `top` alternatives each: two reads back to the host, the values and the alternatives' ids."""
+    own = logprobs.gather(-1, tokens.unsqueeze(-1))  # (N, 1)
+    best = logprobs.topk(top, dim=-1)  # (N, top)
+    values = torch.cat([own, best.values], dim=-1).tolist()
+    alternatives = best.indices.tolist() if top else [[]] * len(ids)
+    return [TokenLogprob(token, v[0], list(zip(a, v[1:]))) for token, v, a in zip(ids, values, alternatives)]
 
 
 def prompt_logprobs(model: LLaMA, hidden: torch.Tensor, prompt: list[int], top: int) -> list[Optional[TokenLogprob]]:
@@ -42,10 +41,12 @@ def prompt_logprobs(model: LLaMA, hidden: torch.Tensor, prompt: list[int], top: 
     out: list[Optional[TokenLogprob]] = [None]
     for start in range(0, len(prompt) - 1, CHUNK):
         logits = model.head(hidden[start : start + CHUNK][: len(targets) - start])  # (chunk, V)
-        out += scored(logits.float().log_softmax(-1), targets[start : start + CHUNK], top)
+        ids = prompt[1 + start : 1 + start + CHUNK]
+        out += scored(logits.float().log_softmax(-1), targets[start : start + CHUNK], ids, top)
     return out
 
 
-def token_logprob(logits: torch.Tensor, token: torch.Tensor, top: int) -> TokenLogprob:
-    """The log-probability of `token` (1,), on the device, under `logits` (V,), and the `top` most likely ids."""
-    return scored(logits.float().log_softmax(-1).unsqueeze(0), token, top)[0]
+def token_logprob(logits: torch.Tensor, token: torch.Tensor, token_id: int, top: int) -> TokenLogprob:
+    """The log-probability of `token` (1,), on the device (`token_id` on the host), under `logits` (V,),
+    and the `top` most likely ids."""
+    return scored(logits.float().log_softmax(-1).unsqueeze(0), token, [token_id], top)[0]

@@ -233,3 +233,24 @@ def test_the_environment_switch_turns_the_check_on_for_a_command(monkeypatch):
     monkeypatch.delenv(device_check.ENV)
     run(lambda: seen.append(device_check.simulated_accelerator()), [])
     assert seen == [ACCELERATOR, None]
+
+
+def test_scoring_tokens_reads_their_scores_back_twice_a_step():
+    """A request with logprobs on the accelerator: its prompt scored from the prefill's hidden states,
+    and each sampled token from its logits, with two reads back per scored step (values, then the
+    alternatives' ids) beside the step's one read of the sampled ids."""
+    from lit_llama.generate import ContinuousBatch, Decoder, Request
+
+    counts = {}
+    for steps in (4, 8):
+        with DeviceCheck() as check, torch.inference_mode():
+            model = tiny_gqa_model().to(ACCELERATOR)
+            request = Request([1, 5, 9, 4], steps, logprobs=2, prompt_logprobs=2)
+            with Decoder(model, 1, 32) as decoder:
+                batch = ContinuousBatch(decoder)
+                batch.submit(request)
+                while batch.busy:
+                    batch.step()
+            counts[steps] = check.total()[0]  # reads back to the host
+        assert len(request.prompt_scores) == 4 and len(request.generation.logprobs) == steps
+    assert (counts[8] - counts[4]) / 4 == 3
