@@ -16,6 +16,7 @@ from lit_llama.generate import ContinuousBatch, Request, generate
 from lit_llama.inference import ModelSource
 from lit_llama.loss import loss_sum
 from lit_llama.prepare import PrepareDirs
+from lit_llama.self_sample import Server, echo_prompt
 from lit_llama.tokenizer import Tokenizer
 
 QUERIES = ["How do plants drink water?", "What is rain?", "Name a river.\n\nIn Africa.", "What is snow?", "Why is the sky blue?"]
@@ -85,7 +86,7 @@ def test_reply_is_the_echo_prompts_sample_with_the_rows_seed(self_sample, eot_ch
     bos, eot = tokenizer.bos_id, tokenizer.eot_id
     for row in rows:
         query, reference = QUERIES[row["index"]], REFERENCES[row["index"]]
-        prompt = self_sample.echo_prompt(tokenizer, query, reference)
+        prompt = echo_prompt(tokenizer, query, reference)
         assert prompt == [bos, *tokenizer.encode(query), eot, *tokenizer.encode(reference), eot, *tokenizer.encode(query), eot]
         alone = generate(model, prompt, 12, temperature=0.7, top_p=0.95, stop_ids=tuple(tokenizer.stop_ids),
                          generator=torch.Generator().manual_seed(7 + row["index"]))
@@ -131,7 +132,7 @@ def test_base_model_gets_plain_text_and_stops_at_a_blank_line(self_sample, tiny_
     train_to_end_paragraphs(tiny_checkpoint, f"{query}\n\n{reference}\n\n{query}\n\n{own}\n\nThe river is long and wide.",
                             tmp_path / "paragraphs")
     model, tokenizer = load_model(tmp_path / "paragraphs"), Tokenizer.from_dir(tmp_path / "paragraphs")
-    prompt = self_sample.echo_prompt(tokenizer, query, reference)
+    prompt = echo_prompt(tokenizer, query, reference)
     assert tokenizer.eot_id is None and prompt[0] == tokenizer.bos_id
     assert tokenizer.decode(prompt) == f"{query}\n\n{reference}\n\n{query}\n\n"
     uncut = generate(model, prompt, 24, stop_ids=(tokenizer.eos_id,)).tokens
@@ -206,13 +207,13 @@ def test_sampling_through_the_server_caches_the_in_process_replies(self_sample, 
     process, url = start_server(eot_checkpoint)
     try:
         remote = tmp_path / "remote.jsonl"
-        summary = self_sample.main(data_path=data, destination_path=remote, base_url=url, model="eot",
-                                   concurrency=4, temperature=0.0, max_new_tokens=12, keep_unfinished=True)
+        summary = self_sample.main(data_path=data, destination_path=remote, server=Server(url, "eot", concurrency=4),
+                                   temperature=0.0, max_new_tokens=12, keep_unfinished=True)
         assert summary["written"] == len(ROWS)
-        again = self_sample.main(data_path=data, destination_path=remote, base_url=url, model="eot", max_new_tokens=12)
+        again = self_sample.main(data_path=data, destination_path=remote, server=Server(url, "eot"), max_new_tokens=12)
         assert again["written"] == 0 and again["resumed"] == len(ROWS)
         with pytest.raises(BadValue, match="answered 404"):
-            self_sample.main(data_path=data, destination_path=tmp_path / "other.jsonl", base_url=url, model="gpt-4")
+            self_sample.main(data_path=data, destination_path=tmp_path / "other.jsonl", server=Server(url, "gpt-4"))
     finally:
         process.terminate()
         process.wait(timeout=60)
@@ -222,4 +223,4 @@ def test_sampling_through_the_server_caches_the_in_process_replies(self_sample, 
     for i, row in ours.items():
         assert theirs[i]["stop_reason"] == ("max_new_tokens" if row["stop_reason"] == "max_new_tokens" else "stop")
     with pytest.raises(BadValue, match="is the server running"):
-        self_sample.main(data_path=data, destination_path=tmp_path / "none.jsonl", base_url=url, model="eot")
+        self_sample.main(data_path=data, destination_path=tmp_path / "none.jsonl", server=Server(url, "eot"))
