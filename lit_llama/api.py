@@ -6,17 +6,19 @@ in OpenAI's format, and a reply in flight on the engine.
     Reply(service, prompt, ...)              one request on the engine: its text as it is decoded, cut at
                                              the first stop string, and its tokens' log-probabilities
     merged(streams)                          several replies' events, in the order they come
+    answer(whole, chunks, usage, stream)     the answer: whole, or its chunks as server-sent events
 """
 
 import asyncio
+import json
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Optional
+from typing import Any, AsyncIterator, Awaitable, Callable, Optional
 
 import torch
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from lit_llama.engine import Engine
 from lit_llama.errors import UsageError
@@ -206,3 +208,29 @@ async def merged(streams: list[AsyncIterator[Any]]) -> AsyncIterator[Any]:
     finally:
         for task in tasks:
             task.cancel()
+
+
+def event(data: dict) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+async def server_sent(chunks: AsyncIterator[dict], usage: Optional[Callable[[], dict]]) -> AsyncIterator[str]:
+    """`chunks` as server-sent events, then the usage chunk if asked, then [DONE]. An error once the first
+    chunk went out (with the status) is an event of its own, and the last."""
+    try:
+        async for chunk in chunks:
+            yield event(chunk)
+    except APIError as error:
+        yield event(error.body())
+        return
+    if usage is not None:
+        yield event(usage())
+    yield "data: [DONE]\n\n"
+
+
+async def answer(whole: Callable[[], Awaitable[dict]], chunks: Callable[[], AsyncIterator[dict]],
+                 usage: Optional[Callable[[], dict]], stream: bool) -> Any:
+    """A request's answer: `whole()` once done, or with `stream` its `chunks()` as server-sent events."""
+    if not stream:
+        return await whole()
+    return StreamingResponse(server_sent(chunks(), usage), media_type="text/event-stream")

@@ -4,13 +4,11 @@ on the end-of-turn token, whole or streamed as server-sent events, with log-prob
     chat_completions(service, body)   the answer: a chat.completion, or a stream of chat.completion.chunk
 """
 
-import json
 from typing import Any, AsyncIterator, Optional, Union
 
-from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from lit_llama.api import APIError, Reply, Service, merged, seed_of, token_text
+from lit_llama.api import APIError, Reply, Service, answer, merged, seed_of, token_text
 from lit_llama.generate import Sampling
 from lit_llama.logprobs import MAX_TOP, TokenLogprob
 from lit_llama.prompt_records import parse_prompt_record
@@ -105,11 +103,10 @@ class ChatCompletion:
         choices = [await self.choice(j) for j in range(len(self.replies))]
         return {**self.head, "object": "chat.completion", "choices": choices, "usage": self.usage()}
 
-    def chunk(self, choices: list, **extra: Any) -> str:
-        data = {**self.head, "object": "chat.completion.chunk", "choices": choices, **extra}
-        return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+    def chunk(self, choices: list, **extra: Any) -> dict:
+        return {**self.head, "object": "chat.completion.chunk", "choices": choices, **extra}
 
-    async def deltas(self, index: int) -> AsyncIterator[str]:
+    async def deltas(self, index: int) -> AsyncIterator[dict]:
         """Reply `index` as chunks: its role, a chunk per piece of text, and its finish reason."""
         yield self.chunk([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                            "finish_reason": None}])
@@ -119,21 +116,13 @@ class ChatCompletion:
                                "finish_reason": None}])
         yield self.chunk([{"index": index, "delta": {}, "logprobs": None, "finish_reason": reply.finish_reason()}])
 
-    async def events(self) -> AsyncIterator[str]:
-        """The replies as server-sent events, in the order their pieces are decoded."""
-        try:
-            async for event in merged([self.deltas(j) for j in range(len(self.replies))]):
-                yield event
-        except APIError as error:  # the status went out with the first chunk: the error is an event
-            yield f"data: {json.dumps(error.body())}\n\n"
-            return
-        if (self.body.stream_options or {}).get("include_usage"):
-            yield self.chunk([], usage=self.usage())
-        yield "data: [DONE]\n\n"
+    def chunks(self) -> AsyncIterator[dict]:
+        """The replies' chunks, in the order their pieces are decoded."""
+        return merged([self.deltas(j) for j in range(len(self.replies))])
 
 
 async def chat_completions(service: Service, body: ChatCompletionRequest) -> Any:
     completion = ChatCompletion(service, body)
-    if not body.stream:
-        return await completion.whole()
-    return StreamingResponse(completion.events(), media_type="text/event-stream")
+    usage = (lambda: completion.chunk([], usage=completion.usage())) \
+        if (body.stream_options or {}).get("include_usage") else None
+    return await answer(completion.whole, completion.chunks, usage, body.stream)

@@ -6,13 +6,11 @@ prompt's included: what lm-evaluation-harness's `local-completions` reads to sco
     completions(service, body)   the answer: a text_completion, or a stream of them
 """
 
-import json
 from typing import Any, AsyncIterator, Optional, Union
 
-from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from lit_llama.api import APIError, Reply, Service, merged, seed_of, text_offsets, token_text
+from lit_llama.api import APIError, Reply, Service, answer, merged, seed_of, text_offsets, token_text
 from lit_llama.generate import Sampling
 from lit_llama.logprobs import MAX_TOP, TokenLogprob
 
@@ -134,20 +132,16 @@ class Completion:
             choices.append({"index": choice.index, "text": text, "logprobs": merged_logprobs, "finish_reason": reason})
         return {**self.head, "choices": choices, "usage": self.usage()}
 
-    async def events(self) -> AsyncIterator[str]:
-        try:
+    def chunks(self) -> AsyncIterator[dict]:
+        """The choices' pieces as text_completion chunks, in the order they are decoded."""
+        async def each() -> AsyncIterator[dict]:
             async for piece in merged([choice.pieces() for choice in self.choices]):
-                yield f"data: {json.dumps({**self.head, 'choices': [piece]}, ensure_ascii=False)}\n\n"
-        except APIError as error:  # the status went out with the first chunk: the error is an event
-            yield f"data: {json.dumps(error.body())}\n\n"
-            return
-        if (self.body.stream_options or {}).get("include_usage"):
-            yield f"data: {json.dumps({**self.head, 'choices': [], 'usage': self.usage()})}\n\n"
-        yield "data: [DONE]\n\n"
+                yield {**self.head, "choices": [piece]}
+        return each()
 
 
 async def completions(service: Service, body: CompletionRequest) -> Any:
     completion = Completion(service, body)
-    if not body.stream:
-        return await completion.whole()
-    return StreamingResponse(completion.events(), media_type="text/event-stream")
+    usage = (lambda: {**completion.head, "choices": [], "usage": completion.usage()}) \
+        if (body.stream_options or {}).get("include_usage") else None
+    return await answer(completion.whole, completion.chunks, usage, body.stream)
