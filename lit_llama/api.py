@@ -14,11 +14,12 @@ import json
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Awaitable, Callable, Optional
+from typing import Any, AsyncIterator, Awaitable, Callable, Optional, Union
 
 import torch
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
 
 from lit_llama.engine import Engine
 from lit_llama.errors import UsageError
@@ -26,6 +27,29 @@ from lit_llama.generate import Request, Sampling, resolve_stop_ids
 from lit_llama.logprobs import TokenLogprob
 from lit_llama.streaming import Detokenizer, ReplyText
 from lit_llama.tokenizer import Tokenizer
+
+
+class SamplingRequest(BaseModel):
+    """The fields every completion request shares (OpenAI's); fields no endpoint acts on are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+    model: str
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    stop: Optional[Union[str, list[str]]] = None
+    seed: Optional[int] = None
+    n: int = Field(1, ge=1, le=128)
+    stream: bool = False
+    stream_options: Optional[dict[str, Any]] = None
+
+    @property
+    def stop_strings(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else self.stop or []
+
+    @property
+    def with_usage(self) -> bool:
+        """Whether a stream ends with a chunk of the token counts."""
+        return bool((self.stream_options or {}).get("include_usage"))
 
 
 class APIError(Exception):

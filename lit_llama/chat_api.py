@@ -4,11 +4,11 @@ on the end-of-turn token, whole or streamed as server-sent events, with log-prob
     chat_completions(service, body)   the answer: a chat.completion, or a stream of chat.completion.chunk
 """
 
-from typing import Any, AsyncIterator, Optional, Union
+from typing import Any, AsyncIterator, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
-from lit_llama.api import APIError, Reply, Service, answer, merged, seed_of, token_text
+from lit_llama.api import APIError, Reply, SamplingRequest, Service, answer, merged, seed_of, token_text
 from lit_llama.generate import Sampling
 from lit_llama.logprobs import MAX_TOP, TokenLogprob
 from lit_llama.prompt_records import parse_prompt_record
@@ -20,23 +20,14 @@ class Message(BaseModel):
     content: str
 
 
-class ChatCompletionRequest(BaseModel):
-    """The fields of OpenAI's chat completion request that this server acts on; others are ignored."""
+class ChatCompletionRequest(SamplingRequest):
+    """The fields of OpenAI's chat completion request that this server acts on."""
 
-    model_config = ConfigDict(extra="ignore")
-    model: str
     messages: list[Message] = Field(min_length=1)
     max_tokens: Optional[int] = Field(None, ge=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)  # the newer name of max_tokens
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    stop: Optional[Union[str, list[str]]] = None
-    seed: Optional[int] = None
-    n: int = Field(1, ge=1, le=128)
     logprobs: bool = False
     top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP)
-    stream: bool = False
-    stream_options: Optional[dict[str, Any]] = None
 
     @property
     def wanted(self) -> Optional[int]:
@@ -77,10 +68,9 @@ class ChatCompletion:
         self.service, self.body = service, body
         self.ids = prompt_of(service, body)
         sampling = Sampling(body.temperature, None, body.top_p)
-        stop = [body.stop] if isinstance(body.stop, str) else body.stop or []
         top = (body.top_logprobs or 0) if body.logprobs else None
         self.replies = [Reply(service, self.ids, body.wanted or service.context - len(self.ids), sampling,
-                              seed_of(body.seed, j), stop, logprobs=top) for j in range(body.n)]
+                              seed_of(body.seed, j), body.stop_strings, logprobs=top) for j in range(body.n)]
         self.head = service.head("chatcmpl")
 
     def usage(self) -> dict:
@@ -123,6 +113,5 @@ class ChatCompletion:
 
 async def chat_completions(service: Service, body: ChatCompletionRequest) -> Any:
     completion = ChatCompletion(service, body)
-    usage = (lambda: completion.chunk([], usage=completion.usage())) \
-        if (body.stream_options or {}).get("include_usage") else None
+    usage = (lambda: completion.chunk([], usage=completion.usage())) if body.with_usage else None
     return await answer(completion.whole, completion.chunks, usage, body.stream)

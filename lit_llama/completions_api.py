@@ -8,31 +8,23 @@ prompt's included: what lm-evaluation-harness's `local-completions` reads to sco
 
 from typing import Any, AsyncIterator, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from lit_llama.api import APIError, Reply, Service, answer, merged, seed_of, text_offsets, token_text
+from lit_llama.api import (APIError, Reply, SamplingRequest, Service, answer, merged, seed_of, text_offsets,
+                           token_text)
 from lit_llama.generate import Sampling
 from lit_llama.logprobs import MAX_TOP, TokenLogprob
 
 Prompt = Union[str, list[int], list[str], list[list[int]]]
 
 
-class CompletionRequest(BaseModel):
-    """The fields of OpenAI's completion request that this server acts on; others are ignored."""
+class CompletionRequest(SamplingRequest):
+    """The fields of OpenAI's completion request that this server acts on."""
 
-    model_config = ConfigDict(extra="ignore")
-    model: str
     prompt: Prompt
     max_tokens: int = Field(16, ge=0)  # 0 with echo: score the prompt only
     echo: bool = False
     logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP)
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    stop: Optional[Union[str, list[str]]] = None
-    seed: Optional[int] = None
-    n: int = Field(1, ge=1, le=128)
-    stream: bool = False
-    stream_options: Optional[dict[str, Any]] = None
 
 
 def prompts_of(service: Service, body: CompletionRequest) -> list[list[int]]:
@@ -62,11 +54,10 @@ class Choice:
     def __init__(self, service: Service, body: CompletionRequest, index: int, prompt: list[int]) -> None:
         self.service, self.body, self.index, self.prompt = service, body, index, prompt
         sampling = Sampling(body.temperature, None, body.top_p)
-        stop = [body.stop] if isinstance(body.stop, str) else body.stop or []
         scored = body.logprobs is not None
         # with max_tokens 0 one token is decoded all the same (a request samples at least one), and dropped
-        self.reply = Reply(service, prompt, max(body.max_tokens, 1), sampling, seed_of(body.seed, index % body.n), stop,
-                           logprobs=body.logprobs if scored else None,
+        self.reply = Reply(service, prompt, max(body.max_tokens, 1), sampling, seed_of(body.seed, index % body.n),
+                           body.stop_strings, logprobs=body.logprobs if scored else None,
                            prompt_logprobs=body.logprobs if scored and body.echo else None, param="prompt",
                            continues=True)
         self.sent = ""  # the text answered so far
@@ -142,6 +133,5 @@ class Completion:
 
 async def completions(service: Service, body: CompletionRequest) -> Any:
     completion = Completion(service, body)
-    usage = (lambda: {**completion.head, "choices": [], "usage": completion.usage()}) \
-        if (body.stream_options or {}).get("include_usage") else None
+    usage = (lambda: {**completion.head, "choices": [], "usage": completion.usage()}) if body.with_usage else None
     return await answer(completion.whole, completion.chunks, usage, body.stream)
