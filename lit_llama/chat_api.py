@@ -78,7 +78,10 @@ class ChatCompletion:
         return {"prompt_tokens": len(self.ids), "completion_tokens": n, "total_tokens": len(self.ids) + n}
 
     def logprobs(self, scores: list[TokenLogprob]) -> Optional[dict]:
-        return {"content": content_logprobs(self.service, scores)} if self.body.logprobs else None
+        """Chat's `logprobs` of the reply's tokens; the end-of-turn token that ends it is not part of it."""
+        if not self.body.logprobs:
+            return None
+        return {"content": content_logprobs(self.service, [s for s in scores if s.token not in self.service.stop_ids])}
 
     async def choice(self, index: int) -> dict:
         reply, content, scores = self.replies[index], [], []

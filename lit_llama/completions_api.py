@@ -49,7 +49,9 @@ def prompts_of(service: Service, body: CompletionRequest) -> list[list[int]]:
 
 
 class Choice:
-    """One sample of one prompt: its reply on the engine, and with `echo`, the prompt before it."""
+    """One sample of one prompt: its reply on the engine, and with `echo`, the prompt before it. Its
+    `logprobs` score the stop id that ended it too (text of its own: none), as lm-eval expects after the
+    prompt: the one token `max_tokens: 1` decodes is the last, whatever it is."""
 
     def __init__(self, service: Service, body: CompletionRequest, index: int, prompt: list[int]) -> None:
         self.service, self.body, self.index, self.prompt = service, body, index, prompt

@@ -30,7 +30,7 @@ from lit_llama.tokenizer import Tokenizer
 class Generation:
     tokens: list[int]  # the new tokens, without the stop id
     stop_id: Optional[int]  # the stop id that ended decoding; None if max_new_tokens did
-    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token, when the request asked
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # when asked: one per token, and the stop id's last
 
 
 @dataclass(frozen=True)
@@ -207,7 +207,7 @@ class Request:
             self.generation.stop_id = token
         else:
             self.generation.tokens.append(token)
-            self.generation.logprobs += [logprob] if logprob else []
+        self.generation.logprobs += [logprob] if logprob else []
         self.done = self.generation.stop_id is not None or len(self.generation.tokens) >= self.max_new_tokens
 
 

@@ -138,3 +138,24 @@ def test_tokenize_and_detokenize(served):
     assert http.post("/tokenize", json={"model": "gpt-4", "prompt": text}).status_code == 404
     error = http.post("/detokenize", json={"tokens": [-1]})
     assert error.status_code == 400 and json.loads(error.text)["error"]["param"] == "tokens"
+
+
+def test_a_reply_that_ends_on_the_end_of_turn_token_scores_it(eot_checkpoint):
+    """lm-eval reads the token `max_tokens: 1` decodes as the last of `token_logprobs`: when it is the stop
+    id, it is there too (no text of its own), and chat's logprobs leave it out."""
+    model, tokenizer = load_model(eot_checkpoint).eval(), Tokenizer.from_dir(eot_checkpoint)
+    prompt = tokenizer.encode("Plants drink water", bos=True)
+    final = []
+    hook = model.transformer.ln_f.register_forward_hook(lambda module, args, out: final.append(out[0, -1]))
+    with torch.no_grad():
+        model(torch.tensor([prompt]))
+        hook.remove()
+        model.lm_head.weight[tokenizer.eot_id] = 100 * final[0]  # EOT scores highest after this prompt
+    with Decoder(model, 1, 64) as decoder, TestClient(create_app(Engine(decoder), tokenizer, "halts")) as http:
+        client = openai.OpenAI(base_url="http://testserver/v1", api_key="none", http_client=http, max_retries=0)
+        choice = client.completions.create(model="halts", prompt=prompt, max_tokens=1, temperature=0, echo=True,
+                                           logprobs=1).choices[0]
+    assert choice.finish_reason == "stop" and choice.text == tokenizer.decode(prompt)
+    assert len(choice.logprobs.token_logprobs) == len(prompt) + 1
+    assert choice.logprobs.text_offset[-1] == len(choice.text)
+    assert choice.logprobs.tokens[-1] == tokenizer.processor.id_to_piece(tokenizer.eot_id)
