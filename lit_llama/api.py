@@ -173,22 +173,24 @@ class Reply:
         return item
 
     async def pieces(self) -> AsyncIterator[tuple[str, list[TokenLogprob]]]:
-        """The reply's text as it is decoded, and the scores of the tokens since the last piece."""
-        scored, sent = self.request.generation.logprobs, 0
+        """The reply's text as it is decoded, and the scores of the tokens since the last piece (the engine
+        may have scored more already: only those of the tokens taken so far go with a piece)."""
+        scored, sent, taken = self.request.generation.logprobs, 0, 0
         try:
             while True:
                 item = await self.next_item()
                 if isinstance(item, BaseException):
                     raise engine_error(item, self.param)
                 token, done = item
+                taken += 1
                 piece = self.text.add(token) if token not in self.service.stop_ids else ""
-                if piece or (done and len(scored) > sent):
-                    yield piece, scored[sent:]
-                    sent = len(scored)
+                if piece or (done and scored[sent:taken]):
+                    yield piece, scored[sent:taken]
+                    sent = min(taken, len(scored))
                 if self.text.stopped or done:
                     break
             if piece := self.text.finish():
-                yield piece, scored[sent:]
+                yield piece, scored[sent:taken]
         finally:
             if not self.request.done:
                 self.service.engine.cancel(self.request)
