@@ -117,6 +117,11 @@ def nf4_bytes(numel: int, dtype_bytes: int) -> int:
     return numel // 2 + blocks + blocks // SCALER_BLOCK_SIZE * dtype_bytes + 17 * dtype_bytes
 
 
+def nf4_block_bytes(c: LLaMAConfig, dtype_bytes: int) -> int:
+    """One block's linear weights in NF4."""
+    return sum(nf4_bytes(o * i, dtype_bytes) for o, i in block_linear_shapes(c).values())
+
+
 def frozen_bytes(precision: str) -> int:
     return 2 if precision == "bf16-true" else 4
 
@@ -143,8 +148,7 @@ def frozen_weight_bytes(s: Setup) -> int:
         return 0
     p, b = base_params(s.config), frozen_bytes(s.precision)
     if s.method == "qlora":
-        shapes = block_linear_shapes(s.config).values()
-        linears = s.config.n_layer * sum(nf4_bytes(o * i, b) for o, i in shapes)
+        linears = s.config.n_layer * nf4_block_bytes(s.config, b)
     else:
         linears = p["block_linears"] * b
     return (linears + (p["norms"] + p["wte"] + p["lm_head"]) * b) // shard(s)
@@ -254,7 +258,7 @@ def gathered_blocks(s: Setup) -> dict[str, int]:
     b = 4 if s.precision == "32-true" else 2
     block = block_params(s) * b
     if s.method == "qlora":
-        block = sum(nf4_bytes(o * i, b) for o, i in block_linear_shapes(s.config).values()) + 2 * s.config.n_embd * b
+        block = nf4_block_bytes(s.config, b) + 2 * s.config.n_embd * b
     return {"fsdp gathered blocks (2) and a gather buffer": 3 * block}
 
 
