@@ -74,12 +74,15 @@ class HarnessModel(TemplateLM):
             for r, i in enumerate(rows):
                 idx[r, : len(sequences[i][0]) - 1] = torch.tensor(sequences[i][0][:-1])
             hidden = self.model.hidden(idx.to(self.device_))  # (B, width, C)
+            scores = []  # per row: (summed log-probability, 1.0 if greedy), read back once for the batch
             for r, i in enumerate(rows):
                 ids, n = sequences[i]
                 logprobs = self.model.head(hidden[r, len(ids) - 1 - n : len(ids) - 1]).float().log_softmax(-1)  # (n, V)
                 target = torch.tensor(ids[-n:], device=logprobs.device)
-                score = logprobs.gather(-1, target.unsqueeze(-1)).sum()
-                results[i] = (score.item(), bool((logprobs.argmax(-1) == target).all()))
+                greedy = (logprobs.argmax(-1) == target).all().float()
+                scores.append(torch.stack([logprobs.gather(-1, target.unsqueeze(-1)).sum(), greedy]))
+            for i, (score, greedy) in zip(rows, torch.stack(scores).tolist()):
+                results[i] = (score, greedy == 1.0)
         return results
 
     def loglikelihood_rolling(self, requests: list, disable_tqdm: bool = False) -> list[float]:
