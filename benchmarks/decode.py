@@ -27,7 +27,8 @@ import torch
 from common import (BASE_VOCAB, ROOT, build_hf, build_ours, clock, default_dtype, environment, gpu_peaks, median,
                     flags, model_config, ratio, read_bandwidth, report, run_worker, setup, table, timed)
 from lit_llama.cli import run
-from lit_llama.generate import Decoder, Request, compile_step, generate
+from lit_llama.decoder import Decoder, compile_step
+from lit_llama.generate import Request, generate
 from lit_llama.generate import decode as decode_request
 from lit_llama.model import LLaMAConfig
 from lit_llama.tokenizer import DEFAULT_EOT, Tokenizer

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lit_llama.cli import run
 from lit_llama.errors import BadValue, MissingPackage
-from lit_llama.generate import Decoder, compile_step
+from lit_llama.decoder import Decoder, compile_step
 from lit_llama.inference import ModelSource, Placement, place
 from lit_llama.prompts import system_warning
 

@@ -13,7 +13,8 @@ from typing import Callable, Optional, Union
 import torch
 
 from lit_llama.errors import UsageError
-from lit_llama.generate import ContinuousBatch, Decoder, Request
+from lit_llama.decoder import Decoder
+from lit_llama.generate import ContinuousBatch, Request
 
 Sink = Callable[[Union[tuple[int, bool], BaseException]], None]  # gets (token, done) per step, or the error
 

@@ -3,26 +3,25 @@ id (the end-of-turn token; EOS as fallback) or `max_new_tokens`.
 
     generate(model, prompt_ids, ...)        -> Generation(tokens, stop_id)
     generate_batch(model, prompts, ...)     -> [Generation, ...], decoded in a continuous batch
-    Decoder(model, batch_size, ...)         the KV cache: slots of their own lengths, read and stepped
     ContinuousBatch(decoder)                Requests decoded side by side, each slot refilled once done
     Sampling, Stopping                      how each token is drawn, and when a reply ends
 
-Text as it is decoded, and chat, are lit_llama/streaming.py; what the generate scripts do around the
-decoder (loading, prompts files, printing) is lit_llama/inference.py.
+The KV cache's slots are lit_llama/decoder.py; text as it is decoded, and chat, lit_llama/streaming.py;
+what the generate scripts do around the decoder (loading, prompts files, printing) lit_llama/inference.py.
 """
 
 from collections import deque
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Optional, Sequence, Union
+from typing import Iterator, Optional, Sequence, Union
 
 import torch
 from tqdm import tqdm
 
 from lit_llama.cli import FlagGroup
+from lit_llama.decoder import Decoder, compile_step
 from lit_llama.errors import BadValue
 from lit_llama.logprobs import TokenLogprob, prompt_logprobs, token_logprob
-from lit_llama.model import KVCache, LLaMA
+from lit_llama.model import LLaMA
 from lit_llama.tokenizer import Tokenizer
 
 
@@ -74,116 +73,6 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_k: Optional[int] 
         drop = probs.cumsum(-1) - probs >= top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     return torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1, generator=generator)
-
-
-def compile_step(model: LLaMA) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The model compiled for one-token steps: their shapes never change (the KV cache is preallocated),
-    so one graph serves every step. Prompts of any length still run eagerly."""
-    return torch.compile(model, fullgraph=True, dynamic=False)
-
-
-@contextmanager
-def one_slot(model: LLaMA, slot: int) -> Iterator[None]:
-    """The model's KV cache seen as its one slot `slot` (batch 1): a prompt read meanwhile lands there,
-    and the other slots are left as they are."""
-    blocks = [block.attn for block in model.transformer.h]
-    caches = [attn.kv_cache for attn in blocks]
-    for attn, cache in zip(blocks, caches):
-        attn.kv_cache = KVCache(cache.k[slot : slot + 1], cache.v[slot : slot + 1])  # views: writes reach the cache
-    try:
-        yield
-    finally:
-        for attn, cache in zip(blocks, caches):
-            attn.kv_cache = cache
-
-
-class Decoder:
-    """A model with a preallocated KV cache of `batch_size` slots and `max_seq_length` positions, and the
-    ids each slot holds. Slots are independent sequences: each has its own length, and a prompt read
-    into one slot leaves the others as they are. A prompt that starts with what its slot holds (the
-    next turn of a chat, another sample) reads only the rest.
-
-    Each slot's next position lives on the device beside the cache, and steps take their tokens as a
-    device tensor: a step copies nothing from the host and reads nothing back."""
-
-    def __init__(self, model: LLaMA, batch_size: int = 1, max_seq_length: Optional[int] = None,
-                 step: Optional[Callable[..., torch.Tensor]] = None) -> None:
-        self.model = model
-        self.max_seq_length = max_seq_length or model.config.block_size
-        model.set_kv_cache(batch_size=batch_size, max_seq_length=self.max_seq_length)
-        self.run_step = model if step is None else step  # what runs one-token steps: the model, or compile_step(model)
-        self.compiled = step is not None
-        self.device = model.lm_head.weight.device
-        self.held: list[list[int]] = [[] for _ in range(batch_size)]  # the ids each slot's cache holds
-        self.positions = torch.zeros(batch_size, dtype=torch.long, device=self.device)  # where each slot's next token goes
-        self.active = torch.zeros(batch_size, dtype=torch.bool, device=self.device)  # slots that hold a sequence
-        self.prefilled = 0  # prompt tokens read by the last `prefill` (the rest came from the cache)
-        self.steps = 0  # one-token steps run
-
-    def __enter__(self) -> "Decoder":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.model.clear_kv_cache()
-
-    @property
-    def batch_size(self) -> int:
-        return len(self.held)
-
-    def reset(self) -> None:
-        """Forget what every slot holds (after a failed step, whose writes to the cache are unknown)."""
-        for slot in range(self.batch_size):
-            self.release(slot)
-
-    def release(self, slot: int) -> None:
-        """`slot` holds nothing any more: its steps compute a throwaway token at position 0."""
-        self.held[slot].clear()
-        self.positions[slot] = 0
-        self.active[slot] = False
-
-    def prefill(self, slot: int, prompt: list[int]) -> torch.Tensor:
-        """Make `slot` hold `prompt`, reading only what it does not hold yet: positions past the common
-        prefix are overwritten, and the causal mask never lets a token see a stale position after its
-        own. The logits (V,) after the last prompt token; `read(slot, prompt, 0)` reads it all."""
-        keep = min(common_prefix(self.held[slot], prompt), len(prompt) - 1)  # the last token is read again
-        return self.model.head(self.read(slot, prompt, keep)[-1])  # (V,): only the last position's
-
-    def read(self, slot: int, prompt: list[int], keep: int) -> torch.Tensor:
-        """Make `slot` hold `prompt`, keeping its first `keep` positions: the final hidden states
-        (T - keep, C) of the rest."""
-        if not 0 < len(prompt) <= self.max_seq_length:
-            raise BadValue(f"a prompt of {len(prompt)} tokens does not fit in the KV cache of {self.max_seq_length}")
-        held = self.held[slot]
-        del held[keep:]
-        idx = torch.tensor([prompt[keep:]], device=self.device)  # (1, T - keep)
-        input_pos = torch.arange(keep, len(prompt), device=self.device).unsqueeze(0)  # (1, T - keep)
-        with one_slot(self.model, slot):
-            hidden = self.model.hidden(idx, input_pos, kv_length=len(prompt))  # (1, T - keep, C)
-        held.extend(prompt[keep:])
-        self.positions[slot] = len(prompt)
-        self.active[slot] = True
-        self.prefilled = len(prompt) - keep
-        return hidden[0]
-
-    def feed(self, tokens: torch.Tensor, read: list[Optional[int]]) -> torch.Tensor:
-        """Append one token to each slot in one step: `tokens` (B,) on the device, `read` the same ids as
-        the host has them, None for a slot with nothing to decode (it is released). The logits (B, V)."""
-        for slot, token in enumerate(read):
-            if token is None:
-                if self.held[slot]:
-                    self.release(slot)
-            elif len(self.held[slot]) >= self.max_seq_length:
-                raise ValueError(f"a sequence of {len(self.held[slot]) + 1} tokens does not fit in the KV cache of "
-                                 f"{self.max_seq_length}")
-        # eager steps attend as far as the furthest slot reaches; a compiled one keeps the cache's shape
-        kv_length = None if self.compiled else max(len(held) for held in self.held) + 1
-        logits = self.run_step(tokens.view(-1, 1), self.positions.view(-1, 1), kv_length=kv_length)[:, -1]
-        self.positions += self.active
-        for held, token in zip(self.held, read):
-            if token is not None:
-                held.append(token)
-        self.steps += 1
-        return logits
 
 
 @dataclass(eq=False)
@@ -303,15 +192,6 @@ def room_for(model: LLaMA, prompt_length: int, max_new_tokens: int) -> int:
         raise BadValue(f"the prompt has {prompt_length} tokens: no room left in the model's context of "
                        f"{model.config.block_size}")
     return room
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 @torch.inference_mode()

@@ -23,7 +23,8 @@ from lit_llama.cli import FlagGroup
 from lit_llama.device_check import simulated_accelerator
 from lit_llama.errors import BadValue, file_error
 from lit_llama.files import require_dir
-from lit_llama.generate import Decoder, Request, Sampling, Stopping, compile_step, generate_batch, room_for, stop_reason
+from lit_llama.decoder import Decoder, compile_step
+from lit_llama.generate import Request, Sampling, Stopping, generate_batch, room_for, stop_reason
 from lit_llama.model import LLaMA
 from lit_llama.precision import gpu_computes_bf16
 from lit_llama.prompt_records import PromptRecord, read_prompts

@@ -24,7 +24,8 @@ from tqdm import tqdm
 
 from lit_llama.cli import FlagGroup
 from lit_llama.errors import BadPath, BadValue, MissingFile, file_error
-from lit_llama.generate import ContinuousBatch, Decoder, Generation, Request, Sampling, room_for, stop_reason
+from lit_llama.decoder import Decoder
+from lit_llama.generate import ContinuousBatch, Generation, Request, Sampling, room_for, stop_reason
 from lit_llama.model import LLaMA
 from lit_llama.prompts import encode_prompt
 from lit_llama.records import BadRecord, PrepareReport, alpaca_turns, lima_turns, message_turns

@@ -13,7 +13,8 @@ from typing import Iterator, Optional, Sequence
 import torch
 
 from lit_llama.errors import BadValue
-from lit_llama.generate import Decoder, Generation, Request, Sampling, compile_step, decode, resolve_stop_ids
+from lit_llama.decoder import Decoder, compile_step
+from lit_llama.generate import Generation, Request, Sampling, decode, resolve_stop_ids
 from lit_llama.model import LLaMA
 from lit_llama.prompts import encode_prompt, system_warning
 from lit_llama.tokenizer import Tokenizer

@@ -8,7 +8,8 @@ import torch
 from conftest import load_script
 from lit_llama.checkpoint import save_checkpoint_dir
 from lit_llama.inference import ModelSource
-from lit_llama.generate import Sampling, Stopping, common_prefix, generate
+from lit_llama.decoder import common_prefix
+from lit_llama.generate import Sampling, Stopping, generate
 from lit_llama.model import LLaMA, LLaMAConfig
 from lit_llama.prompts import encode_prompt
 from lit_llama.streaming import Chat

@@ -16,7 +16,8 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from lit_llama.checkpoint import load_model  # noqa: E402
 from lit_llama.engine import Engine  # noqa: E402
-from lit_llama.generate import Decoder, generate, resolve_stop_ids  # noqa: E402
+from lit_llama.decoder import Decoder  # noqa: E402
+from lit_llama.generate import generate, resolve_stop_ids  # noqa: E402
 from lit_llama.prompts import encode_prompt  # noqa: E402
 from lit_llama.serve import create_app  # noqa: E402
 from lit_llama.tokenizer import Tokenizer  # noqa: E402

@@ -239,7 +239,8 @@ def test_scoring_tokens_reads_their_scores_back_twice_a_step():
     """A request with logprobs on the accelerator: its prompt scored from the prefill's hidden states,
     and each sampled token from its logits, with two reads back per scored step (values, then the
     alternatives' ids) beside the step's one read of the sampled ids."""
-    from lit_llama.generate import ContinuousBatch, Decoder, Request
+    from lit_llama.decoder import Decoder
+    from lit_llama.generate import ContinuousBatch, Request
 
     counts = {}
     for steps in (4, 8):

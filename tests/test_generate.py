@@ -4,8 +4,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lit_llama.generate import (ContinuousBatch, Decoder, Generation, Request, Sampling, generate, generate_batch,
-                                resolve_stop_ids, sample, stop_reason)
+from lit_llama.decoder import Decoder
+from lit_llama.generate import (ContinuousBatch, Generation, Request, Sampling, generate, generate_batch, resolve_stop_ids,
+                                sample, stop_reason)
 from lit_llama.model import KVCache, LLaMA, LLaMAConfig
 from lit_llama.streaming import Detokenizer, Stream
 

@@ -3,7 +3,8 @@ the model's own log-softmax over the whole sequence, read in one forward pass wi
 
 import torch
 
-from lit_llama.generate import ContinuousBatch, Decoder, Request, Sampling
+from lit_llama.decoder import Decoder
+from lit_llama.generate import ContinuousBatch, Request, Sampling
 from lit_llama.model import LLaMA, LLaMAConfig
 
 

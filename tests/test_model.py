@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lit_llama.generate import one_slot
+from lit_llama.decoder import one_slot
 from lit_llama.loss import loss_sum
 from lit_llama.model import LLaMA, LLaMAConfig
 
