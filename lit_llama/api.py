@@ -1,7 +1,7 @@
 """What the OpenAI-compatible endpoints share (lit_llama/serve.py builds the app): the service, errors
 in OpenAI's format, and a reply in flight on the engine.
 
-    Service(engine, tokenizer, model_name)   the engine, the tokenizer, the model's name and API key
+    Service(engine, tokenizer, model_name)   the engine, the tokenizer, the models' names and API key
     APIError(status, message, ...)           an error the client caused, in OpenAI's format
     Reply(service, prompt, ...)              one request on the engine: its text as it is decoded, cut at
                                              the first stop string, and its tokens' log-probabilities
@@ -92,7 +92,8 @@ def validation_error(error: RequestValidationError) -> APIError:
 
 @dataclass
 class Service:
-    """What every endpoint needs: the engine, the model's tokenizer and name, and the API key."""
+    """What every endpoint needs: the engine, the model's tokenizer and name, and the API key. With
+    several LoRAs on the engine's decoder, `names` are the base's (`model_name`) and each LoRA's."""
 
     engine: Engine
     tokenizer: Tokenizer
@@ -100,22 +101,27 @@ class Service:
     api_key: Optional[str] = None
     created: int = field(default_factory=lambda: int(time.time()))
     stop_ids: tuple[int, ...] = field(init=False)
+    names: list[str] = field(init=False)
 
     def __post_init__(self) -> None:
         self.stop_ids = resolve_stop_ids(self.tokenizer)
+        bank = self.engine.decoder.bank
+        self.names = [self.model_name, *bank.names[1:]] if bank is not None else [self.model_name]
 
     @property
     def context(self) -> int:
         return self.engine.decoder.max_seq_length
 
-    def check_model(self, name: str) -> None:
-        if name != self.model_name:
-            raise APIError(404, f"the model {name!r} does not exist; this server serves {self.model_name!r}",
-                           "model_not_found", "model")
+    def check_model(self, name: str) -> int:
+        """The index of the model `name` in `names` (which LoRA decodes the request; 0: the base)."""
+        if name not in self.names:
+            raise APIError(404, f"the model {name!r} does not exist; this server serves "
+                           f"{', '.join(map(repr, self.names))}", "model_not_found", "model")
+        return self.names.index(name)
 
-    def head(self, prefix: str) -> dict:
-        """The fields every answer to one request shares."""
-        return {"id": f"{prefix}-{secrets.token_hex(16)}", "created": int(time.time()), "model": self.model_name}
+    def head(self, prefix: str, model: str) -> dict:
+        """The fields every answer to one request for `model` shares."""
+        return {"id": f"{prefix}-{secrets.token_hex(16)}", "created": int(time.time()), "model": model}
 
 
 def token_text(tokenizer: Tokenizer, token: int) -> str:
@@ -150,12 +156,13 @@ class Reply:
 
     def __init__(self, service: Service, prompt: list[int], max_tokens: int, sampling: Sampling, seed: int,
                  stop: list[str], logprobs: Optional[int] = None, prompt_logprobs: Optional[int] = None,
-                 param: str = "messages", continues: bool = False) -> None:
-        """`continues`: the text goes on from the prompt's (a completion), so a first word gets its space."""
+                 param: str = "messages", continues: bool = False, lora: int = 0) -> None:
+        """`continues`: the text goes on from the prompt's (a completion), so a first word gets its space;
+        `lora`: the index of the model asked for in the service's names."""
         self.service, self.prompt, self.param = service, prompt, param
         generator = torch.Generator(service.engine.decoder.device).manual_seed(seed)
         self.request = Request(prompt, max_tokens, sampling, service.stop_ids, generator, logprobs=logprobs,
-                               prompt_logprobs=prompt_logprobs)
+                               prompt_logprobs=prompt_logprobs, lora=lora)
         self.text = ReplyText(service.tokenizer, stop)
         if continues:
             self.text.detokenizer.context = prompt[-4:]

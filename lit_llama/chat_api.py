@@ -37,7 +37,6 @@ class ChatCompletionRequest(SamplingRequest):
 
 def prompt_of(service: Service, body: ChatCompletionRequest) -> list[int]:
     """The ids of the request's messages, or an APIError naming what is wrong with the request."""
-    service.check_model(body.model)
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     try:
@@ -66,12 +65,13 @@ class ChatCompletion:
 
     def __init__(self, service: Service, body: ChatCompletionRequest) -> None:
         self.service, self.body = service, body
+        lora = service.check_model(body.model)
         self.ids = prompt_of(service, body)
         sampling = Sampling(body.temperature, None, body.top_p)
         top = (body.top_logprobs or 0) if body.logprobs else None
         self.replies = [Reply(service, self.ids, body.wanted or service.context - len(self.ids), sampling,
-                              seed_of(body.seed, j), body.stop_strings, logprobs=top) for j in range(body.n)]
-        self.head = service.head("chatcmpl")
+                              seed_of(body.seed, j), body.stop_strings, logprobs=top, lora=lora) for j in range(body.n)]
+        self.head = service.head("chatcmpl", body.model)
 
     def usage(self) -> dict:
         n = sum(reply.completion_tokens for reply in self.replies)

@@ -140,37 +140,36 @@ def read_hparams(out_dir: Path) -> dict:
     return hparams
 
 
-def load_finetuned(out_dir: Path, checkpoint_dir: Optional[Path] = None,
-                   dtype: Optional[torch.dtype] = None) -> tuple[LLaMA, Tokenizer]:
-    """Rebuild a fine-tune from its out dir alone: the base checkpoint it names (or `checkpoint_dir`),
-    the extended vocabulary, the method's settings and trained weights. LoRA updates and special-token
-    rows are merged into the weights, ready for inference."""
-    hparams = read_hparams(out_dir)
-    method = method_of(hparams["method"])
-    tokenizer = Tokenizer.from_dir(out_dir)
-    if method.whole:
-        return load_model(out_dir, dtype), tokenizer
+def base_dir_of(out_dir: Path, hparams: dict, checkpoint_dir: Optional[Path] = None) -> Path:
+    """The base checkpoint a LoRA or adapter out dir was trained from: `checkpoint_dir`, or the one it names."""
     base_dir = Path(checkpoint_dir or hparams["checkpoint_dir"])
     if checkpoint_dir is None and not base_dir.is_dir():
         raise MissingFile(f"{base_dir} not found: it is the base checkpoint {out_dir} was trained from; "
                           f"pass where it is now with --checkpoint_dir")
-    model = load_model(base_dir, dtype)
+    return base_dir
+
+
+def check_base(config: LLaMAConfig, base_dir: Path, out_dir: Path, tokenizer: Tokenizer) -> None:
+    """Refuse a base (its model `config`, its dir) that `out_dir`, whose tokenizer is `tokenizer`, was not trained from."""
     expected = read_config(out_dir / CONFIG_FILE, "the out dir has no model config")
-    if replace(model.config, vocab_size=expected.vocab_size, padded_vocab_size=expected.padded_vocab_size) != expected:
+    if replace(config, vocab_size=expected.vocab_size, padded_vocab_size=expected.padded_vocab_size) != expected:
         raise BadValue(f"{base_dir} is not the base model {out_dir} was trained from (model configs differ); "
                        f"pass the right one with --checkpoint_dir")
     if Tokenizer.from_dir(base_dir).base_sha256 != tokenizer.base_sha256:  # same shapes, other ids: garbage out
         raise BadValue(f"{base_dir} has another tokenizer than the base model {out_dir} was trained from; "
                        f"pass the right one with --checkpoint_dir")
-    grow_vocab(model, tokenizer.vocab_size)
-    if hparams.get("quantize"):  # trained beside a quantized base: the weights it learned against
-        round_trip(model, hparams["quantize"], frozen_dtype(hparams["precision"]))
+
+
+def load_trained(model: LLaMA, out_dir: Path, hparams: dict, base_dir: Path, assign: bool = False) -> None:
+    """Give `model` (the base of `base_dir`, its vocabulary grown to the out dir's) the method's layers and
+    the trained weights of `out_dir`, unmerged. `assign`: take the file's tensors as they are (a model on meta)."""
+    method = method_of(hparams["method"])
     method.inject(model, method.config(**hparams[method.name]))
     weights_path = require_file(out_dir / method.weights_file, "the out dir has no trained weights")
     trained = load_state_dict(weights_path)
     attach_token_rows(model, trained["token_rows.ids"].tolist())  # shapes from the file, values loaded next
     try:
-        missing, unexpected = model.load_state_dict(trained, strict=False)
+        missing, unexpected = model.load_state_dict(trained, strict=False, assign=assign)
     except RuntimeError as e:  # shapes that don't fit: another model size or LoRA rank
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         why = next((line for line in lines if line.startswith("size mismatch")), " ".join(lines))
@@ -178,6 +177,24 @@ def load_finetuned(out_dir: Path, checkpoint_dir: Optional[Path] = None,
     missing_trained = [k for k in missing if method.trains(k)]
     if missing_trained or unexpected:
         raise BadValue(f"{weights_path} does not fit the model: missing {missing_trained}, unexpected {unexpected}")
+
+
+def load_finetuned(out_dir: Path, checkpoint_dir: Optional[Path] = None,
+                   dtype: Optional[torch.dtype] = None) -> tuple[LLaMA, Tokenizer]:
+    """Rebuild a fine-tune from its out dir alone: the base checkpoint it names (or `checkpoint_dir`),
+    the extended vocabulary, the method's settings and trained weights. LoRA updates and special-token
+    rows are merged into the weights, ready for inference."""
+    hparams = read_hparams(out_dir)
+    tokenizer = Tokenizer.from_dir(out_dir)
+    if method_of(hparams["method"]).whole:
+        return load_model(out_dir, dtype), tokenizer
+    base_dir = base_dir_of(out_dir, hparams, checkpoint_dir)
+    model = load_model(base_dir, dtype)
+    check_base(model.config, base_dir, out_dir, tokenizer)
+    grow_vocab(model, tokenizer.vocab_size)
+    if hparams.get("quantize"):  # trained beside a quantized base: the weights it learned against
+        round_trip(model, hparams["quantize"], frozen_dtype(hparams["precision"]))
+    load_trained(model, out_dir, hparams, base_dir)
     merge_lora(model)
     merge_token_rows(model)
     return model, tokenizer

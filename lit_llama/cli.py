@@ -6,7 +6,7 @@ import os
 import re
 import sys
 from dataclasses import fields
-from typing import Any, Callable, NoReturn, Optional, Sequence
+from typing import Any, Callable, NoReturn, Optional, Sequence, get_args, get_origin
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
@@ -128,6 +128,30 @@ def build_parser(fn: Callable[..., Any]) -> Parser:
     return parser
 
 
+def list_flags(fn: Callable[..., Any]) -> set[str]:
+    """The flags of `fn` typed as lists (optional or not), its flag groups' included."""
+    def is_list(annotation: Any) -> bool:
+        return get_origin(annotation) is list or any(is_list(arg) for arg in get_args(annotation))
+
+    typed = {name: p.annotation for name, p in inspect.signature(fn).parameters.items()}
+    for param in flag_groups(fn).values():
+        typed.update({f.name: f.type for f in fields(param.annotation)})
+    return {f"--{name}" for name, annotation in typed.items() if is_list(annotation)}
+
+
+def appended(args: list[str], lists: set[str]) -> list[str]:
+    """A list flag may be given once per item: `--lora a=x --lora b=y` is jsonargparse's `--lora+ a=x --lora+ b=y`.
+    A value in brackets is the whole list, as before: `--lora [a=x,b=y]`."""
+    out = []
+    for i, arg in enumerate(args):
+        flag, sep, value = arg.partition("=")
+        given = value if sep else (args[i + 1] if i + 1 < len(args) else "")
+        if flag in lists and not given.startswith("["):
+            arg = f"{flag}+{sep}{value}"
+        out.append(arg)
+    return out
+
+
 def grouped(fn: Callable[..., Any], kwargs: dict[str, Any]) -> dict[str, Any]:
     """The parsed top-level flags of each `FlagGroup` parameter of `fn`, packed into its dataclass."""
     for name, param in flag_groups(fn).items():
@@ -142,7 +166,7 @@ def run(fn: Callable[..., Any], args: Optional[list[str]] = None) -> Any:
     ends in one line on stderr and exit code 2; Ctrl-C ends with exit code 130. Any other exception is a
     bug, here or in a library, and ends with its traceback (exit code 1). `--debug` (or LIT_LLAMA_DEBUG=1)
     shows the traceback of a user error too."""
-    args = sys.argv[1:] if args is None else list(args)
+    args = appended(sys.argv[1:] if args is None else list(args), list_flags(fn))
     parser = build_parser(fn)
     parser.debug = "--debug" in args or bool(os.environ.get(DEBUG_ENV))
     parser.args = tuple(args)

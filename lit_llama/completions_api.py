@@ -29,7 +29,6 @@ class CompletionRequest(SamplingRequest):
 
 def prompts_of(service: Service, body: CompletionRequest) -> list[list[int]]:
     """The ids of each prompt, or an APIError naming what is wrong with the request."""
-    service.check_model(body.model)
     if body.max_tokens == 0 and not body.echo:
         raise APIError(400, "max_tokens 0 gives nothing without echo: true", param="max_tokens")
     prompts = body.prompt
@@ -53,7 +52,7 @@ class Choice:
     `logprobs` score the stop id that ended it too (text of its own: none), as lm-eval expects after the
     prompt: the one token `max_tokens: 1` decodes is the last, whatever it is."""
 
-    def __init__(self, service: Service, body: CompletionRequest, index: int, prompt: list[int]) -> None:
+    def __init__(self, service: Service, body: CompletionRequest, index: int, prompt: list[int], lora: int) -> None:
         self.service, self.body, self.index, self.prompt = service, body, index, prompt
         sampling = Sampling(body.temperature, None, body.top_p)
         scored = body.logprobs is not None
@@ -61,7 +60,7 @@ class Choice:
         self.reply = Reply(service, prompt, max(body.max_tokens, 1), sampling, seed_of(body.seed, index % body.n),
                            body.stop_strings, logprobs=body.logprobs if scored else None,
                            prompt_logprobs=body.logprobs if scored and body.echo else None, param="prompt",
-                           continues=True)
+                           continues=True, lora=lora)
         self.sent = ""  # the text answered so far
         self.ids: list[int] = []  # the tokens scored so far
 
@@ -104,9 +103,11 @@ class Completion:
 
     def __init__(self, service: Service, body: CompletionRequest) -> None:
         self.service, self.body = service, body
+        lora = service.check_model(body.model)
         self.prompts = prompts_of(service, body)
-        self.choices = [Choice(service, body, i * body.n + j, p) for i, p in enumerate(self.prompts) for j in range(body.n)]
-        self.head = {**service.head("cmpl"), "object": "text_completion"}
+        self.choices = [Choice(service, body, i * body.n + j, p, lora) for i, p in enumerate(self.prompts)
+                        for j in range(body.n)]
+        self.head = {**service.head("cmpl", body.model), "object": "text_completion"}
 
     def usage(self) -> dict:
         prompt, completion = sum(map(len, self.prompts)), sum(c.completion_tokens for c in self.choices)

@@ -13,6 +13,7 @@ import torch
 
 from lit_llama.errors import BadValue
 from lit_llama.model import KVCache, LLaMA
+from lit_llama.multi_lora import LoRABank
 
 
 def compile_step(model: LLaMA) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -43,10 +44,13 @@ class Decoder:
     next turn of a chat, another sample) reads only the rest.
 
     Each slot's next position lives on the device beside the cache, and steps take their tokens as a
-    device tensor: a step copies nothing from the host and reads nothing back."""
+    device tensor: a step copies nothing from the host and reads nothing back.
+
+    With a `bank` (several LoRAs on the model, lit_llama/multi_lora.py), each slot decodes with the LoRA
+    its prompt was read with."""
 
     def __init__(self, model: LLaMA, batch_size: int = 1, max_seq_length: Optional[int] = None,
-                 step: Optional[Callable[..., torch.Tensor]] = None) -> None:
+                 step: Optional[Callable[..., torch.Tensor]] = None, bank: Optional[LoRABank] = None) -> None:
         self.model = model
         self.max_seq_length = max_seq_length or model.config.block_size
         model.set_kv_cache(batch_size=batch_size, max_seq_length=self.max_seq_length)
@@ -56,6 +60,9 @@ class Decoder:
         self.held: list[list[int]] = [[] for _ in range(batch_size)]  # the ids each slot's cache holds
         self.positions = torch.zeros(batch_size, dtype=torch.long, device=self.device)  # where each slot's next token goes
         self.active = torch.zeros(batch_size, dtype=torch.bool, device=self.device)  # slots that hold a sequence
+        self.bank = bank
+        self.loras = torch.zeros(batch_size, dtype=torch.long, device=self.device)  # each slot's index in bank.names
+        self.lora_of = [0] * batch_size  # the same, as the host has them
         self.prefilled = 0  # prompt tokens read by the last `prefill` (the rest came from the cache)
         self.steps = 0  # one-token steps run
 
@@ -80,22 +87,26 @@ class Decoder:
         self.positions[slot] = 0
         self.active[slot] = False
 
-    def prefill(self, slot: int, prompt: list[int]) -> torch.Tensor:
+    def prefill(self, slot: int, prompt: list[int], lora: int = 0) -> torch.Tensor:
         """Make `slot` hold `prompt`, reading only what it does not hold yet: positions past the common
         prefix are overwritten, and the causal mask never lets a token see a stale position after its
         own. The logits (V,) after the last prompt token; `read(slot, prompt, 0)` reads it all."""
         keep = min(common_prefix(self.held[slot], prompt), len(prompt) - 1)  # the last token is read again
-        return self.model.head(self.read(slot, prompt, keep)[-1])  # (V,): only the last position's
+        return self.model.head(self.read(slot, prompt, keep, lora)[-1])  # (V,): only the last position's
 
-    def read(self, slot: int, prompt: list[int], keep: int) -> torch.Tensor:
-        """Make `slot` hold `prompt`, keeping its first `keep` positions: the final hidden states
+    def read(self, slot: int, prompt: list[int], keep: int, lora: int = 0) -> torch.Tensor:
+        """Make `slot` hold `prompt`, keeping its first `keep` positions (none if it held them for another
+        LoRA than `lora`, the index in the bank's names it decodes with): the final hidden states
         (T - keep, C) of the rest."""
         if not 0 < len(prompt) <= self.max_seq_length:
             raise BadValue(f"a prompt of {len(prompt)} tokens does not fit in the KV cache of {self.max_seq_length}")
+        if lora != self.lora_of[slot]:  # the keys and values another LoRA computed are another model's
+            keep, self.lora_of[slot], self.loras[slot] = 0, lora, lora
         held = self.held[slot]
         del held[keep:]
         idx = torch.tensor([prompt[keep:]], device=self.device)  # (1, T - keep)
         input_pos = torch.arange(keep, len(prompt), device=self.device).unsqueeze(0)  # (1, T - keep)
+        self.use(self.loras[slot : slot + 1])
         with one_slot(self.model, slot):
             hidden = self.model.hidden(idx, input_pos, kv_length=len(prompt))  # (1, T - keep, C)
         held.extend(prompt[keep:])
@@ -116,6 +127,7 @@ class Decoder:
                                  f"{self.max_seq_length}")
         # eager steps attend as far as the furthest slot reaches; a compiled one keeps the cache's shape
         kv_length = None if self.compiled else max(len(held) for held in self.held) + 1
+        self.use(self.loras)
         logits = self.run_step(tokens.view(-1, 1), self.positions.view(-1, 1), kv_length=kv_length)[:, -1]
         self.positions += self.active
         for held, token in zip(self.held, read):
@@ -123,6 +135,11 @@ class Decoder:
                 held.append(token)
         self.steps += 1
         return logits
+
+    def use(self, loras: torch.Tensor) -> None:
+        """The next forward passes add the updates of `loras` (an index in the bank's names per row)."""
+        if self.bank is not None:
+            self.bank.rows = loras
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:

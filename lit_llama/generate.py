@@ -87,6 +87,7 @@ class Request:
     generator: Optional[torch.Generator] = None  # its own, so its samples do not depend on its neighbours
     logprobs: Optional[int] = None  # score each new token, with this many alternatives (None: no scores)
     prompt_logprobs: Optional[int] = None  # score each prompt token too, with this many alternatives
+    lora: int = 0  # which of the decoder's LoRAs decodes it (an index in its bank's names; 0: the base)
     generation: Generation = field(default_factory=lambda: Generation([], None))
     prompt_scores: list[Optional[TokenLogprob]] = field(default_factory=list)  # with prompt_logprobs, once read
     done: bool = False
@@ -170,8 +171,8 @@ class ContinuousBatch:
         """Prefill `request`'s prompt into `slot`, scoring each of its tokens if it asks: the logits (V,)
         its first token is drawn from."""
         if request.prompt_logprobs is None:
-            return self.decoder.prefill(slot, request.prompt)
-        hidden = self.decoder.read(slot, request.prompt, 0)  # (T, C): every position, to score each
+            return self.decoder.prefill(slot, request.prompt, request.lora)
+        hidden = self.decoder.read(slot, request.prompt, 0, request.lora)  # (T, C): every position, to score each
         request.prompt_scores = prompt_logprobs(self.decoder.model, hidden, request.prompt, request.prompt_logprobs)
         return self.decoder.model.head(hidden[-1])
 

@@ -32,8 +32,9 @@ from lit_llama.tokenizer import Tokenizer
 
 
 def models(service: Service) -> dict:
-    return {"object": "list", "data": [{"id": service.model_name, "object": "model", "created": service.created,
-                                        "owned_by": "lit-llama-lima"}]}
+    """The models a client may ask for: the one served, or the base and each LoRA served beside it."""
+    return {"object": "list", "data": [{"id": name, "object": "model", "created": service.created,
+                                        "owned_by": "lit-llama-lima"} for name in service.names]}
 
 
 class TokenizeRequest(BaseModel):
@@ -84,7 +85,8 @@ def authorized(service: Service, request: HTTPRequest) -> bool:
 
 
 def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: Optional[str] = None) -> FastAPI:
-    """The app serving `engine`'s model as `model_name`; with `api_key`, requests must bear it."""
+    """The app serving `engine`'s model as `model_name` (with several LoRAs, the base, beside the LoRAs its
+    decoder's bank names); with `api_key`, requests must bear it."""
     service = Service(engine, tokenizer, model_name, api_key)
 
     @asynccontextmanager
