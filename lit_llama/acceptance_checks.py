@@ -8,6 +8,7 @@ import signal
 import socket
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Optional, Sequence
 
@@ -25,7 +26,7 @@ from lit_llama.prompts import encode_prompt
 from lit_llama.tokenizer import Tokenizer
 
 CheckName = Literal["setup", "lora", "adapter", "full", "qlora", "generate", "attention", "compile", "batch", "chat",
-                    "halting", "self_sample", "serve", "export", "transformers", "ddp", "fsdp"]
+                    "halting", "self_sample", "serve", "multi_lora", "export", "transformers", "ddp", "fsdp"]
 SERVER_DRAINED = (0, -signal.SIGTERM)  # after draining, uvicorn exits by the signal it caught
 # logits of the export against ours, as a share of the largest logit
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
@@ -211,6 +212,34 @@ def check_serve(work: Work) -> str:
     return f"finish_reason {replies[0][1]}, {rate:.0f} tok/s"
 
 
+def check_multi_lora(work: Work) -> str:
+    """The base and the LoRA under two names on one server: requests for all three share its batch."""
+    openai = require("openai", "pip install openai")
+    require("fastapi", "pip install -e '.[serve]'")
+    require("uvicorn", "pip install -e '.[serve]'")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/v1"
+    served = flags(checkpoint_dir=work.base, port=port, batch_size=4) + ["--lora", f"a={work.lora}", "--lora", f"b={work.lora}"]
+    with start(work, "generate/serve.py", served) as server:
+        wait_until_serving(server, url)
+        client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=COMMAND_TIMEOUT)
+        names = [model.id for model in client.models.list().data]
+        begin = time.perf_counter()
+        with ThreadPoolExecutor(len(names)) as pool:
+            replies = list(pool.map(lambda name: client.chat.completions.create(
+                model=name, messages=[{"role": "user", "content": PROMPTS[1]}], max_tokens=work.plan.max_new_tokens,
+                temperature=0), names))
+        rate = sum(reply.usage.completion_tokens for reply in replies) / (time.perf_counter() - begin)
+        server.proc.send_signal(signal.SIGTERM)
+        finish(server, expect=SERVER_DRAINED)
+    if names[1:] != ["a", "b"]:
+        raise Failed(f"/v1/models lists {names}, not the base, a and b")
+    for reply in replies:
+        if reply.choices[0].finish_reason not in ("stop", "length") or not reply.choices[0].message.content:
+            raise Failed(f"the reply of {reply.model} has finish_reason {reply.choices[0].finish_reason!r}")
+    return f"{len(names)} models in one batch, {rate:.0f} tok/s"
+
+
 def check_export(work: Work) -> str:
     run_script(work, "scripts/merge_lora.py", flags(lora_path=work.lora, out_dir=work.fresh("merged")),
                in_process=True)
@@ -309,6 +338,7 @@ CHECKS = [
     Check("halting", "evaluate_halting on the val split", check_halting, ("lora",)),
     Check("self_sample", "4 rows", check_self_sample, ("lora",)),
     Check("serve", "openai client: plain, streamed; SIGTERM", check_serve, ("lora",)),
+    Check("multi_lora", "the base and 2 LoRAs in one batch (--lora)", check_multi_lora, ("lora",)),
     Check("export", "merge_lora, convert_lit_checkpoint", check_export, ("lora",)),
     Check("transformers", "the export's logits and eos ids", check_transformers, ("export",)),
     Check("ddp", "lora on 2 devices", parallel_check("ddp"), ("setup",)),

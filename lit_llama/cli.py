@@ -6,7 +6,7 @@ import os
 import re
 import sys
 from dataclasses import fields
-from typing import Any, Callable, NoReturn, Optional, Sequence, get_args, get_origin
+from typing import Any, Callable, NoReturn, Optional, Sequence
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
@@ -46,6 +46,10 @@ class Parser(ArgumentParser):
 
     debug = False
     args: tuple[str, ...] = ()  # the command line as typed
+
+    def parse_args(self, args: Optional[Sequence[str]] = None, *rest: Any, **kwargs: Any) -> Any:
+        lists = {flag[:-1] for flag in self._option_string_actions if flag.endswith("+")}  # jsonargparse's appending form
+        return super().parse_args(appended(list(sys.argv[1:] if args is None else args), lists), *rest, **kwargs)
 
     def error(self, message: str, ex: Optional[Exception] = None) -> NoReturn:
         if self.debug or not self.exit_on_error:  # parsers used internally raise, and the caller handles it
@@ -128,17 +132,6 @@ def build_parser(fn: Callable[..., Any]) -> Parser:
     return parser
 
 
-def list_flags(fn: Callable[..., Any]) -> set[str]:
-    """The flags of `fn` typed as lists (optional or not), its flag groups' included."""
-    def is_list(annotation: Any) -> bool:
-        return get_origin(annotation) is list or any(is_list(arg) for arg in get_args(annotation))
-
-    typed = {name: p.annotation for name, p in inspect.signature(fn).parameters.items()}
-    for param in flag_groups(fn).values():
-        typed.update({f.name: f.type for f in fields(param.annotation)})
-    return {f"--{name}" for name, annotation in typed.items() if is_list(annotation)}
-
-
 def appended(args: list[str], lists: set[str]) -> list[str]:
     """A list flag may be given once per item: `--lora a=x --lora b=y` is jsonargparse's `--lora+ a=x --lora+ b=y`.
     A value in brackets is the whole list, as before: `--lora [a=x,b=y]`."""
@@ -166,7 +159,7 @@ def run(fn: Callable[..., Any], args: Optional[list[str]] = None) -> Any:
     ends in one line on stderr and exit code 2; Ctrl-C ends with exit code 130. Any other exception is a
     bug, here or in a library, and ends with its traceback (exit code 1). `--debug` (or LIT_LLAMA_DEBUG=1)
     shows the traceback of a user error too."""
-    args = appended(sys.argv[1:] if args is None else list(args), list_flags(fn))
+    args = sys.argv[1:] if args is None else list(args)
     parser = build_parser(fn)
     parser.debug = "--debug" in args or bool(os.environ.get(DEBUG_ENV))
     parser.args = tuple(args)

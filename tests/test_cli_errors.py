@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -332,3 +333,16 @@ def test_every_script_runs_a_valid_command_with_debug(tiny_checkpoint, lima_data
             cli.run(script_entry(script))  # an exception or SystemExit fails the test
         capsys.readouterr()
     assert (tmp_path / "from_meta" / "lit_model.pth").is_file() and (tmp_path / "from_hf" / "lit_model.pth").is_file()
+
+
+def test_a_list_flag_is_given_once_per_item_or_whole():
+    def command(lora: Optional[list[str]] = None, name: str = "x") -> list[str]:
+        """Args:
+            lora: one item per --lora
+            name: a plain flag
+        """
+        return lora
+
+    assert cli.run(command, ["--lora", "a=x", "--name", "z", "--lora=b=y"]) == ["a=x", "b=y"]
+    assert cli.run(command, ["--lora", "[a=x, b=y]"]) == ["a=x", "b=y"]
+    assert cli.run(command, []) is None

@@ -14,7 +14,7 @@ from lit_llama.acceptance import Missing, Plan, Work, tokens_per_second
 from lit_llama.acceptance_checks import Check, selected
 
 CHECKS = ["setup", "lora", "adapter", "full", "qlora", "generate", "attention", "compile", "batch", "chat", "halting",
-          "self_sample", "serve", "export", "transformers"]
+          "self_sample", "serve", "multi_lora", "export", "transformers"]
 LINE = re.compile(r"^(PASS|FAIL|SKIP)  (\w+) ")
 
 

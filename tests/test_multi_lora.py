@@ -14,9 +14,11 @@ from conftest import REPO, load_script
 from lit_llama.checkpoint import load_finetuned, load_model
 from lit_llama.cli import run
 from lit_llama.decoder import Decoder
+from lit_llama.device_check import DeviceCheck
 from lit_llama.errors import UsageError
 from lit_llama.finetune import DataArgs, RunLayout
 from lit_llama.generate import ContinuousBatch, Request, generate, resolve_stop_ids
+from lit_llama.inference import place
 from lit_llama.lora import LoRAConfig
 from lit_llama.multi_lora import attach_loras, load_loras
 from lit_llama.prepare import PrepareDirs, VocabChange
@@ -176,3 +178,25 @@ def test_bad_lora_flags_end_in_one_line(tiny_checkpoint, loras, capsys, flags, m
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and "\n" not in err
+
+
+def test_on_an_accelerator_a_mixed_batch_reads_back_once_a_step(tiny_checkpoint, loras):
+    """Placed on the simulated accelerator as generate/serve.py places it, the LoRAs' stacked matrices and
+    rows sit beside the base, and a step of rows of different LoRAs reads back only the sampled ids."""
+    named = {"qv": loras["qv"], "wide": loras["wide"]}
+    reads = {}
+    for steps in (4, 8):
+        with DeviceCheck() as check, torch.inference_mode():
+            model, tokenizer, trained = load_loras(list(named.values()), tiny_checkpoint)
+            model = place(model)
+            bank = attach_loras(model, ["base", *named], trained, tokenizer.base_vocab_size)
+            requests = [Request(encode_prompt(tokenizer, chat), steps, lora=lora) for lora, chat in enumerate(CHATS)]
+            with Decoder(model, 3, 64, bank=bank) as decoder:
+                batch = ContinuousBatch(decoder)
+                for request in requests:
+                    batch.submit(request)
+                while batch.busy:
+                    batch.step()
+            reads[steps] = check.total()[0]
+        assert all(len(r.generation.tokens) == steps for r in requests)
+    assert (reads[8] - reads[4]) / 4 == 1
