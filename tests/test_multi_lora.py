@@ -169,6 +169,7 @@ def test_the_server_answers_for_the_base_and_each_lora_as_each_alone(tiny_checkp
     (["--lora", "a={qv}", "--lora", "a={wide}"], "--lora a is given twice"),
     (["--lora", "a={qv}", "--lora", "b={appended}"], "other special tokens than"),
     (["--lora", "a={qv}", "--lora_path", "{wide}"], "--lora serves LoRAs beside a base"),
+    (["--lora", "tiny={qv}"], "--lora tiny: the base is served as 'tiny'"),
 ])
 def test_bad_lora_flags_end_in_one_line(tiny_checkpoint, loras, capsys, flags, message):
     pytest.importorskip("uvicorn")
