@@ -15,7 +15,7 @@ the replies only (the same total for every variant).
 """
 
 import time
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -40,9 +40,16 @@ def decode_ours(size: str, batch_size: int, prompts: list[list[int]], limits: li
 
 
 def decode_hf(size: str, batch_size: int, prompts: list[list[int]], limits: list[int]) -> list[list[int]]:
+    model = build_hf(model_config(size), torch.device("cpu"), torch.float32).eval()
+    return padded_generate(model, batch_size, prompts, limits)
+
+
+def padded_generate(model: Any, batch_size: int, prompts: list[list[int]], limits: list[int],
+                    per_batch: Callable[[int, int], dict] = lambda start, rows: {}) -> list[list[int]]:
+    """transformers' `generate` over the prompts in order, `batch_size` at a time, left-padded, each row
+    stopped at its own limit; `per_batch(start, rows)` gives more `generate` arguments for a batch."""
     from transformers import StoppingCriteria, StoppingCriteriaList
 
-    model = build_hf(model_config(size), torch.device("cpu"), torch.float32).eval()
     replies = []
     for start in range(0, len(prompts), batch_size):
         rows, row_limits = prompts[start : start + batch_size], limits[start : start + batch_size]
@@ -57,7 +64,8 @@ def decode_hf(size: str, batch_size: int, prompts: list[list[int]], limits: list
 
         with torch.inference_mode():
             out = model.generate(ids, attention_mask=mask, max_new_tokens=max(row_limits), do_sample=False,
-                                 pad_token_id=0, eos_token_id=None, stopping_criteria=StoppingCriteriaList([EachAtItsLimit()]))
+                                 pad_token_id=0, eos_token_id=None, stopping_criteria=StoppingCriteriaList([EachAtItsLimit()]),
+                                 **per_batch(start, len(rows)))
         replies += [row[width : width + limit].tolist() for row, limit in zip(out, row_limits)]
     return replies
 

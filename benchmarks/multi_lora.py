@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from batch_decode import workload
+from batch_decode import padded_generate, workload
 from common import BASE_VOCAB, SEED, build_hf, build_ours, environment, model_config, ratio, report, run_worker, setup, table
 from lit_llama.cli import run
 from lit_llama.decoder import Decoder
@@ -84,32 +84,14 @@ def decode_ours(variant: str, size: str, r: int, batch_size: int, prompts: list,
 
 def decode_peft(size: str, r: int, batch_size: int, prompts: list, limits: list) -> list[list[int]]:
     import peft
-    from transformers import StoppingCriteria, StoppingCriteriaList
 
     model = build_hf(model_config(size), torch.device("cpu"), torch.float32).eval()
     lora = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     model = peft.get_peft_model(model, lora, adapter_name="lora0")
     for i in range(1, 4):
         model.add_adapter(f"lora{i}", lora)
-    model.eval()
-    replies = []
-    for start in range(0, len(prompts), batch_size):
-        rows, row_limits = prompts[start : start + batch_size], limits[start : start + batch_size]
-        width = max(len(p) for p in rows)
-        ids = torch.tensor([[0] * (width - len(p)) + p for p in rows])  # left padding
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in rows])
-        done_at = torch.tensor(row_limits)
-
-        class EachAtItsLimit(StoppingCriteria):
-            def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
-                return torch.full((len(rows),), input_ids.shape[1] - width) >= done_at
-
-        with torch.inference_mode():
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(row_limits), do_sample=False,
-                                 pad_token_id=0, eos_token_id=None, stopping_criteria=StoppingCriteriaList([EachAtItsLimit()]),
-                                 adapter_names=[f"lora{(start + i) % 4}" for i in range(len(rows))])
-        replies += [row[width : width + limit].tolist() for row, limit in zip(out, row_limits)]
-    return replies
+    adapters = (lambda start, rows: {"adapter_names": [f"lora{(start + i) % 4}" for i in range(rows)]})
+    return padded_generate(model.eval(), batch_size, prompts, limits, adapters)
 
 
 def worker(variant: str, size: str, r: int, batch_size: int, prompts: int, threads: int) -> dict:
