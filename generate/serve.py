@@ -85,14 +85,14 @@ def load(source: ModelSource, lora: list[str], placement: Placement,
         model, tokenizer, loras = load_loras(list(named.values()), source.checkpoint_dir)
     else:
         model, tokenizer = source.load()
+    name = model_name or Path(source.path or loras[0].hparams["checkpoint_dir"]).resolve().name
+    if name in named:
+        raise BadValue(f"--lora {name}: the base is served as {name!r}; name the LoRA otherwise, or the base with --model_name")
     if tokenizer.eot_id is None:
         raise BadValue("the tokenizer has no end-of-turn token (a base checkpoint?): serve a fine-tune "
                        "(--lora_path, --adapter_path, --lora, or a full or merged checkpoint)")
     if warning := system_warning(tokenizer):  # said once here, not with every request that has a system message
         print(warning, file=sys.stderr)
-    name = model_name or Path(source.path or loras[0].hparams["checkpoint_dir"]).resolve().name
-    if name in named:
-        raise BadValue(f"--lora {name}: the base is served as {name!r}; name the LoRA otherwise, or the base with --model_name")
     model = place(model, placement.precision, placement.quantize)
     bank = attach_loras(model, [name, *named], loras, tokenizer.base_vocab_size) if named else None
     return model, tokenizer, name, bank
