@@ -10,6 +10,7 @@ for size in 30M 120M; do
     python decode.py --size "$size" --dtype bfloat16
     python batch_decode.py --size "$size"
     python multi_lora.py --size "$size"
+    python prefill.py --size "$size"
 done
 python load.py
 python checkpointing.py --size 120M --method lora --runs 5

@@ -1,8 +1,9 @@
 """The KV cache as slots: each slot a sequence of its own length, read into (prefill) and stepped one
 token at a time, all slots together (lit_llama/generate.py decodes requests on it).
 
-    Decoder(model, batch_size, ...)     the slots: read(slot, prompt, keep), prefill, feed(tokens, read)
+    Decoder(model, batch_size, ...)     the slots: read(slot, prompt, keep), prefill, prefill_many, feed(tokens, read)
     one_slot(model, slot)               the cache seen as one of its slots, for a prompt read into it
+    SlotRows(cache, slots, ...)         the cache seen as several of its slots, for prompts read together
     compile_step(model)                 the one-token step, compiled
 """
 
@@ -10,6 +11,7 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Optional
 
 import torch
+import torch.nn as nn
 
 from lit_llama.errors import BadValue
 from lit_llama.model import KVCache, LLaMA
@@ -30,6 +32,39 @@ def one_slot(model: LLaMA, slot: int) -> Iterator[None]:
     caches = [attn.kv_cache for attn in blocks]
     for attn, cache in zip(blocks, caches):
         attn.kv_cache = KVCache(cache.k[slot : slot + 1], cache.v[slot : slot + 1])  # views: writes reach the cache
+    try:
+        yield
+    finally:
+        for attn, cache in zip(blocks, caches):
+            attn.kv_cache = cache
+
+
+class SlotRows(nn.Module):
+    """A KV cache seen as some of its slots, for prompts read into them in one forward pass: row i of the
+    pass is slot `slots[i]`, and reads its slot's first `length` positions. Only the real tokens write,
+    not the padding after a shorter prompt: `where` holds, for each, its index in the pass's (n * T)
+    tokens, its slot and its position (indices made on the host, so nothing is read back)."""
+
+    def __init__(self, cache: KVCache, slots: torch.Tensor, length: int,
+                 where: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
+        super().__init__()
+        self.cache, self.slots, self.length, self.where = cache, slots, length, where
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # k, v: (n, G, T, hs) -> the real tokens' (m, G, hs), written at their slots' positions
+        token, slot, position = self.where
+        self.cache.k[slot, :, position] = k.transpose(1, 2).flatten(0, 1)[token].to(self.cache.k.dtype)
+        self.cache.v[slot, :, position] = v.transpose(1, 2).flatten(0, 1)[token].to(self.cache.v.dtype)
+        return self.cache.k[self.slots, :, : self.length], self.cache.v[self.slots, :, : self.length]  # (n, G, S, hs)
+
+
+@contextmanager
+def slot_rows(model: LLaMA, *args: Any) -> Iterator[None]:
+    """The model's KV cache seen as `SlotRows(cache, *args)` meanwhile."""
+    blocks = [block.attn for block in model.transformer.h]
+    caches = [attn.kv_cache for attn in blocks]
+    for attn, cache in zip(blocks, caches):
+        attn.kv_cache = SlotRows(cache, *args)
     try:
         yield
     finally:
@@ -91,8 +126,43 @@ class Decoder:
         """Make `slot` hold `prompt`, reading only what it does not hold yet: positions past the common
         prefix are overwritten, and the causal mask never lets a token see a stale position after its
         own. The logits (V,) after the last prompt token; `read(slot, prompt, 0)` reads it all."""
-        keep = min(common_prefix(self.held[slot], prompt), len(prompt) - 1)  # the last token is read again
-        return self.model.head(self.read(slot, prompt, keep, lora)[-1])  # (V,): only the last position's
+        return self.prefill_many([slot], [prompt], [lora])[0]
+
+    def prefill_many(self, slots: list[int], prompts: list[list[int]], loras: list[int]) -> torch.Tensor:
+        """`prefill` for several slots in one forward pass: each prompt past what its slot holds, the shorter
+        ones padded at the end (the padding writes nothing to the cache), and the head only at each
+        prompt's last token. The logits (n, V)."""
+        keeps = []
+        for slot, prompt, lora in zip(slots, prompts, loras):
+            if not 0 < len(prompt) <= self.max_seq_length:
+                raise BadValue(f"a prompt of {len(prompt)} tokens does not fit in the KV cache of {self.max_seq_length}")
+            keep = min(common_prefix(self.held[slot], prompt), len(prompt) - 1) if lora == self.lora_of[slot] else 0
+            keeps.append(keep)
+        width = max(len(prompt) - keep for prompt, keep in zip(prompts, keeps))
+        rows = [prompt[keep:] + [0] * (width - len(prompt) + keep) for prompt, keep in zip(prompts, keeps)]
+        # a padding token sits at a position of its own row's, clamped into the cache; it writes nothing there
+        positions = [[min(keep + t, self.max_seq_length - 1) for t in range(width)] for keep in keeps]
+        idx = torch.tensor(rows, device=self.device)  # (n, width)
+        input_pos = torch.tensor(positions, device=self.device)  # (n, width)
+        real = [(i * width + t, slot, keep + t) for i, (slot, prompt, keep) in enumerate(zip(slots, prompts, keeps))
+                for t in range(len(prompt) - keep)]
+        where = tuple(torch.tensor(column, device=self.device) for column in zip(*real))  # 3 x (m,)
+        index = torch.tensor(slots, device=self.device)
+        self.loras[index] = torch.tensor(loras, device=self.device)
+        self.use(self.loras[index])
+        length = max(len(prompt) for prompt in prompts)
+        with slot_rows(self.model, index, length, where):
+            hidden = self.model.hidden(idx, input_pos, kv_length=length)  # (n, width, C)
+        last = torch.tensor([len(prompt) - keep - 1 for prompt, keep in zip(prompts, keeps)], device=self.device)
+        logits = self.model.head(hidden[torch.arange(len(slots), device=self.device), last])  # (n, V)
+        for slot, prompt, keep, lora in zip(slots, prompts, keeps, loras):
+            del self.held[slot][keep:]
+            self.held[slot].extend(prompt[keep:])
+            self.lora_of[slot] = lora
+        self.positions[index] = torch.tensor([len(prompt) for prompt in prompts], device=self.device)
+        self.active[index] = True
+        self.prefilled = sum(len(prompt) - keep for prompt, keep in zip(prompts, keeps))
+        return logits
 
     def read(self, slot: int, prompt: list[int], keep: int, lora: int = 0) -> torch.Tensor:
         """Make `slot` hold `prompt`, keeping its first `keep` positions (none if it held them for another

@@ -133,16 +133,17 @@ class ContinuousBatch:
         self.slots = [None if r is request else r for r in self.slots]
 
     def step(self) -> list[tuple[Request, int]]:
-        """Free slots take waiting requests (their prompts are read), then every slot samples one token.
-        Returns each request's token; a request that is done afterwards has left the batch. The sampled
-        ids are read back to the host once per step, for all slots together."""
-        for slot in range(len(self.slots)):
-            if self.slots[slot] is None and self.waiting:
-                request = self.waiting.popleft()
-                logits = self.read_prompt(slot, request)
-                if self.logits is None:
-                    self.logits = logits.new_zeros(len(self.slots), logits.shape[-1])
-                self.logits[slot] = logits
+        """Free slots take waiting requests (their prompts read together, in one forward pass), then every
+        slot samples one token. Returns each request's token; a request that is done afterwards has left
+        the batch. The sampled ids are read back to the host once per step, for all slots together."""
+        free = [slot for slot, request in enumerate(self.slots) if request is None]
+        taken = [(slot, self.waiting.popleft()) for slot in free[: len(self.waiting)]]
+        if taken:
+            logits = self.read_prompts(taken)  # (n, V)
+            if self.logits is None:
+                self.logits = logits.new_zeros(len(self.slots), logits.shape[-1])
+            for (slot, request), row in zip(taken, logits):
+                self.logits[slot] = row
                 self.slots[slot] = request
         active = [(slot, request) for slot, request in enumerate(self.slots) if request is not None]
         if not active:
@@ -167,14 +168,21 @@ class ContinuousBatch:
             self.logits = self.decoder.feed(tokens, fed)
         return sampled
 
-    def read_prompt(self, slot: int, request: Request) -> torch.Tensor:
-        """Prefill `request`'s prompt into `slot`, scoring each of its tokens if it asks: the logits (V,)
-        its first token is drawn from."""
-        if request.prompt_logprobs is None:
-            return self.decoder.prefill(slot, request.prompt, request.lora)
-        hidden = self.decoder.read(slot, request.prompt, 0, request.lora)  # (T, C): every position, to score each
-        request.prompt_scores = prompt_logprobs(self.decoder.model, hidden, request.prompt, request.prompt_logprobs)
-        return self.decoder.model.head(hidden[-1])
+    def read_prompts(self, taken: list[tuple[int, Request]]) -> torch.Tensor:
+        """Prefill each request's prompt into its slot: the logits (n, V) their first tokens are drawn from.
+        The prompts are read together in one forward pass, except those whose every token is scored."""
+        plain = [(slot, request) for slot, request in taken if request.prompt_logprobs is None]
+        logits = {}
+        if plain:
+            slots = [slot for slot, _ in plain]
+            rows = self.decoder.prefill_many(slots, [r.prompt for _, r in plain], [r.lora for _, r in plain])
+            logits = dict(zip(slots, rows))
+        for slot, request in taken:
+            if request.prompt_logprobs is not None:
+                hidden = self.decoder.read(slot, request.prompt, 0, request.lora)  # (T, C): every position, to score each
+                request.prompt_scores = prompt_logprobs(self.decoder.model, hidden, request.prompt, request.prompt_logprobs)
+                logits[slot] = self.decoder.model.head(hidden[-1])
+        return torch.stack([logits[slot] for slot, _ in taken])
 
 
 def decode(decoder: Decoder, request: Request) -> Iterator[int]:

@@ -79,6 +79,22 @@ def test_decoding_reads_one_tensor_back_per_step_and_copies_nothing_over():
     assert uploads_16 == uploads_8
 
 
+def test_prompts_read_together_read_nothing_back():
+    """Three prompts of different lengths read in one forward pass, two of them past what their slots
+    hold: the padding's places and the real tokens' slots are indices made on the host, so the prefill
+    reads nothing back (a boolean mask over device tensors would read its count back)."""
+    from lit_llama.decoder import Decoder
+
+    with DeviceCheck() as check, torch.inference_mode():
+        model = tiny_gqa_model().to(ACCELERATOR)
+        with Decoder(model, 3, 32) as decoder:
+            decoder.prefill_many([0, 1], [[1, 5, 9], [1, 7]], [0, 0])
+            before = check.total()[0]
+            logits = decoder.prefill_many([2, 0, 1], [[1, 2, 3, 4, 5], [1, 5, 9, 6], [1, 7, 8]], [0, 0, 0])
+            assert check.total()[0] == before and logits.device == ON_ACCELERATOR
+            assert decoder.prefilled == 5 + 1 + 1
+
+
 def test_attention_with_a_mask_keeps_grouped_heads_off_the_kernels_that_cannot_take_them(monkeypatch):
     """On a GPU a mask rules flash attention out and leaves the memory-efficient kernel, which some torch
     builds refuse for grouped-query heads (falling back to math, fp32 (B, heads, T, S) scores). The KV

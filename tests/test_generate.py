@@ -4,7 +4,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lit_llama.decoder import Decoder
+from lit_llama.decoder import Decoder, SlotRows
 from lit_llama.generate import (ContinuousBatch, Generation, Request, Sampling, generate, generate_batch, resolve_stop_ids,
                                 sample, stop_reason)
 from lit_llama.model import KVCache, LLaMA, LLaMAConfig
@@ -35,9 +35,13 @@ class ScriptedModel(torch.nn.Module):
     def hidden(self, idx, input_pos, kv_length=None):
         assert self.cached is not None and input_pos.shape == idx.shape
         logits = torch.zeros(idx.shape[0], idx.shape[1], self.config.vocab_size)
-        for b, slot in enumerate(self.attn.kv_cache.k.flatten().tolist()):
-            step = int(input_pos[b, -1]) + 1 - self.prompt_len
-            logits[b, -1, self.scripts[slot][step]] = 10.0
+        cache = self.attn.kv_cache  # the whole cache, one slot's view of it, or the rows of prompts read together
+        slots = cache.slots.tolist() if isinstance(cache, SlotRows) else cache.k.flatten().tolist()
+        for b, slot in enumerate(slots):
+            for t in range(idx.shape[1]):
+                step = int(input_pos[b, t]) + 1 - self.prompt_len
+                if 0 <= step < len(self.scripts[slot]):
+                    logits[b, t, self.scripts[slot][step]] = 10.0
         return logits
 
     def head(self, x):
@@ -188,6 +192,47 @@ def test_a_prompt_extending_the_cache_reads_only_the_new_tokens():
     with torch.no_grad():
         torch.testing.assert_close(reused, model(torch.tensor([history + more]))[0, -1])
         torch.testing.assert_close(rewound, model(torch.tensor([history[:2] + more]))[0, -1])
+
+
+def test_waiting_prompts_are_read_in_one_forward_pass_with_the_head_at_their_last_tokens():
+    """Four prompts of different lengths take the four slots in one forward pass, the head scoring one
+    position of each; two more take slots that freed later. Every greedy reply (fp32) is its reply
+    decoded alone."""
+    model = tiny_model()
+    prompts = [[1, 5, 9], [1, 7, 3, 2, 8, 9, 11], [1], [1, 4, 4, 4, 4], [1, 5, 9, 12, 13], [1, 7, 3, 2]]
+    limits = [2, 9, 5, 7, 6, 4]
+    passes, heads = [], []
+    hidden = model.hidden
+    model.hidden = lambda idx, *args, **kwargs: passes.append(tuple(idx.shape)) or hidden(idx, *args, **kwargs)
+    model.lm_head.register_forward_hook(lambda module, args, out: heads.append(tuple(args[0].shape[:-1])))
+    requests = [Request(prompt, limit) for prompt, limit in zip(prompts, limits)]
+    with torch.inference_mode(), Decoder(model, 4, 32) as decoder:
+        batch = ContinuousBatch(decoder)
+        for request in requests:
+            batch.submit(request)
+        batch.step()
+        assert passes == [(4, 7), (4, 1)] and heads == [(4,), (4, 1)]  # prompts, then everyone's next token
+        while batch.busy:
+            batch.step()
+    del model.hidden
+    for request, prompt, limit in zip(requests, prompts, limits):
+        assert request.generation.tokens == generate(model, prompt, limit).tokens
+
+
+def test_prompts_read_together_each_read_only_what_their_slot_lacks():
+    model = tiny_model()
+    history, more, other = [1, 17, 42, 8, 30], [31, 32, 33], [1, 9, 9, 9, 9, 9, 9, 9, 9, 9]
+    with torch.no_grad(), Decoder(model, 3, 32) as decoder:
+        decoder.prefill(1, history)
+        logits = decoder.prefill_many([2, 1, 0], [[1, 2], history + more, other], [0, 0, 0])  # (3, V)
+        assert decoder.prefilled == 2 + 3 + 10 and decoder.held == [other, history + more, [1, 2]]
+        tokens = logits.argmax(-1).flip(0)  # slot by slot: 0, 1, 2
+        step = decoder.feed(tokens, tokens.tolist())  # the next step reads what they wrote
+    with torch.no_grad():
+        for row, ids in zip(logits, [[1, 2], history + more, other]):
+            torch.testing.assert_close(row, model(torch.tensor([ids]))[0, -1])
+        for row, ids in zip(step, decoder.held):  # each slot now holds its prompt and the token fed
+            torch.testing.assert_close(row, model(torch.tensor([ids]))[0, -1])
 
 
 def test_padded_vocabulary_rows_are_never_sampled():
