@@ -132,12 +132,8 @@ class Decoder:
         """`prefill` for several slots in one forward pass: each prompt past what its slot holds, the shorter
         ones padded at the end (the padding writes nothing to the cache), and the head only at each
         prompt's last token. The logits (n, V)."""
-        keeps = []
-        for slot, prompt, lora in zip(slots, prompts, loras):
-            if not 0 < len(prompt) <= self.max_seq_length:
-                raise BadValue(f"a prompt of {len(prompt)} tokens does not fit in the KV cache of {self.max_seq_length}")
-            keep = min(common_prefix(self.held[slot], prompt), len(prompt) - 1) if lora == self.lora_of[slot] else 0
-            keeps.append(keep)
+        keeps = [min(common_prefix(self.held[slot], prompt), len(prompt) - 1) for slot, prompt in zip(slots, prompts)]
+        keeps = self.assign(slots, prompts, loras, keeps)
         width = max(len(prompt) - keep for prompt, keep in zip(prompts, keeps))
         rows = [prompt[keep:] + [0] * (width - len(prompt) + keep) for prompt, keep in zip(prompts, keeps)]
         # a padding token sits at a position of its own row's, clamped into the cache; it writes nothing there
@@ -148,42 +144,49 @@ class Decoder:
                 for t in range(len(prompt) - keep)]
         where = tuple(torch.tensor(column, device=self.device) for column in zip(*real))  # 3 x (m,)
         index = torch.tensor(slots, device=self.device)
-        self.loras[index] = torch.tensor(loras, device=self.device)
         self.use(self.loras[index])
         length = max(len(prompt) for prompt in prompts)
         with slot_rows(self.model, index, length, where):
             hidden = self.model.hidden(idx, input_pos, kv_length=length)  # (n, width, C)
+        self.hold(slots, prompts, keeps)
         last = torch.tensor([len(prompt) - keep - 1 for prompt, keep in zip(prompts, keeps)], device=self.device)
-        logits = self.model.head(hidden[torch.arange(len(slots), device=self.device), last])  # (n, V)
-        for slot, prompt, keep, lora in zip(slots, prompts, keeps, loras):
-            del self.held[slot][keep:]
-            self.held[slot].extend(prompt[keep:])
-            self.lora_of[slot] = lora
-        self.positions[index] = torch.tensor([len(prompt) for prompt in prompts], device=self.device)
-        self.active[index] = True
-        self.prefilled = sum(len(prompt) - keep for prompt, keep in zip(prompts, keeps))
-        return logits
+        return self.model.head(hidden[torch.arange(len(slots), device=self.device), last])  # (n, V)
 
     def read(self, slot: int, prompt: list[int], keep: int, lora: int = 0) -> torch.Tensor:
         """Make `slot` hold `prompt`, keeping its first `keep` positions (none if it held them for another
         LoRA than `lora`, the index in the bank's names it decodes with): the final hidden states
         (T - keep, C) of the rest."""
-        if not 0 < len(prompt) <= self.max_seq_length:
-            raise BadValue(f"a prompt of {len(prompt)} tokens does not fit in the KV cache of {self.max_seq_length}")
-        if lora != self.lora_of[slot]:  # the keys and values another LoRA computed are another model's
-            keep, self.lora_of[slot], self.loras[slot] = 0, lora, lora
-        held = self.held[slot]
-        del held[keep:]
+        [keep] = self.assign([slot], [prompt], [lora], [keep])
         idx = torch.tensor([prompt[keep:]], device=self.device)  # (1, T - keep)
         input_pos = torch.arange(keep, len(prompt), device=self.device).unsqueeze(0)  # (1, T - keep)
         self.use(self.loras[slot : slot + 1])
         with one_slot(self.model, slot):
             hidden = self.model.hidden(idx, input_pos, kv_length=len(prompt))  # (1, T - keep, C)
-        held.extend(prompt[keep:])
-        self.positions[slot] = len(prompt)
-        self.active[slot] = True
-        self.prefilled = len(prompt) - keep
+        self.hold([slot], [prompt], [keep])
         return hidden[0]
+
+    def assign(self, slots: list[int], prompts: list[list[int]], loras: list[int], keeps: list[int]) -> list[int]:
+        """Before `prompts` are read into `slots`: check that they fit, give each slot its LoRA, and return how
+        many positions each slot keeps: its `keeps`, or none where it held them for another LoRA (the keys
+        and values another LoRA computed are another model's)."""
+        kept = []
+        for slot, prompt, lora, keep in zip(slots, prompts, loras, keeps):
+            if not 0 < len(prompt) <= self.max_seq_length:
+                raise BadValue(f"a prompt of {len(prompt)} tokens does not fit in the KV cache of {self.max_seq_length}")
+            kept.append(keep if lora == self.lora_of[slot] else 0)
+            self.lora_of[slot] = lora
+        self.loras[torch.tensor(slots, device=self.device)] = torch.tensor(loras, device=self.device)
+        return kept
+
+    def hold(self, slots: list[int], prompts: list[list[int]], keeps: list[int]) -> None:
+        """Once `prompts` are read into `slots` (past their `keeps`): what each holds, and where its next token goes."""
+        for slot, prompt, keep in zip(slots, prompts, keeps):
+            del self.held[slot][keep:]
+            self.held[slot].extend(prompt[keep:])
+        index = torch.tensor(slots, device=self.device)
+        self.positions[index] = torch.tensor([len(prompt) for prompt in prompts], device=self.device)
+        self.active[index] = True
+        self.prefilled = sum(len(prompt) - keep for prompt, keep in zip(prompts, keeps))
 
     def feed(self, tokens: torch.Tensor, read: list[Optional[int]]) -> torch.Tensor:
         """Append one token to each slot in one step: `tokens` (B,) on the device, `read` the same ids as
