@@ -118,14 +118,15 @@ def load_loras(out_dirs: list[Path], checkpoint_dir: Optional[Path] = None) -> t
     """The base (`checkpoint_dir`, or the one the first LoRA names), its LoRAs of `out_dirs`, checked against
     it and against each other, and their shared tokenizer. The base grows to their vocabulary and, for LoRAs
     trained beside a quantized base, holds the weights they learned against (as `load_finetuned` gives them)."""
-    base_dir = base_dir_of(out_dirs[0], read_hparams(out_dirs[0]), checkpoint_dir)
-    model = load_model(base_dir)
-    loras, tokenizer = [], None
-    for out_dir in out_dirs:
-        hparams = read_hparams(out_dir)
+    settings = [read_hparams(out_dir) for out_dir in out_dirs]
+    for out_dir, hparams in zip(out_dirs, settings):  # before the base is loaded
         if hparams["method"] != "lora":
             raise BadValue(f"--lora {out_dir} is a {hparams['method']} fine-tune: --lora takes finetune/lora.py out "
                            f"dirs (serve another alone with --lora_path, --adapter_path or --checkpoint_dir)")
+    base_dir = base_dir_of(out_dirs[0], settings[0], checkpoint_dir)
+    model = load_model(base_dir)
+    loras, tokenizer = [], None
+    for out_dir, hparams in zip(out_dirs, settings):
         own = Tokenizer.from_dir(out_dir)
         check_base(model.config, base_dir, out_dir, own)
         if tokenizer is None:

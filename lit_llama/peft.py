@@ -21,7 +21,8 @@ from typing import Optional
 import torch
 from safetensors.torch import load_file, save_file
 
-from lit_llama.checkpoint import CONFIG_FILE, HPARAMS_FILE, read_config, read_hparams, read_weights
+from lit_llama.checkpoint import (CONFIG_FILE, HPARAMS_FILE, base_dir_of, load_state_dict, read_config, read_hparams,
+                                  read_weights)
 from lit_llama.convert import HF
 from lit_llama.errors import BadValue
 from lit_llama.export import hf_tokenizer_files
@@ -93,7 +94,6 @@ def token_row_tensors(trained: dict[str, torch.Tensor], base: dict[str, torch.Te
             f"{head}.lora_A.weight": head_a, f"{head}.lora_B.weight": head_b}
 
 
-
 def adapter_config(tensors: dict[str, torch.Tensor], lora: LoRAConfig, base_model: Optional[str]) -> dict:
     """PEFT's LoraConfig for `tensors`: its target modules are the names their LoRA pairs sit on."""
     targets = sorted({name.removeprefix(PREFIX).split(".lora_")[0].split(".")[-1] for name in tensors})
@@ -119,14 +119,13 @@ def export_peft(lora_path: Path, output_dir: Path, base_model: Optional[str] = N
     appended = [t.content for t in tokenizer.special if t.mode == "appended"]
     if appended:
         raise BadValue(f"{lora_path} appended {', '.join(appended)} to the vocabulary, which no adapter carries: {MERGE}")
-    trained = torch.load(require_file(Path(lora_path) / method.weights_file, "the out dir has no trained weights"),
-                         map_location="cpu", weights_only=True)
+    trained = load_state_dict(require_file(Path(lora_path) / method.weights_file, "the out dir has no trained weights"))
     base_dir = Path(checkpoint_dir or hparams["checkpoint_dir"])
     check_writable(output_dir, 0, "--output_dir")
     tensors = lora_tensors(trained, config, lora)
     rows = "token_rows.ids" in trained and len(trained["token_rows.ids"]) > 0
     if rows:
-        base = read_weights(base_dir, ["transformer.wte.weight", "lm_head.weight"])
+        base = read_weights(base_dir_of(lora_path, hparams, checkpoint_dir), ["transformer.wte.weight", "lm_head.weight"])
         tensors.update(token_row_tensors(trained, base, lora, config.vocab_size))
     tensors = {name: t.detach().float().contiguous() for name, t in tensors.items()}
     output_dir = Path(output_dir)

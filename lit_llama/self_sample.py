@@ -56,7 +56,12 @@ def echo_prompt(tokenizer: Tokenizer, query: str, reference: str) -> list[int]:
     when the tokenizer has an end-of-turn token, else as plain paragraphs after bos."""
     if tokenizer.eot_id is not None:
         return encode_prompt(tokenizer, [query, reference, query])
-    return tokenizer.encode(f"{query}{BLANK_LINE}{reference}{BLANK_LINE}{query}{BLANK_LINE}", bos=True)
+    return tokenizer.encode(plain_echo(query, reference), bos=True)
+
+
+def plain_echo(query: str, reference: str) -> str:
+    """The echo prompt as plain paragraphs, for a base model: its reply is the next paragraph."""
+    return f"{query}{BLANK_LINE}{reference}{BLANK_LINE}{query}{BLANK_LINE}"
 
 
 def read_cache(path: Path) -> dict[int, str]:
@@ -193,8 +198,7 @@ class Server(FlagGroup):
         body = {"model": self.model, "max_tokens": job.cap, "temperature": sampling.temperature,
                 "top_p": sampling.top_p, "seed": seed + job.index}
         if self.plain:
-            text = f"{job.query}{BLANK_LINE}{job.reference}{BLANK_LINE}{job.query}{BLANK_LINE}"
-            body.update(prompt=text, stop=[BLANK_LINE])
+            body.update(prompt=plain_echo(job.query, job.reference), stop=[BLANK_LINE])
         else:
             body["messages"] = [{"role": "user", "content": job.query}, {"role": "assistant", "content": job.reference},
                                 {"role": "user", "content": job.query}]
