@@ -94,12 +94,13 @@ def decoder(impl: str, size: str, device: torch.device, dtype: torch.dtype, thre
             def decode(prompt: list[int], n: int) -> None:
                 assert len(generate(model, prompt, n).tokens) == n
         else:
-            step = compile_step(model)  # compiled once; a cache of block_size positions keeps one shape
+            # compiled once, for one cache of block_size positions: every run reads its prompt afresh into it
+            decoder = Decoder(model, 1, config.block_size, compile_step(model))
 
             @torch.inference_mode()
             def decode(prompt: list[int], n: int) -> None:
-                with Decoder(model, 1, config.block_size, step) as decoder:
-                    assert len(list(decode_request(decoder, Request(prompt, n)))) == n
+                decoder.reset()
+                assert len(list(decode_request(decoder, Request(prompt, n)))) == n
     else:
         model = build_hf(config, device, dtype).eval()
         model.generation_config.eos_token_id = None  # decode every token asked for

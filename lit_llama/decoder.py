@@ -4,24 +4,69 @@ token at a time, all slots together (lit_llama/generate.py decodes requests on i
     Decoder(model, batch_size, ...)     the slots: read(slot, prompt, keep), prefill, prefill_many, feed(tokens, read)
     one_slot(model, slot)               the cache seen as one of its slots, for a prompt read into it
     SlotRows(cache, slots, ...)         the cache seen as several of its slots, for prompts read together
-    compile_step(model)                 the one-token step, compiled
+    compile_step(model)                 the one-token step, compiled for where it runs (step_options)
 """
 
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
 import torch.nn as nn
+from torch._inductor import config as inductor_config
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from lit_llama.errors import BadValue
 from lit_llama.model import KVCache, LLaMA
-from lit_llama.multi_lora import LoRABank
+from lit_llama.multi_lora import LoRABank, RowLoRALinear, RowTokenRows
 
 
-def compile_step(model: LLaMA) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def step_options(model: LLaMA) -> dict[str, Any]:
+    """Inductor's options for the one-token step of `model`, by where it runs.
+
+    - On a GPU the step is captured as a CUDA graph and replayed: one launch per step, not one per kernel.
+    - On the CPU inductor freezes the weights into the graph and writes its own matrix products
+      (`max_autotune`'s C++ template): they read weights about twice as fast as aten's matrix-vector
+      product (benchmarks/RESULTS.md, section 7), for a copy of the weights in the template's
+      layout and a longer compile.
+
+    Frozen, the graph holds the model's tensors as they were when it compiled. So there is no freezing
+    with several LoRAs (the LoRA each row uses changes from step to step) or with quantized weights
+    (frozen, they would be dequantized once, into full-size copies)."""
+    if model.lm_head.weight.device.type == "cuda":
+        return {"triton.cudagraphs": True}
+    several_loras = any(isinstance(m, (RowLoRALinear, RowTokenRows)) for m in model.modules())
+    if several_loras or any(is_traceable_wrapper_subclass(p) for p in model.parameters()):  # NF4 blocks
+        return {}
+    return {"freezing": True, "max_autotune": True}
+
+
+class CompiledStep:
     """The model compiled for one-token steps: their shapes never change (the KV cache is preallocated),
-    so one graph serves every step. Prompts of any length still run eagerly."""
-    return torch.compile(model, fullgraph=True, dynamic=False)
+    so one graph serves every step. Prompts of any length still run eagerly. A step serves one Decoder:
+    frozen, its graph holds the KV cache it first ran with, and another cache would compile it again.
+    `backend` is torch.compile's, `options` inductor's (by default `step_options`): a test runs a GPU's
+    step with a backend that records the graph and captures nothing."""
+
+    def __init__(self, model: LLaMA, backend: Union[str, Callable] = "inductor",
+                 options: Optional[dict[str, Any]] = None) -> None:
+        options = dict(step_options(model) if options is None else options)
+        # dynamo reads `freezing` from inductor's config while it traces, before the options reach inductor
+        self.freezing = options.pop("freezing", False)
+        self.graphs = options.get("triton.cudagraphs", False)
+        self.compiled = torch.compile(model, fullgraph=True, dynamic=False, backend=backend,
+                                      options=(options or None) if backend == "inductor" else None)
+
+    def __call__(self, idx: torch.Tensor, input_pos: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        if self.graphs:
+            torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are read: its memory may be reused
+            return self.compiled(idx, input_pos, **kwargs).clone()  # the next replay overwrites the graph's output
+        with inductor_config.patch(freezing=self.freezing):
+            return self.compiled(idx, input_pos, **kwargs)
+
+
+def compile_step(model: LLaMA) -> CompiledStep:
+    """The one-token step of `model`, compiled for where it runs (`step_options`)."""
+    return CompiledStep(model)
 
 
 @contextmanager

@@ -26,7 +26,8 @@ would be the other design; it would have to pass through FSDP2's DTensor, torcha
 the optimizers, where a mode sees them as they are.
 
 `LIT_LLAMA_DEVICE_CHECK=1` turns it on for every command run through `lit_llama.cli.run` (and the
-processes Fabric launches from one). torch.compile is not checked under it.
+processes Fabric launches from one). torch.compile does not run under it: `DeviceCheck.outside` runs a
+compiled step with the check off, and `graph_syncs` looks for reads back in the step's graph.
 """
 
 import contextlib
@@ -180,6 +181,23 @@ class DeviceCheck:
             setattr(owner, name, old)
         self.patches.clear()
 
+    def outside(self, function: Callable) -> Callable:
+        """`function` run with the check off, its tensor outputs marked as the accelerator's: a compiled graph,
+        which torch.compile does not run under a dispatch mode. `graph_syncs` checks the graph's own ops."""
+        @functools.wraps(function)
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            for mode in reversed(self.modes):
+                mode.__exit__(None, None, None)
+            try:
+                out = function(*args, **kwargs)
+            finally:
+                for mode in self.modes:
+                    mode.__enter__()
+            for tensor in _tensors(out):
+                self.mark(tensor)
+            return out
+        return wrapped
+
     def on_the_device(self, method: Callable) -> Callable:
         """`method` run as one call on the accelerator: what C++ allocates in it is made there."""
         @functools.wraps(method)
@@ -199,6 +217,11 @@ class DeviceCheck:
     def _patch(self, owner: Any, name: str, new: Any) -> None:
         self.patches.append((owner, name, owner.__dict__[name] if isinstance(owner, type) else getattr(owner, name)))
         setattr(owner, name, new)
+
+
+def graph_syncs(graph: torch.fx.GraphModule) -> list[str]:
+    """The ops of an aten-level graph (as aot_autograd hands it to a compiler) that would read back to the host."""
+    return [SYNC_OPS[node.target] for node in graph.graph.nodes if node.target in SYNC_OPS]
 
 
 def _inner(tensor: torch.Tensor) -> list[torch.Tensor]:

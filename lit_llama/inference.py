@@ -132,7 +132,8 @@ class Placement(Dtype):
     Args:
         quantize: nf4 stores the block weights in 4 bits (about a quarter of bf16's memory; needs torchao)
         compile: compile the one-token decoding step with torch.compile (same outputs; pays off over
-            long generations, the first step waits for the compilation)
+            long generations, the first step waits for the compilation: tens of seconds on the CPU, where
+            the step holds a second copy of the weights in the layout of inductor's matrix products)
     """
 
     quantize: Optional[Quantize] = None

@@ -5,6 +5,7 @@ reaches the GPU, which attention kernel a mask allows) are checked without one."
 
 import math
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -14,7 +15,8 @@ from conftest import load_script
 from lit_llama import device_check
 from lit_llama.checkpoint import load_model, load_state_dict
 from lit_llama.dataset import load_prepared
-from lit_llama.device_check import ACCELERATOR, DeviceCheck, DeviceMismatch
+from lit_llama.device_check import ACCELERATOR, DeviceCheck, DeviceMismatch, graph_syncs
+import lit_llama.generate as generate_module
 from lit_llama.generate import generate_batch
 from lit_llama.model import LLaMA, LLaMAConfig
 from lit_llama.finetune import DataArgs, RunLayout, make_fabric
@@ -77,6 +79,50 @@ def test_decoding_reads_one_tensor_back_per_step_and_copies_nothing_over():
     (syncs_8, uploads_8), (syncs_16, uploads_16) = counts[8], counts[16]
     assert (syncs_16 - syncs_8) / 8 == 1  # per step, for 3 rows: a third of a sync per generated token
     assert uploads_16 == uploads_8
+
+
+def test_a_compiled_step_reads_back_once_a_step(monkeypatch):
+    """The compiled step as a GPU runs it (`CompiledStep` with a GPU's options), with a backend that records
+    its graph and captures nothing: the graph, at aten level as inductor gets it, has no op that reads
+    back, and the decoding around it reads back once a step, the sampled ids, as the eager step does."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.aot_autograd import make_boxed_func
+
+    from lit_llama.decoder import CompiledStep
+
+    graphs = []
+
+    def record(graph: torch.fx.GraphModule, inputs: list) -> Callable:
+        graphs.append(graph)
+        return make_boxed_func(graph.forward)
+
+    counts = {}
+    for steps in (8, 16):
+        with DeviceCheck() as check, torch.inference_mode():
+            model = tiny_gqa_model().to(ACCELERATOR)
+            gpu_options = {"triton.cudagraphs": True}  # what `step_options` gives a model on a GPU
+            step = check.outside(CompiledStep(model, aot_autograd(fw_compiler=record), gpu_options))
+            monkeypatch.setattr(generate_module, "compile_step", lambda model: step)
+            results = generate_batch(model, [[1, 5, 9], [1, 7], [1, 2, 3, 4]], steps, temperature=0.8, top_k=20,
+                                     compile=True)
+            counts[steps] = check.total()
+        assert all(len(r.tokens) == steps for r in results)
+    assert len(graphs) == 2  # one graph per model: every step ran it
+    for graph in graphs:
+        ops = {node.target for node in graph.graph.nodes}
+        assert torch.ops.aten.mm.default in ops and graph_syncs(graph) == []
+    (syncs_8, uploads_8), (syncs_16, uploads_16) = counts[8], counts[16]
+    assert (syncs_16 - syncs_8) / 8 == 1  # per step, for 3 rows
+    assert uploads_16 == uploads_8
+
+
+def test_a_graph_that_reads_back_is_told():
+    graph = torch.fx.symbolic_trace(lambda x: x)
+    assert graph_syncs(graph) == []
+    node = next(iter(graph.graph.nodes))
+    with graph.graph.inserting_after(node):
+        graph.graph.call_function(torch.ops.aten._local_scalar_dense.default, (node,))
+    assert graph_syncs(graph) == ["item"]
 
 
 def test_prompts_read_together_read_nothing_back():

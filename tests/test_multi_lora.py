@@ -13,7 +13,7 @@ import torch
 from conftest import REPO, load_script
 from lit_llama.checkpoint import load_finetuned, load_model
 from lit_llama.cli import run
-from lit_llama.decoder import Decoder
+from lit_llama.decoder import Decoder, compile_step
 from lit_llama.device_check import DeviceCheck
 from lit_llama.errors import UsageError
 from lit_llama.finetune import DataArgs, RunLayout
@@ -97,9 +97,11 @@ def test_the_base_never_scores_an_id_appended_for_a_lora(tiny_checkpoint, loras)
     torch.testing.assert_close(got[1], lora, atol=1e-4, rtol=0)
 
 
-def test_a_mixed_continuous_batch_replies_as_each_lora_alone(tiny_checkpoint, loras):
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_a_mixed_continuous_batch_replies_as_each_lora_alone(tiny_checkpoint, loras, compiled):
     """Greedy, fp32: two slots take six requests of the base and two LoRAs, one after another, the same
-    prompt for different LoRAs included (a slot's cache of one LoRA is not the other's)."""
+    prompt for different LoRAs included (a slot's cache of one LoRA is not the other's). Compiled, the
+    step's graph reads each row's LoRA as it is at that step."""
     named = {"qv": loras["qv"], "wide": loras["wide"]}
     model, tokenizer, bank = served(tiny_checkpoint, named)
     stop_ids = resolve_stop_ids(tokenizer)
@@ -107,7 +109,8 @@ def test_a_mixed_continuous_batch_replies_as_each_lora_alone(tiny_checkpoint, lo
              ("base", CHATS[0])]
     requests = [Request(encode_prompt(tokenizer, chat), 12, stop_ids=stop_ids, lora=bank.names.index(name))
                 for name, chat in asked]
-    with torch.inference_mode(), Decoder(model, 2, 128, bank=bank) as decoder:
+    step = compile_step(model) if compiled else None
+    with torch.inference_mode(), Decoder(model, 2, 128, step, bank=bank) as decoder:
         batch = ContinuousBatch(decoder)
         for request in requests:
             batch.submit(request)
