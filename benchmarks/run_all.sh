@@ -12,6 +12,11 @@ for size in 30M 120M; do
     python multi_lora.py --size "$size"
     python prefill.py --size "$size"
 done
+python matvec.py --dtype bfloat16
+python matvec.py --dtype float32
+if [ -n "${LLAMA_CPP_CONVERT:-}" ]; then  # llama-cpp-python with its server extra, and llama.cpp's converter
+    python serve_load.py --size 30M --compile true --batch_size 8
+fi
 python load.py
 python checkpointing.py --size 120M --method lora --runs 5
 python qlora.py --size 1.1B

@@ -121,11 +121,10 @@ async def drive(url: str, prompts: list[str], limits: list[int], clients: int) -
     """`clients` clients sending the prompts in turn: the replies, the errors, and the seconds it all took."""
     from openai import AsyncOpenAI
 
-    client = AsyncOpenAI(base_url=url, api_key="none", max_retries=0, timeout=1800)
     waiting = list(range(len(prompts)))
     replies, errors = [], 0
 
-    async def one_client() -> None:
+    async def one_client(client: AsyncOpenAI) -> None:
         nonlocal errors
         while waiting:
             i = waiting.pop(0)
@@ -135,9 +134,10 @@ async def drive(url: str, prompts: list[str], limits: list[int], clients: int) -
                 errors += 1
                 print(f"request {i}: {error!r}", file=sys.stderr)
 
-    start = time.perf_counter()
-    await asyncio.gather(*(one_client() for _ in range(clients)))
-    return replies, errors, time.perf_counter() - start
+    async with AsyncOpenAI(base_url=url, api_key="none", max_retries=0, timeout=1800) as client:
+        start = time.perf_counter()
+        await asyncio.gather(*(one_client(client) for _ in range(clients)))
+        return replies, errors, time.perf_counter() - start
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -188,7 +188,8 @@ def main(*, size: str = "120M", dtype: Literal["float32", "bfloat16"] = "float32
     ours = [sys.executable, "generate/serve.py", "--checkpoint_dir", str(checkpoint), "--model_name", SERVED,
             "--port", str(port), "--batch_size", str(batch_size), "--precision", precision, "--compile", str(compile).lower()]
     theirs = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", SERVED, "--port", str(port),
-              "--n_threads", str(threads), "--n_threads_batch", str(threads), "--n_ctx", str(model_config(size).block_size)]
+              "--n_threads", str(threads), "--n_threads_batch", str(threads), "--n_ctx", str(model_config(size).block_size),
+              "--interrupt_requests", "false"]  # by default a new request cuts the one in progress short
     results = {}
     for name, command in (("ours", ours), ("llama.cpp", theirs)):
         print(f"{name}:", file=sys.stderr)
