@@ -13,10 +13,10 @@ import torch.nn.functional as F
 
 from conftest import load_script
 from lit_llama import device_check
+from lit_llama import generate as generate_module
 from lit_llama.checkpoint import load_model, load_state_dict
 from lit_llama.dataset import load_prepared
 from lit_llama.device_check import ACCELERATOR, DeviceCheck, DeviceMismatch, graph_syncs
-import lit_llama.generate as generate_module
 from lit_llama.generate import generate_batch
 from lit_llama.model import LLaMA, LLaMAConfig
 from lit_llama.finetune import DataArgs, RunLayout, make_fabric
