@@ -18,6 +18,7 @@ text: both servers send one per token.
 
 import asyncio
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -91,13 +92,13 @@ def server(command: list[str], port: int, threads: int, log: Path) -> Iterator[s
         deadline = time.monotonic() + 600
         while True:
             if process.poll() is not None:
-                raise SystemExit(f"{command[1]} exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+                raise SystemExit(f"{shlex.join(command[:3])} exited with {process.returncode}:\n{log.read_text()[-3000:]}")
             try:
                 urllib.request.urlopen(f"{url}/models", timeout=2)
                 break
             except OSError:
                 if time.monotonic() > deadline:
-                    raise SystemExit(f"{command[1]} did not answer in 600 s; its log: {log}")
+                    raise SystemExit(f"{shlex.join(command[:3])} did not answer in 600 s; its log: {log}")
                 time.sleep(0.5)
         yield url
     finally:
