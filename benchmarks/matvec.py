@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from torch._inductor import config as inductor_config
 
 from common import table
+from decode import DTYPES
 from lit_llama.cli import run
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 WAYS = ("eager", "template", "reduction", "reduction after a norm")
 
 

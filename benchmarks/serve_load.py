@@ -18,13 +18,10 @@ text: both servers send one per token.
 
 import asyncio
 import os
-import shlex
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +32,8 @@ import torch
 from batch_decode import workload
 from common import ROOT, build_ours, environment, model_config, ratio, table
 from decode import DTYPES, padded_tokenizer
+from lit_llama.acceptance import Started
+from lit_llama.acceptance_checks import free_port, wait_until_serving
 from lit_llama.checkpoint import save_checkpoint_dir
 from lit_llama.cli import run
 from lit_llama.export import export_hf_checkpoint
@@ -75,35 +74,16 @@ def prompts_of(n: int, block_size: int) -> tuple[list[str], list[int]]:
     return texts, limits
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
-def server(command: list[str], port: int, threads: int, log: Path) -> Iterator[str]:
-    """A server started with `command`, ready: its base URL. Stopped on exit."""
+def server(name: str, command: list[str], port: int, threads: int, log: Path) -> Iterator[str]:
+    """The server `name` started with `command`, answering: its base URL. Ended on exit."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    with open(log, "w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
     url = f"http://127.0.0.1:{port}/v1"
-    try:
-        deadline = time.monotonic() + 600
-        while True:
-            if process.poll() is not None:
-                raise SystemExit(f"{shlex.join(command[:3])} exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                urllib.request.urlopen(f"{url}/models", timeout=2)
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise SystemExit(f"{shlex.join(command[:3])} did not answer in 600 s; its log: {log}")
-                time.sleep(0.5)
+    with Started(name, proc, log, 0) as started:
+        wait_until_serving(started, url)
         yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=60)
 
 
 async def one_reply(client, prompt: str, limit: int) -> Reply:
@@ -194,7 +174,7 @@ def main(*, size: str = "120M", dtype: Literal["float32", "bfloat16"] = "float32
     results = {}
     for name, command in (("ours", ours), ("llama.cpp", theirs)):
         print(f"{name}:", file=sys.stderr)
-        with server(command, port, threads, work / f"{name}.log") as url:
+        with server(name, command, port, threads, work / f"{name}.log") as url:
             results[name] = measure(url, texts, limits)
     rows = []
     for clients in CLIENTS:

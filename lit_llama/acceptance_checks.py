@@ -177,8 +177,8 @@ def wait_until_serving(server: Started, url: str) -> None:
         except OSError:
             time.sleep(0.2)
     if server.proc.poll() is None:
-        raise Failed(f"generate/serve.py did not answer in {COMMAND_TIMEOUT} s")
-    raise Failed(f"generate/serve.py exited {server.proc.returncode}: {last_error(server.output())}")
+        raise Failed(f"{server.script} did not answer in {COMMAND_TIMEOUT} s")
+    raise Failed(f"{server.script} exited {server.proc.returncode}: {last_error(server.output())}")
 
 
 def check_serve(work: Work) -> str:

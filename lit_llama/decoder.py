@@ -8,7 +8,7 @@ token at a time, all slots together (lit_llama/generate.py decodes requests on i
 """
 
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Any, Callable, ContextManager, Iterator, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -70,18 +70,24 @@ def compile_step(model: LLaMA) -> CompiledStep:
 
 
 @contextmanager
-def one_slot(model: LLaMA, slot: int) -> Iterator[None]:
-    """The model's KV cache seen as its one slot `slot` (batch 1): a prompt read meanwhile lands there,
-    and the other slots are left as they are."""
+def caches_seen_as(model: LLaMA, view: Callable[[KVCache], nn.Module]) -> Iterator[None]:
+    """Each block's KV cache seen as `view(cache)` meanwhile: what a forward pass writes goes through it."""
     blocks = [block.attn for block in model.transformer.h]
     caches = [attn.kv_cache for attn in blocks]
     for attn, cache in zip(blocks, caches):
-        attn.kv_cache = KVCache(cache.k[slot : slot + 1], cache.v[slot : slot + 1])  # views: writes reach the cache
+        attn.kv_cache = view(cache)
     try:
         yield
     finally:
         for attn, cache in zip(blocks, caches):
             attn.kv_cache = cache
+
+
+def one_slot(model: LLaMA, slot: int) -> ContextManager[None]:
+    """The model's KV cache seen as its one slot `slot` (batch 1): a prompt read meanwhile lands there,
+    and the other slots are left as they are."""
+    # views: writes reach the cache
+    return caches_seen_as(model, lambda cache: KVCache(cache.k[slot : slot + 1], cache.v[slot : slot + 1]))
 
 
 class SlotRows(nn.Module):
@@ -103,18 +109,9 @@ class SlotRows(nn.Module):
         return self.cache.k[self.slots, :, : self.length], self.cache.v[self.slots, :, : self.length]  # (n, G, S, hs)
 
 
-@contextmanager
-def slot_rows(model: LLaMA, *args: Any) -> Iterator[None]:
+def slot_rows(model: LLaMA, *args: Any) -> ContextManager[None]:
     """The model's KV cache seen as `SlotRows(cache, *args)` meanwhile."""
-    blocks = [block.attn for block in model.transformer.h]
-    caches = [attn.kv_cache for attn in blocks]
-    for attn, cache in zip(blocks, caches):
-        attn.kv_cache = SlotRows(cache, *args)
-    try:
-        yield
-    finally:
-        for attn, cache in zip(blocks, caches):
-            attn.kv_cache = cache
+    return caches_seen_as(model, lambda cache: SlotRows(cache, *args))
 
 
 class Decoder:
